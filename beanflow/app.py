@@ -1,0 +1,174 @@
+"""BeanQueue: a Config, a processor registry and a database engine, put together."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import db
+from .config import Config
+from .models.task import Task, current_task, notify_channels
+from .processors.processor import ExceptionTypes, Processor
+from .processors.registry import ProcessorRegistry
+from .processors.retry import RetryPolicy
+
+
+class BeanQueue:
+    """The application: what to run (its registry) and where (its database)."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else Config()
+        self.registry = ProcessorRegistry()
+        self._scanned = False
+
+    # ---- models and database ---------------------------------------------------------------
+
+    @functools.cached_property
+    def task_model(self) -> type:
+        return _import_object(self.config.TASK_MODEL, "TASK_MODEL")
+
+    @functools.cached_property
+    def worker_model(self) -> type:
+        return _import_object(self.config.WORKER_MODEL, "WORKER_MODEL")
+
+    @functools.cached_property
+    def event_model(self) -> type:
+        return _import_object(self.config.EVENT_MODEL, "EVENT_MODEL")
+
+    @functools.cached_property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (starts the embedded server when no URL is configured)."""
+        return db.make_engine(self.config)
+
+    @functools.cached_property
+    def session_factory(self) -> sessionmaker:
+        return db.make_session_factory(self.engine)
+
+    def create_tables(self) -> None:
+        """Create the task, worker and event tables (and their indexes) if missing."""
+        tables = [m.__table__ for m in (self.worker_model, self.task_model, self.event_model)]
+        tables[0].metadata.create_all(self.engine, tables=tables)
+
+    # ---- processors ------------------------------------------------------------------------
+
+    def processor(
+        self,
+        channel: str,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        retry_exceptions: ExceptionTypes | None = None,
+        auto_complete: bool = True,
+    ) -> Callable[[Callable[..., Any]], Processor]:
+        """Register a function as the processor of ``channel``'s tasks in this app."""
+
+        def decorate(func: Callable[..., Any]) -> Processor:
+            return self.registry.add(
+                Processor(
+                    func,
+                    channel,
+                    retry_policy=retry_policy,
+                    retry_exceptions=retry_exceptions,
+                    auto_complete=auto_complete,
+                    task_model=self.task_model,
+                )
+            )
+
+        return decorate
+
+    def load_processors(self) -> ProcessorRegistry:
+        """Scan ``PROCESSOR_PACKAGES`` once; returns the registry."""
+        if not self._scanned:
+            self.registry.scan(self.config.PROCESSOR_PACKAGES)
+            for processor in self.registry.processors.values():
+                if processor.task_model is None:
+                    processor.task_model = self.task_model
+            self._scanned = True
+        return self.registry
+
+    def resolve(self, channel: str | None, name: str) -> Processor:
+        """The processor called ``name`` (``function`` or ``module:function``), on ``channel``
+        when given; raises LookupError saying what is wrong."""
+        registry = self.load_processors()
+        channels = [channel] if channel is not None else sorted(registry.channels())
+        found = [p for c in channels for p in registry.find(c, name)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            names = ", ".join(f"{p.module}:{p.name}" for p in found)
+            raise LookupError(f"{name!r} is ambiguous ({names}); name it as module:function")
+        elsewhere = [p for c in registry.channels() for p in registry.find(c, name)]
+        if elsewhere:
+            raise LookupError(
+                f"processor {name!r} belongs to channel {elsewhere[0].channel!r}, not {channel!r}"
+            )
+        known = ", ".join(sorted(f"{p.name} ({p.channel})" for p in registry.processors.values()))
+        raise LookupError(f"no processor named {name!r}; registered: {known or 'none'}")
+
+    # ---- enqueue and work ------------------------------------------------------------------
+
+    def process_tasks(self, channels: Iterable[str], *, burst: bool = False) -> int:
+        """Run a worker on ``channels`` in this process until SIGTERM/SIGINT (or, with
+        ``burst``, until no task is due). Returns the exit status: 0, or 1 if this worker was
+        found dead by another one."""
+        from .engine.worker import TaskWorker
+
+        channels = list(channels)
+        registered = self.load_processors().channels()
+        idle = [channel for channel in channels if channel not in registered]
+        if idle:
+            raise LookupError(
+                f"no processor is registered for channel(s) {', '.join(map(repr, idle))}; "
+                f"registered channels: {', '.join(sorted(registered)) or 'none'} "
+                f"(PROCESSOR_PACKAGES={self.config.PROCESSOR_PACKAGES})"
+            )
+        return TaskWorker(self, channels, burst=burst).run()
+
+
+def enqueue(session: Session, processor: Processor, /, **kwargs: Any) -> Any:
+    """Add a task running ``processor(**kwargs)`` to ``session`` and return it; the caller
+    commits (the task becomes visible, and workers are notified, on commit)."""
+    task = processor.run(**kwargs)
+    session.add(task)
+    return task
+
+
+def enqueue_many(
+    session: Session, processor: Processor, kwargs_list: Sequence[dict[str, Any]], /
+) -> int:
+    """Insert one task per kwargs with one INSERT, in ``session``'s transaction (the caller
+    commits); returns the number of tasks. Like ``enqueue``, it notifies on commit."""
+    for kwargs in kwargs_list:
+        processor.check_kwargs(kwargs)
+    if not kwargs_list:
+        return 0
+    model = processor.task_model or Task
+    parent = current_task.get()
+    inherited = (
+        {"parent_id": parent.id} if parent is not None and hasattr(model, "parent_id") else {}
+    )
+    rows = [
+        {
+            "channel": processor.channel,
+            "module": processor.module,
+            "name": processor.name,
+            "kwargs": kwargs,
+            **inherited,
+        }
+        for kwargs in kwargs_list
+    ]
+    session.execute(insert(model), rows)
+    notify_channels(session, [processor.channel])
+    return len(rows)
+
+
+def _import_object(path: str, setting: str) -> Any:
+    module_name, _, name = path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ImportError(f"{setting}={path!r} cannot be imported: {error}") from None

@@ -1,0 +1,300 @@
+"""Every SQL statement of the hot path, named, in one place.
+
+Statements are built once per set of models (custom models change the table names) with
+SQLAlchemy Core and executed with bind parameters. Each one is a single round trip; where a
+transition also writes its Event row, the insert rides in the same statement as a
+data-modifying CTE. Literal state names (not bind parameters) keep each predicate identical to
+the partial index's ``state = 'PENDING'``, so the planner can prove the index applies.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    Integer,
+    Interval,
+    String,
+    Text,
+    any_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.sql import Executable
+
+PENDING = literal_column("'PENDING'")
+PROCESSING = literal_column("'PROCESSING'")
+DONE = literal_column("'DONE'")
+FAILED = literal_column("'FAILED'")
+
+
+def _channels() -> Any:
+    return bindparam("channels", type_=ARRAY(String))
+
+
+class Queries:
+    """The hot-path statements for one (task, worker, event) model set."""
+
+    def __init__(
+        self, task_model: type, worker_model: type, event_model: type, events: bool = True
+    ) -> None:
+        self.task = task_model.__table__
+        self.worker = worker_model.__table__
+        self.event = event_model.__table__
+        self.events = events
+
+    def _with_events(self, statement: Any, source: Any, columns: dict[str, Any]) -> Any:
+        """Add ``INSERT INTO event SELECT … FROM source`` to ``statement`` when events are on."""
+        if not self.events:
+            return statement
+        written = insert(self.event).from_select(
+            list(columns),
+            select(*[value.label(name) for name, value in columns.items()]).select_from(source),
+        )
+        return statement.add_cte(written.cte(f"{source.name}_events"))
+
+    @functools.cached_property
+    def claim(self) -> Executable:
+        """Claim up to :limit due PENDING tasks of :channels for :worker; returns their rows.
+
+        The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
+        UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more than :limit rows.
+        """
+        t = self.task
+        due = (
+            select(t.c.id)
+            .where(
+                t.c.state == PENDING,
+                t.c.channel == any_(_channels()),
+                t.c.scheduled_at <= func.now(),
+            )
+            .order_by(t.c.scheduled_at)
+            .limit(bindparam("limit", type_=Integer))
+            .with_for_update(skip_locked=True)
+            .cte("due")
+            .prefix_with("MATERIALIZED")
+        )
+        claimed = (
+            update(t)
+            .where(t.c.id == due.c.id)
+            .values(
+                state=PROCESSING,
+                worker_id=bindparam("worker"),
+                attempts=t.c.attempts + 1,
+                started_at=func.clock_timestamp(),
+            )
+            .returning(*t.c)
+            .cte("claimed")
+        )
+        statement = select(claimed).order_by(claimed.c.scheduled_at)
+        return self._with_events(
+            statement, claimed, {"task_id": claimed.c.id, "type": literal_column("'CLAIMED'")}
+        )
+
+    @functools.cached_property
+    def complete(self) -> Executable:
+        """Mark :task_id DONE with :task_result, only while :worker still holds it; returns
+        its id, or nothing when the task was taken away (re-queued after a missed heartbeat)."""
+        t = self.task
+        done = (
+            update(t)
+            .where(
+                t.c.id == bindparam("task_id"),
+                t.c.worker_id == bindparam("worker"),
+                t.c.state == PROCESSING,
+            )
+            .values(
+                state=DONE,
+                result=bindparam("task_result", type_=t.c.result.type),
+                finished_at=func.clock_timestamp(),
+                error_message=None,
+            )
+            .returning(t.c.id)
+            .cte("done")
+        )
+        return self._with_events(
+            select(done.c.id), done, {"task_id": done.c.id, "type": literal_column("'COMPLETE'")}
+        )
+
+    @functools.cached_property
+    def fail(self) -> Executable:
+        """Record a failed attempt of :task_id held by :worker: FAILED, or back to PENDING at
+        :retry_at when :retry_at is not null; returns its id, or nothing when not held."""
+        t = self.task
+        retry_at = bindparam("retry_at", type_=DateTime(timezone=True))
+        retrying = retry_at.is_not(None)
+        failed = (
+            update(t)
+            .where(
+                t.c.id == bindparam("task_id"),
+                t.c.worker_id == bindparam("worker"),
+                t.c.state == PROCESSING,
+            )
+            .values(
+                state=case((retrying, PENDING), else_=FAILED),
+                scheduled_at=func.coalesce(retry_at, t.c.scheduled_at),
+                worker_id=case((retrying, None), else_=t.c.worker_id),
+                error_message=bindparam("error", type_=Text),
+                finished_at=func.clock_timestamp(),
+            )
+            .returning(t.c.id, t.c.state)
+            .cte("failed")
+        )
+        return self._with_events(
+            select(failed.c.id),
+            failed,
+            {
+                "task_id": failed.c.id,
+                "type": case(
+                    (failed.c.state == PENDING, literal_column("'FAILED_RETRY_SCHEDULED'")),
+                    else_=literal_column("'FAILED'"),
+                ),
+                "error_message": bindparam("error", type_=Text),
+                "exception_type": bindparam("exception_type", type_=String),
+                "traceback": bindparam("traceback", type_=Text),
+                "scheduled_at": retry_at,
+            },
+        )
+
+    @functools.cached_property
+    def release(self) -> Executable:
+        """Return every task :worker still holds to PENDING (on shutdown or after losing its
+        connection); tasks in :unstarted get their attempt back. Notifies their channels."""
+        t = self.task
+        unstarted = bindparam("unstarted", type_=ARRAY(t.c.id.type))
+        released = (
+            update(t)
+            .where(t.c.worker_id == bindparam("worker"), t.c.state == PROCESSING)
+            .values(
+                state=PENDING,
+                worker_id=None,
+                started_at=None,
+                attempts=t.c.attempts - case((t.c.id == any_(unstarted), 1), else_=0),
+            )
+            .returning(t.c.id, t.c.channel)
+            .cte("released")
+        )
+        statement = self._notify_channels(released, released.c.channel)
+        return self._with_events(
+            statement,
+            released,
+            {
+                "task_id": released.c.id,
+                "type": literal_column("'REQUEUED'"),
+                "error_message": literal_column("'its worker stopped before finishing it'"),
+            },
+        )
+
+    @functools.cached_property
+    def next_due(self) -> Executable:
+        """Seconds until the earliest PENDING task of :channels is due (negative when due,
+        NULL when none). Rows locked by a claim in progress are skipped, not waited for."""
+        t = self.task
+        return (
+            select(func.extract("epoch", t.c.scheduled_at - func.clock_timestamp()))
+            .where(t.c.state == PENDING, t.c.channel == any_(_channels()))
+            .order_by(t.c.scheduled_at)
+            .limit(1)
+            .with_for_update(read=True, key_share=True, skip_locked=True)
+        )
+
+    @functools.cached_property
+    def heartbeat(self) -> Executable:
+        """Record that :worker is alive; returns its state (not RUNNING once it was reaped)."""
+        w = self.worker
+        return (
+            update(w)
+            .where(w.c.id == bindparam("worker"))
+            .values(last_heartbeat=func.now())
+            .returning(w.c.state)
+        )
+
+    @functools.cached_property
+    def reap(self) -> Executable:
+        """Mark RUNNING workers silent for :timeout seconds NO_HEARTBEAT and, in the same
+        statement, return their PROCESSING tasks to PENDING, or FAIL those whose workers have
+        now died :max_crashes times under them. Returns (workers, tasks) counts."""
+        w, t = self.worker, self.task
+        dead = (
+            update(w)
+            .where(
+                w.c.state == literal_column("'RUNNING'"),
+                w.c.last_heartbeat < func.now() - bindparam("timeout", type_=Interval),
+            )
+            .values(state=literal_column("'NO_HEARTBEAT'"))
+            .returning(w.c.id)
+            .cte("dead")
+        )
+        gives_up = t.c.crash_count + 1 >= bindparam("max_crashes", type_=Integer)
+        message = func.concat("its worker ", dead.c.id, " stopped heartbeating")
+        requeued = (
+            update(t)
+            .where(t.c.worker_id == dead.c.id, t.c.state == PROCESSING)
+            .values(
+                state=case((gives_up, FAILED), else_=PENDING),
+                crash_count=t.c.crash_count + 1,
+                worker_id=None,
+                finished_at=case((gives_up, func.clock_timestamp()), else_=None),
+                error_message=case(
+                    (
+                        gives_up,
+                        func.concat(
+                            "its worker died ", t.c.crash_count + 1, " times while running it"
+                        ),
+                    ),
+                    else_=message,
+                ),
+            )
+            .returning(t.c.id, t.c.channel, t.c.state, t.c.error_message)
+            .cte("requeued")
+        )
+        notified = self._notify_channels(requeued, requeued.c.channel, requeued.c.state == PENDING)
+        counts = select(
+            select(func.count()).select_from(dead).scalar_subquery().label("workers"),
+            select(func.count()).select_from(requeued).scalar_subquery().label("tasks"),
+            select(func.count())
+            .select_from(notified.subquery())
+            .scalar_subquery()
+            .label("channels"),
+        )
+        return self._with_events(
+            counts,
+            requeued,
+            {
+                "task_id": requeued.c.id,
+                "type": case(
+                    (requeued.c.state == FAILED, literal_column("'FAILED'")),
+                    else_=literal_column("'REQUEUED'"),
+                ),
+                "error_message": requeued.c.error_message,
+            },
+        )
+
+    @staticmethod
+    def _notify_channels(source: Any, channel: Any, *where: Any) -> Any:
+        """``SELECT pg_notify(channel, '')`` once per distinct channel of ``source``."""
+        channels = select(channel.label("channel")).where(*where).distinct().subquery()
+        return select(func.pg_notify(channels.c.channel, ""))
+
+    @functools.cached_property
+    def register(self) -> Executable:
+        """Insert the row of a starting worker."""
+        return insert(self.worker)
+
+    @functools.cached_property
+    def shut_down(self) -> Executable:
+        """Mark :worker SHUTDOWN (a clean stop), unless it was already found dead."""
+        w = self.worker
+        return (
+            update(w)
+            .where(w.c.id == bindparam("worker"), w.c.state == literal_column("'RUNNING'"))
+            .values(state=literal_column("'SHUTDOWN'"))
+        )

@@ -1,0 +1,436 @@
+"""One worker process: listen → claim → run → complete; heartbeat; graceful stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc, select
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement
+
+from ..models.worker import WorkerState
+from .notify import Listener
+from .queries import Queries
+
+if TYPE_CHECKING:
+    from ..app import BeanQueue
+    from ..processors.processor import Processor
+
+logger = logging.getLogger(__name__)
+
+# Connection-level failures the worker survives by reconnecting (server restart, network).
+CONNECTION_ERRORS = (exc.OperationalError, exc.InterfaceError)
+
+
+class GraceExceeded(BaseException):
+    """Raised inside a running task when a stopping worker's grace period has run out."""
+
+
+class TaskWorker:
+    """Runs the tasks of some channels until told to stop.
+
+    The hot path uses one dedicated connection; the heartbeat thread and the LISTEN connection
+    have their own, so a long task never delays either.
+    """
+
+    def __init__(self, app: BeanQueue, channels: Iterable[str], *, burst: bool = False) -> None:
+        self.app = app
+        self.config = app.config
+        self.channels = list(channels)
+        if not self.channels:
+            raise ValueError("a worker needs at least one channel")
+        self.burst = burst
+        self.id = uuid.uuid4()
+        self.queries = Queries(app.task_model, app.worker_model, app.event_model, app.config.EVENTS)
+        self.engine = app.engine
+        self._claim_statement = select(app.task_model).from_statement(self.queries.claim)
+        self.stopping = threading.Event()
+        self.found_dead = False
+        self.running: Any = None  # the task whose function is running now
+        self.unstarted: list[Any] = []  # claimed tasks not yet started
+        self._wake_read, self._wake_write = os.pipe()
+        self._session: Session | None = None
+        self._listener: Listener | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Process tasks until stopped; returns the process exit status (0 on a clean stop, 1
+        when this worker was found dead by another one)."""
+        previous = self._install_signal_handlers()
+        self._register()
+        heartbeat = threading.Thread(
+            target=self._heartbeat_loop, name="beanflow-heartbeat", daemon=True
+        )
+        heartbeat.start()
+        try:
+            self._loop()
+        finally:
+            self.stopping.set()
+            os.write(self._wake_write, b"\0")
+            heartbeat.join()
+            self._shut_down()
+            self._restore_signal_handlers(previous)
+        return 1 if self.found_dead else 0
+
+    def _register(self) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.queries.register,
+                {
+                    "id": self.id,
+                    "name": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "channels": self.channels,
+                },
+            )
+        logger.info(
+            "worker %s started on channels %s (batch %d)",
+            self.id,
+            ", ".join(self.channels),
+            self.config.BATCH_SIZE,
+        )
+
+    def _loop(self) -> None:
+        backoff = 0.0
+        while not self.stopping.is_set():
+            try:
+                self._connect()
+                tasks = self._claim()
+                if tasks:
+                    self._process(tasks)
+                elif self.burst:
+                    return
+                else:
+                    self._sleep()
+                backoff = 0.0
+            except CONNECTION_ERRORS as error:
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+                logger.warning(
+                    "worker %s lost its database connection (%s); reconnecting in %.1fs",
+                    self.id,
+                    _first_line(error),
+                    backoff,
+                )
+                self._disconnect()
+                self.stopping.wait(backoff)
+
+    def _connect(self) -> None:
+        if self._session is not None:
+            return
+        connection = self.engine.connect()
+        self._session = Session(bind=connection, expire_on_commit=False, autoflush=True)
+        self._listener = Listener(self.engine, self.channels)
+        # whatever this worker held when its connection broke was rolled back with it
+        self._release()
+
+    def _disconnect(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._session is not None:
+            connection = self._session.get_bind()
+            try:
+                self._session.close()
+                connection.invalidate()
+                connection.close()
+            except Exception:  # noqa: BLE001 - the connection is already broken
+                pass
+            self._session = None
+
+    def _shut_down(self) -> None:
+        """Return held tasks, mark this worker's row SHUTDOWN, close connections."""
+        try:
+            if self._session is not None:
+                self._session.rollback()
+            self._release()
+            with self.engine.begin() as connection:
+                connection.execute(self.queries.shut_down, {"worker": self.id})
+            logger.info("worker %s stopped", self.id)
+        except exc.DBAPIError as error:
+            logger.warning(
+                "worker %s could not record its shutdown: %s", self.id, _first_line(error)
+            )
+        finally:
+            self._disconnect()
+
+    def _release(self) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.queries.release,
+                {
+                    "worker": self.id,
+                    "unstarted": [task.id for task in self.unstarted],
+                },
+            )
+        self.unstarted = []
+
+    # ---- signals ---------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {
+            number: signal.getsignal(number)
+            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
+        }
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGALRM, self._on_grace_exceeded)
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    def _on_stop_signal(self, number: int, frame: Any) -> None:
+        if self.stopping.is_set():
+            logger.warning("worker %s: second signal, stopping now", self.id)
+            self._on_grace_exceeded(number, frame)
+            return
+        logger.info(
+            "worker %s: %s received, stopping (grace period %ss)",
+            self.id,
+            signal.Signals(number).name,
+            self.config.SHUTDOWN_GRACE_PERIOD,
+        )
+        self.stop()
+        if self.running is not None:
+            signal.setitimer(signal.ITIMER_REAL, max(self.config.SHUTDOWN_GRACE_PERIOD, 0.001))
+
+    def _on_grace_exceeded(self, number: int, frame: Any) -> None:
+        if self.running is not None:
+            raise GraceExceeded()
+
+    def stop(self) -> None:
+        """Ask the worker to stop: it claims nothing more and finishes its current task."""
+        self.stopping.set()
+        os.write(self._wake_write, b"\0")
+
+    # ---- hot path --------------------------------------------------------------------------
+
+    def _claim(self) -> list[Any]:
+        session = self._session
+        assert session is not None
+        tasks = list(
+            session.scalars(
+                self._claim_statement,
+                {"worker": self.id, "channels": self.channels, "limit": self.config.BATCH_SIZE},
+            )
+        )
+        session.commit()
+        return tasks
+
+    def _process(self, tasks: list[Any]) -> None:
+        """Run claimed tasks. A task that a dead worker held before may be what killed it: it
+        runs alone, in its own transaction, after the others have committed."""
+        self.unstarted = list(tasks)
+        if len(tasks) > 1:
+            suspects = [task for task in tasks if task.crash_count > 0]
+            innocent = [task for task in tasks if task.crash_count == 0]
+            groups = [innocent] + [[task] for task in suspects]
+        else:
+            groups = [tasks]
+        session = self._session
+        assert session is not None
+        try:
+            for group in groups:
+                opened = time.monotonic()
+                for task in group:
+                    if self.stopping.is_set():
+                        break
+                    self.unstarted.remove(task)
+                    self._run(session, task)
+                    if time.monotonic() - opened > self.config.BATCH_WINDOW:
+                        session.commit()
+                        opened = time.monotonic()
+                session.commit()
+        except GraceExceeded:
+            session.commit()  # the neighbours that finished keep their results
+        finally:
+            # cleared by the commit: a session keeps no task objects between batches
+            session.expunge_all()
+        if self.stopping.is_set():
+            self._release()
+
+    def _run(self, session: Session, task: Any) -> None:
+        """Run one task inside a savepoint and record its outcome in the same transaction."""
+        processor = self.app.registry.get(task.channel, task.module, task.name)
+        if processor is None:
+            self._record_failure(
+                session,
+                task,
+                None,
+                LookupError(
+                    f"no processor registered for {task.module}.{task.name} on channel "
+                    f"{task.channel!r}; this worker runs only registered processors"
+                ),
+            )
+            return
+        started = time.monotonic()
+        savepoint = session.begin_nested()
+        try:
+            self.running = task
+            try:
+                result = processor.call(session, task, savepoint)
+            finally:
+                self.running = None
+            if processor.auto_complete:
+                result = _json_ready(result)
+        except GraceExceeded:
+            if savepoint.is_active:
+                savepoint.rollback()
+            logger.warning(
+                "task %s interrupted: grace period exceeded, returned to the queue", task.id
+            )
+            raise
+        except BaseException as error:  # noqa: BLE001 - a task's failure is data, not a crash
+            if savepoint.is_active:
+                savepoint.rollback()
+            self._record_failure(session, task, processor, error)
+            return
+        duration = time.monotonic() - started
+        if processor.auto_complete:
+            done = session.execute(
+                self.queries.complete,
+                {
+                    "task_id": task.id,
+                    "worker": self.id,
+                    "task_result": result,
+                },
+            ).first()
+            if done is None:
+                if savepoint.is_active:
+                    savepoint.rollback()
+                logger.warning(
+                    "task %s finished after it was taken from this worker; its "
+                    "result and changes were discarded",
+                    task.id,
+                )
+                return
+        if savepoint.is_active:
+            savepoint.commit()
+        logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
+
+    def _record_failure(
+        self, session: Session, task: Any, processor: Processor | None, error: BaseException
+    ) -> None:
+        retry_at = None
+        if processor is not None:
+            try:
+                retry_at = processor.retry_at(task, error)
+                if isinstance(retry_at, ClauseElement):
+                    retry_at = session.scalar(select(retry_at))
+            except Exception as policy_error:  # noqa: BLE001
+                logger.error("retry policy of %s failed: %s", processor, policy_error)
+                retry_at = None
+        message = f"{type(error).__name__}: {error}"
+        session.execute(
+            self.queries.fail,
+            {
+                "task_id": task.id,
+                "worker": self.id,
+                "retry_at": retry_at,
+                "error": message,
+                "exception_type": f"{type(error).__module__}.{type(error).__qualname__}",
+                "traceback": "".join(traceback.format_exception(error)),
+            },
+        )
+        if retry_at is None:
+            logger.error(
+                "task %s %s.%s failed (attempt %d): %s",
+                task.id,
+                task.module,
+                task.name,
+                task.attempts,
+                message,
+            )
+        else:
+            logger.warning(
+                "task %s %s.%s failed (attempt %d), retry at %s: %s",
+                task.id,
+                task.module,
+                task.name,
+                task.attempts,
+                retry_at,
+                message,
+            )
+
+    def _sleep(self) -> None:
+        """Wait for a notify, the next scheduled task, a signal or POLL_TIMEOUT."""
+        session, listener = self._session, self._listener
+        assert session is not None and listener is not None
+        due_in = session.scalar(self.queries.next_due, {"channels": self.channels})
+        session.commit()
+        timeout = self.config.POLL_TIMEOUT
+        if due_in is not None:
+            timeout = min(timeout, max(float(due_in), 0.0))
+        if self.stopping.is_set():
+            return
+        listener.wait(timeout, self._wake_read)
+        _drain_pipe(self._wake_read)
+
+    # ---- liveness --------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        """Beat every WORKER_HEARTBEAT_PERIOD on a pool connection, and reap dead workers."""
+        period = self.config.WORKER_HEARTBEAT_PERIOD
+        while not self.stopping.wait(period):
+            try:
+                with self.engine.begin() as connection:
+                    state = connection.execute(self.queries.heartbeat, {"worker": self.id}).scalar()
+                if state != WorkerState.RUNNING:
+                    logger.error(
+                        "worker %s was marked %s by another worker; stopping", self.id, state
+                    )
+                    self.found_dead = True
+                    self.stop()
+                    return
+                with self.engine.begin() as connection:
+                    workers, tasks, _ = connection.execute(
+                        self.queries.reap,
+                        {
+                            "timeout": timedelta(seconds=self.config.WORKER_HEARTBEAT_TIMEOUT),
+                            "max_crashes": self.config.MAX_WORKER_CRASHES,
+                        },
+                    ).one()
+                if workers:
+                    logger.warning(
+                        "found %d dead worker(s); %d task(s) re-queued or failed", workers, tasks
+                    )
+            except exc.DBAPIError as error:
+                logger.warning("worker %s heartbeat failed: %s", self.id, _first_line(error))
+
+
+def _json_ready(result: Any) -> Any:
+    """The result itself if it can be stored as JSON; raises TypeError otherwise."""
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"the task's result is not JSON-serialisable: {error}") from None
+    return result
+
+
+def _drain_pipe(fd: int) -> None:
+    os.set_blocking(fd, False)
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,33 @@
+"""SQLAlchemy models and mixins of tasks, workers and events."""
+
+from .base import Base
+from .event import Event, EventModelMixin, EventModelRefTaskMixin, EventType
+from .task import (
+    Task,
+    TaskModelMixin,
+    TaskModelRefEventMixin,
+    TaskModelRefParentMixin,
+    TaskModelRefWorkerMixin,
+    TaskState,
+    listen_events,
+)
+from .worker import Worker, WorkerModelMixin, WorkerRefMixin, WorkerState
+
+__all__ = [
+    "Base",
+    "Event",
+    "EventModelMixin",
+    "EventModelRefTaskMixin",
+    "EventType",
+    "Task",
+    "TaskModelMixin",
+    "TaskModelRefEventMixin",
+    "TaskModelRefParentMixin",
+    "TaskModelRefWorkerMixin",
+    "TaskState",
+    "Worker",
+    "WorkerModelMixin",
+    "WorkerRefMixin",
+    "WorkerState",
+    "listen_events",
+]

@@ -1,0 +1,100 @@
+"""Processor: a registered function, how to call it, and whether a failure is retried."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ..models.task import Task, current_task
+from .retry import RetryPolicy
+
+# Parameters beanflow fills in by name; every other parameter comes from the task's kwargs.
+INJECTED = ("db", "task", "savepoint")
+
+ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
+
+
+class Processor:
+    """A function registered to run tasks of one channel.
+
+    Calling the processor calls the function; ``run(**kwargs)`` builds an unsaved task for it.
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        channel: str,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        retry_exceptions: ExceptionTypes | None = None,
+        auto_complete: bool = True,
+        task_model: type | None = None,
+    ) -> None:
+        if not channel or not isinstance(channel, str):
+            raise ValueError("a processor needs a channel name")
+        self.func = func
+        self.channel = channel
+        self.module = func.__module__
+        self.name = func.__name__
+        self.retry_policy = retry_policy
+        self.retry_exceptions = retry_exceptions
+        self.auto_complete = auto_complete
+        # the Task model that run() builds; None means beanflow.Task (an app sets its own)
+        self.task_model = task_model
+        signature = inspect.signature(func)
+        self._injected = [name for name in INJECTED if name in signature.parameters]
+        self._signature = signature.replace(
+            parameters=[p for n, p in signature.parameters.items() if n not in INJECTED]
+        )
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Processor {self.channel}:{self.module}.{self.name}>"
+
+    def check_kwargs(self, kwargs: Any) -> None:
+        """Raise ValueError naming what is wrong unless ``kwargs`` can be stored as a task's
+        arguments and fit the function's signature."""
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"kwargs must be a JSON object, got {type(kwargs).__name__}")
+        try:
+            json.dumps(kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"kwargs are not JSON-serialisable: {error}") from None
+        try:
+            self._signature.bind(**kwargs)
+        except TypeError as error:
+            raise ValueError(f"kwargs do not fit {self.name}{self._signature}: {error}") from None
+
+    def run(self, **kwargs: Any) -> Any:
+        """Return a new, unsaved task that calls this processor with ``kwargs``."""
+        self.check_kwargs(kwargs)
+        return (self.task_model or Task)(
+            channel=self.channel, module=self.module, name=self.name, kwargs=kwargs
+        )
+
+    def call(self, db: Any, task: Any, savepoint: Any) -> Any:
+        """Call the function for ``task`` and flush its changes to ``db``; tasks it enqueued
+        become its children."""
+        available = {"db": db, "task": task, "savepoint": savepoint}
+        arguments = {name: available[name] for name in self._injected}
+        token = current_task.set(task)
+        try:
+            result = self.func(**task.kwargs, **arguments)
+            db.flush()  # while it is the current task, so new tasks are inserted as children
+            return result
+        finally:
+            current_task.reset(token)
+
+    def retry_at(self, task: Any, error: BaseException) -> Any:
+        """When to retry ``task`` after ``error`` (a datetime or SQL expression), or None."""
+        if self.retry_policy is None:
+            return None
+        if self.retry_exceptions is not None and not isinstance(error, self.retry_exceptions):
+            return None
+        return self.retry_policy(task)

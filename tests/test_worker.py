@@ -1,0 +1,353 @@
+"""The worker's run/complete/fail/retry behaviour, in process (``burst``), on real PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+import pytest
+from sqlalchemy import func, select, text, update
+
+import beanflow as bq
+from beanflow.models import EventType, TaskState
+
+from .workloads.app import Effect, UserBase
+
+
+@pytest.fixture
+def effects(app: bq.BeanQueue) -> type[Effect]:
+    UserBase.metadata.create_all(app.engine)
+    return Effect
+
+
+def drain(app: bq.BeanQueue, *channels: str) -> None:
+    assert app.process_tasks(channels or ("default",), burst=True) == 0
+
+
+def tasks(session, **where):
+    session.expire_all()
+    return session.scalars(select(bq.Task).filter_by(**where).order_by(bq.Task.created_at)).all()
+
+
+def test_task_completes_with_its_result_and_events(app, session):
+    @app.processor(channel="default")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    task = bq.enqueue(session, add, a=2, b=3)
+    session.commit()
+    drain(app)
+
+    session.refresh(task)
+    assert task.state == TaskState.DONE
+    assert task.result == 5
+    assert task.attempts == 1
+    assert task.started_at is not None and task.finished_at >= task.started_at
+    assert [e.type for e in task.events] == [EventType.CLAIMED, EventType.COMPLETE]
+
+
+def test_db_task_and_savepoint_are_injected_by_name(app, session, effects):
+    seen = {}
+
+    @app.processor(channel="default")
+    def inspect_arguments(db, task, savepoint, key: str) -> None:
+        seen.update(db=db, task=task, savepoint=savepoint)
+        db.add(effects(key=key))
+
+    task = bq.enqueue(session, inspect_arguments, key="k")
+    session.commit()
+    drain(app)
+
+    assert seen["task"].id == task.id
+    assert seen["savepoint"].nested
+    assert session.scalar(select(func.count()).select_from(effects)) == 1
+
+
+def test_user_can_roll_back_its_savepoint(app, session, effects):
+    @app.processor(channel="default")
+    def undo(db, savepoint, key: str) -> str:
+        db.add(effects(key=key))
+        db.flush()
+        savepoint.rollback()
+        return "undone"
+
+    task = bq.enqueue(session, undo, key="k")
+    session.commit()
+    drain(app)
+
+    session.refresh(task)
+    assert task.state == TaskState.DONE and task.result == "undone"
+    assert session.scalar(select(func.count()).select_from(effects)) == 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_failure_rolls_back_only_that_task(app, session, effects, batch_size):
+    app.config.BATCH_SIZE = batch_size
+
+    @app.processor(channel="default")
+    def write(db, key: str) -> None:
+        db.add(effects(key=key))
+        db.flush()
+        if key == "bad":
+            raise ValueError("no bad keys")
+
+    for key in ("a", "bad", "b", "c"):
+        bq.enqueue(session, write, key=key)
+    session.commit()
+    drain(app)
+
+    states = {t.kwargs["key"]: t.state for t in tasks(session)}
+    assert states == {
+        "a": TaskState.DONE,
+        "bad": TaskState.FAILED,
+        "b": TaskState.DONE,
+        "c": TaskState.DONE,
+    }
+    keys = set(session.scalars(select(effects.key)))
+    assert keys == {"a", "b", "c"}
+    failed = tasks(session, state=TaskState.FAILED)[0]
+    assert failed.error_message == "ValueError: no bad keys"
+    event = failed.events[-1]
+    assert event.type == EventType.FAILED
+    assert event.exception_type == "builtins.ValueError"
+    assert 'raise ValueError("no bad keys")' in event.traceback
+
+
+def test_delay_retry_reschedules_then_limit_attempt_fails(app, session):
+    policy = bq.LimitAttempt(3, bq.DelayRetry(delay=datetime.timedelta(seconds=0)))
+
+    @app.processor(channel="default", retry_policy=policy)
+    def flaky() -> None:
+        raise RuntimeError("still broken")
+
+    task = bq.enqueue(session, flaky)
+    session.commit()
+    drain(app)
+
+    session.refresh(task)
+    assert task.state == TaskState.FAILED
+    assert task.attempts == 3
+    assert [e.type for e in task.events] == [
+        EventType.CLAIMED,
+        EventType.FAILED_RETRY_SCHEDULED,
+        EventType.CLAIMED,
+        EventType.FAILED_RETRY_SCHEDULED,
+        EventType.CLAIMED,
+        EventType.FAILED,
+    ]
+
+
+def test_retry_is_scheduled_by_the_policy(app, session):
+    @app.processor(channel="default", retry_policy=bq.DelayRetry(datetime.timedelta(hours=1)))
+    def later() -> None:
+        raise RuntimeError("try again later")
+
+    task = bq.enqueue(session, later)
+    session.commit()
+    drain(app)
+
+    session.refresh(task)
+    assert task.state == TaskState.PENDING
+    assert task.worker_id is None
+    in_an_hour = session.scalar(select(func.now() + datetime.timedelta(hours=1)))
+    assert abs((task.scheduled_at - in_an_hour).total_seconds()) < 60
+    assert task.events[-1].scheduled_at == task.scheduled_at
+
+
+def test_custom_policy_callable_returning_sql(app, session):
+    def my_retry_policy(task):
+        return None if task.attempts >= 2 else func.now()
+
+    @app.processor(channel="default", retry_policy=my_retry_policy)
+    def twice() -> None:
+        raise RuntimeError("x")
+
+    task = bq.enqueue(session, twice)
+    session.commit()
+    drain(app)
+    session.refresh(task)
+    assert (task.state, task.attempts) == (TaskState.FAILED, 2)
+
+
+def test_retry_exceptions_filter(app, session):
+    policy = bq.DelayRetry(delay=datetime.timedelta(0))
+
+    @app.processor(channel="default", retry_policy=policy, retry_exceptions=ValueError)
+    def picky(kind: str) -> None:
+        if kind == "value" and picky_calls.setdefault(kind, 0) < 1:
+            picky_calls[kind] += 1
+            raise ValueError("retried")
+        if kind == "type":
+            raise TypeError("not retried")
+
+    picky_calls: dict[str, int] = {}
+    value = bq.enqueue(session, picky, kind="value")
+    type_ = bq.enqueue(session, picky, kind="type")
+    session.commit()
+    drain(app)
+
+    session.refresh(value)
+    session.refresh(type_)
+    assert (value.state, value.attempts) == (TaskState.DONE, 2)
+    assert (type_.state, type_.attempts) == (TaskState.FAILED, 1)
+
+
+def test_retries_work_with_events_switched_off(app, session):
+    app.config.EVENTS = False
+    policy = bq.LimitAttempt(2, bq.DelayRetry(delay=datetime.timedelta(0)))
+
+    @app.processor(channel="default", retry_policy=policy)
+    def flaky() -> None:
+        raise RuntimeError("x")
+
+    task = bq.enqueue(session, flaky)
+    session.commit()
+    drain(app)
+    session.refresh(task)
+    assert (task.state, task.attempts, task.events) == (TaskState.FAILED, 2, [])
+
+
+def test_exponential_backoff_delays_grow_to_the_cap():
+    policy = bq.ExponentialBackoffRetry(base=2, max_delay=datetime.timedelta(seconds=10))
+    delays = [policy.delay(attempts).total_seconds() for attempts in range(1, 7)]
+    assert delays == [1, 2, 4, 8, 10, 10]
+    jittered = bq.ExponentialBackoffRetry(base=2, jitter=0.5)
+    assert all(4 <= jittered.delay(4).total_seconds() <= 8 for _ in range(50))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("return object()", "TypeError: the task's result is not JSON-serialisable"),
+        ("raise SystemExit(3)", "SystemExit: 3"),
+        ("raise KeyboardInterrupt()", "KeyboardInterrupt: "),
+    ],
+)
+def test_poison_results_fail_the_task_and_the_worker_goes_on(app, session, body, message):
+    namespace: dict = {"__name__": __name__}
+    exec(f"def poison():\n    {body}\n", namespace)  # noqa: S102 - builds the poison body
+    poison = app.processor(channel="default")(namespace["poison"])
+
+    @app.processor(channel="default")
+    def fine() -> str:
+        return "ok"
+
+    bad = bq.enqueue(session, poison)
+    good = bq.enqueue(session, fine)
+    session.commit()
+    drain(app)
+
+    session.refresh(bad)
+    session.refresh(good)
+    assert bad.state == TaskState.FAILED
+    assert bad.error_message.startswith(message)
+    assert (good.state, good.result) == (TaskState.DONE, "ok")
+
+
+def test_unregistered_function_fails_without_importing_anything(app, session):
+    @app.processor(channel="default")
+    def registered() -> None:
+        pass
+
+    module = "tests.never_imported_module"
+    task = bq.Task(channel="default", module=module, name="anything")
+    session.add(task)
+    session.commit()
+    drain(app)
+
+    session.refresh(task)
+    assert task.state == TaskState.FAILED
+    assert task.error_message.startswith(
+        f"LookupError: no processor registered for {module}.anything"
+    )
+    assert module not in sys.modules
+
+
+def test_child_tasks_are_linked_to_their_parent(app, session):
+    @app.processor(channel="default")
+    def child(n: int) -> int:
+        return n
+
+    @app.processor(channel="default")
+    def parent(db) -> None:
+        bq.enqueue(db, child, n=1)
+        db.add(child.run(n=2))
+        bq.enqueue_many(db, child, [{"n": 3}, {"n": 4}])
+
+    root = bq.enqueue(session, parent)
+    session.commit()
+    drain(app)
+
+    session.refresh(root)
+    assert sorted(c.kwargs["n"] for c in root.children) == [1, 2, 3, 4]
+    assert all(c.state == TaskState.DONE for c in root.children)
+    assert root.parent_id is None
+
+
+def test_late_completion_is_refused(app, session, effects):
+    """A task taken from its worker (found dead) while running: the worker's completion and the
+    task's own changes are discarded, so the task is not completed twice."""
+
+    @app.processor(channel="default")
+    def taken_away(db, task, key: str) -> None:
+        db.add(effects(key=key))
+        with app.engine.begin() as other:  # what the reaper does to a dead worker's task
+            other.execute(
+                update(bq.Task).where(bq.Task.id == task.id).values(state="PENDING", worker_id=None)
+            )
+
+    task = bq.enqueue(session, taken_away, key="k")
+    session.commit()
+    app.config.BATCH_SIZE = 1
+    worker_module = sys.modules["beanflow.engine.worker"]
+    worker = worker_module.TaskWorker(app, ["default"], burst=True)
+    worker._register()
+    worker._connect()
+    claimed = worker._claim()
+    worker._process(claimed)
+    worker._disconnect()
+
+    session.refresh(task)
+    assert task.state == TaskState.PENDING
+    assert session.scalar(select(func.count()).select_from(effects)) == 0
+    assert [e.type for e in task.events] == [EventType.CLAIMED]
+
+
+def test_scheduled_task_is_not_claimed_before_it_is_due(app, session):
+    @app.processor(channel="default")
+    def later() -> None:
+        pass
+
+    task = later.run()
+    task.scheduled_at = func.now() + datetime.timedelta(minutes=3)
+    session.add(task)
+    session.commit()
+    drain(app)
+    session.refresh(task)
+    assert task.state == TaskState.PENDING and task.attempts == 0
+
+
+def test_worker_refuses_channels_without_processors(app):
+    with pytest.raises(LookupError, match="no processor is registered for channel"):
+        app.process_tasks(["nobody"], burst=True)
+
+
+def test_claim_takes_batch_size_in_schedule_order(app, session):
+    app.config.BATCH_SIZE = 3
+
+    @app.processor(channel="default")
+    def noop(n: int) -> None:
+        pass
+
+    bq.enqueue_many(session, noop, [{"n": n} for n in range(5)])
+    session.commit()
+    worker = sys.modules["beanflow.engine.worker"].TaskWorker(app, ["default"])
+    worker._register()
+    worker._connect()
+    claimed = worker._claim()
+    assert [t.kwargs["n"] for t in claimed] == [0, 1, 2]
+    assert (
+        session.scalar(text("SELECT count(*) FROM beanflow_tasks WHERE state = 'PROCESSING'")) == 3
+    )
+    worker._shut_down()  # returns what it holds
+    assert session.scalar(text("SELECT count(*) FROM beanflow_tasks WHERE state = 'PENDING'")) == 5

@@ -1,0 +1,52 @@
+"""Processors that the worker-process tests run; configured from BEANFLOW_* variables."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from sqlalchemy import String
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import beanflow as bq
+
+app = bq.BeanQueue()
+
+
+class UserBase(DeclarativeBase):
+    pass
+
+
+class Effect(UserBase):
+    """A user table that processors write to in the task's transaction."""
+
+    __tablename__ = "effects"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+
+
+@app.processor(channel="work")
+def echo(value: object) -> object:
+    return value
+
+
+@app.processor(channel="work")
+def write_effect(db: Session, key: str) -> None:
+    db.add(Effect(key=key))
+
+
+@app.processor(channel="work")
+def slow_effect(db: Session, key: str, flag: str, seconds: float) -> None:
+    """Writes its effect, says it started (a file), then works for ``seconds``."""
+    db.add(Effect(key=key))
+    db.flush()
+    Path(flag).write_text(str(os.getpid()))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@app.processor(channel="work")
+def kill_my_worker() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
