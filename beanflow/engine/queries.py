@@ -26,6 +26,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.sql import Executable
@@ -36,20 +37,42 @@ DONE = literal_column("'DONE'")
 FAILED = literal_column("'FAILED'")
 
 
-def _channels() -> Any:
-    return bindparam("channels", type_=ARRAY(String))
+def channel_parameters(channels: list[str]) -> dict[str, str]:
+    """Bind parameters of the per-channel statements (``claim``, ``next_due``)."""
+    return {f"channel_{i}": channel for i, channel in enumerate(channels)}
 
 
 class Queries:
     """The hot-path statements for one (task, worker, event) model set."""
 
     def __init__(
-        self, task_model: type, worker_model: type, event_model: type, events: bool = True
+        self,
+        task_model: type,
+        worker_model: type,
+        event_model: type,
+        events: bool = True,
+        channel_count: int = 1,
     ) -> None:
         self.task = task_model.__table__
         self.worker = worker_model.__table__
         self.event = event_model.__table__
         self.events = events
+        self.channel_count = channel_count
+
+    def _pending_of_each_channel(self, *columns: Any) -> list[Any]:
+        """One ``SELECT columns … ORDER BY scheduled_at`` of pending rows per channel.
+
+        One equality per statement, not ``channel = ANY(…)``: only an equality lets the
+        (channel, scheduled_at) index deliver rows in order, so the cost stays that of the rows
+        taken, not of every pending row to be sorted.
+        """
+        t = self.task
+        return [
+            select(*columns)
+            .where(t.c.state == PENDING, t.c.channel == bindparam(f"channel_{i}", type_=String))
+            .order_by(t.c.scheduled_at)
+            for i in range(self.channel_count)
+        ]
 
     def _with_events(self, statement: Any, source: Any, columns: dict[str, Any]) -> Any:
         """Add ``INSERT INTO event SELECT … FROM source`` to ``statement`` when events are on."""
@@ -63,25 +86,33 @@ class Queries:
 
     @functools.cached_property
     def claim(self) -> Executable:
-        """Claim up to :limit due PENDING tasks of :channels for :worker; returns their rows.
+        """Claim up to :limit due PENDING tasks of :channel_N for :worker; returns their rows.
 
         The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
         UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more than :limit rows.
         """
         t = self.task
-        due = (
-            select(t.c.id)
-            .where(
-                t.c.state == PENDING,
-                t.c.channel == any_(_channels()),
-                t.c.scheduled_at <= func.now(),
+        limit = bindparam("limit", type_=Integer)
+        due_now = t.c.scheduled_at <= func.now()
+        each = [
+            branch.where(due_now).limit(limit).with_for_update(skip_locked=True)
+            for branch in self._pending_of_each_channel(t.c.id, t.c.scheduled_at)
+        ]
+        if len(each) == 1:
+            due = each[0].cte("due").prefix_with("MATERIALIZED")
+        else:
+            # several channels: the oldest :limit of each channel's oldest :limit (the extra
+            # rows locked here are released when the claim commits)
+            branches = [b.cte(f"due_{i}").prefix_with("MATERIALIZED") for i, b in enumerate(each)]
+            candidates = union_all(*[select(b.c.id, b.c.scheduled_at) for b in branches])
+            candidates = candidates.subquery("candidates")
+            due = (
+                select(candidates.c.id)
+                .order_by(candidates.c.scheduled_at)
+                .limit(limit)
+                .cte("due")
+                .prefix_with("MATERIALIZED")
             )
-            .order_by(t.c.scheduled_at)
-            .limit(bindparam("limit", type_=Integer))
-            .with_for_update(skip_locked=True)
-            .cte("due")
-            .prefix_with("MATERIALIZED")
-        )
         claimed = (
             update(t)
             .where(t.c.id == due.c.id)
@@ -195,16 +226,17 @@ class Queries:
 
     @functools.cached_property
     def next_due(self) -> Executable:
-        """Seconds until the earliest PENDING task of :channels is due (negative when due,
+        """Seconds until the earliest PENDING task of :channel_N is due (negative when due,
         NULL when none). Rows locked by a claim in progress are skipped, not waited for."""
         t = self.task
-        return (
-            select(func.extract("epoch", t.c.scheduled_at - func.clock_timestamp()))
-            .where(t.c.state == PENDING, t.c.channel == any_(_channels()))
-            .order_by(t.c.scheduled_at)
-            .limit(1)
+        earliest = [
+            branch.limit(1)
             .with_for_update(read=True, key_share=True, skip_locked=True)
-        )
+            .scalar_subquery()
+            for branch in self._pending_of_each_channel(t.c.scheduled_at)
+        ]
+        soonest = earliest[0] if len(earliest) == 1 else func.least(*earliest)
+        return select(func.extract("epoch", soonest - func.clock_timestamp()))
 
     @functools.cached_property
     def heartbeat(self) -> Executable:

@@ -21,7 +21,7 @@ from sqlalchemy.sql import ClauseElement
 
 from ..models.worker import WorkerState
 from .notify import Listener
-from .queries import Queries
+from .queries import Queries, channel_parameters
 
 if TYPE_CHECKING:
     from ..app import BeanQueue
@@ -52,8 +52,15 @@ class TaskWorker:
             raise ValueError("a worker needs at least one channel")
         self.burst = burst
         self.id = uuid.uuid4()
-        self.queries = Queries(app.task_model, app.worker_model, app.event_model, app.config.EVENTS)
+        self.queries = Queries(
+            app.task_model,
+            app.worker_model,
+            app.event_model,
+            events=app.config.EVENTS,
+            channel_count=len(self.channels),
+        )
         self.engine = app.engine
+        self._channel_parameters = channel_parameters(self.channels)
         self._claim_statement = select(app.task_model).from_statement(self.queries.claim)
         self.stopping = threading.Event()
         self.found_dead = False
@@ -227,7 +234,7 @@ class TaskWorker:
         tasks = list(
             session.scalars(
                 self._claim_statement,
-                {"worker": self.id, "channels": self.channels, "limit": self.config.BATCH_SIZE},
+                {"worker": self.id, "limit": self.config.BATCH_SIZE, **self._channel_parameters},
             )
         )
         session.commit()
@@ -372,7 +379,7 @@ class TaskWorker:
         """Wait for a notify, the next scheduled task, a signal or POLL_TIMEOUT."""
         session, listener = self._session, self._listener
         assert session is not None and listener is not None
-        due_in = session.scalar(self.queries.next_due, {"channels": self.channels})
+        due_in = session.scalar(self.queries.next_due, self._channel_parameters)
         session.commit()
         timeout = self.config.POLL_TIMEOUT
         if due_in is not None:

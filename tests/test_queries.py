@@ -1,0 +1,113 @@
+"""The hot path's statements are served by the partial index, whatever the table's size."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from beanflow.engine.queries import Queries, channel_parameters
+from beanflow.models import Event, Task, Worker
+
+PENDING_ROWS = 100_000
+
+
+@pytest.fixture
+def deep_queue(app):
+    """100,000 pending tasks on 'deep', as many done ones, and a worker row."""
+    worker_id = uuid.uuid4()
+    with app.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO beanflow_tasks (id, channel, module, name, state) "
+                "SELECT gen_random_uuid(), CASE WHEN n % 10 = 0 THEN 'other' ELSE 'deep' END, "
+                "'m', 'f', CASE WHEN n <= :pending THEN 'PENDING' ELSE 'DONE' END "
+                "FROM generate_series(1, :total) AS n"
+            ),
+            {"pending": PENDING_ROWS, "total": 2 * PENDING_ROWS},
+        )
+        connection.execute(
+            text("INSERT INTO beanflow_workers (id, name, channels) VALUES (:id, 'w', '{deep}')"),
+            {"id": worker_id},
+        )
+    with app.engine.begin() as connection:  # as autovacuum would, once the rows are in
+        connection.execute(text("ANALYZE beanflow_tasks"))
+    return worker_id
+
+
+def plan(connection, statement, parameters) -> dict:
+    compiled = statement.compile(dialect=connection.dialect)
+    sql_text = str(compiled)
+    rows = connection.exec_driver_sql(
+        "EXPLAIN (FORMAT JSON) " + sql_text,
+        compiled.construct_params(parameters)
+        | {k: v for k, v in compiled.params.items() if k not in parameters},
+    ).scalar()
+    return rows[0]["Plan"] if isinstance(rows, list) else json.loads(rows)[0]["Plan"]
+
+
+def nodes(node: dict):
+    yield node
+    for child in node.get("Plans", []):
+        yield from nodes(child)
+
+
+def scans_of(node: dict, table: str) -> list[tuple[str, str | None]]:
+    return [
+        (n["Node Type"], n.get("Index Name"))
+        for n in nodes(node)
+        if n.get("Relation Name") == table
+    ]
+
+
+@pytest.mark.parametrize("channels", [["deep"], ["deep", "other", "empty"]])
+def test_claim_uses_the_partial_index_in_order(app, deep_queue, channels):
+    queries = Queries(Task, Worker, Event, channel_count=len(channels))
+    parameters = {"worker": deep_queue, "limit": 10} | channel_parameters(channels)
+    with app.engine.begin() as connection:
+        root = plan(connection, queries.claim, parameters)
+    scans = scans_of(root, "beanflow_tasks")
+    assert scans.count(("Index Scan", "ix_beanflow_tasks_pending")) == len(channels)
+    assert not [s for s in scans if s[0] == "Seq Scan"]
+    # rows come out of the index in order: no node sorts all pending rows of a channel
+    assert all(
+        n["Node Type"] != "Sort" or n["Plan Rows"] <= 10 * len(channels) for n in nodes(root)
+    )
+
+
+def test_next_due_uses_the_partial_index(app, deep_queue):
+    queries = Queries(Task, Worker, Event)
+    with app.engine.begin() as connection:
+        root = plan(connection, queries.next_due, {"channel_0": "deep"})
+    assert scans_of(root, "beanflow_tasks") == [("Index Scan", "ix_beanflow_tasks_pending")]
+
+
+def test_claim_returns_the_oldest_due_tasks(app, deep_queue):
+    queries = Queries(Task, Worker, Event)
+    with app.engine.begin() as connection:
+        claimed = connection.execute(
+            queries.claim, {"worker": deep_queue, "channel_0": "deep", "limit": 10}
+        ).all()
+        assert len(claimed) == 10
+        assert all(row.channel == "deep" and row.worker_id == deep_queue for row in claimed)
+        oldest = connection.execute(
+            text("SELECT max(scheduled_at) FROM beanflow_tasks WHERE state = 'PROCESSING'")
+        ).scalar()
+        younger = connection.execute(
+            text(
+                "SELECT count(*) FROM beanflow_tasks WHERE state = 'PENDING' AND channel = 'deep' "
+                "AND scheduled_at < :oldest"
+            ),
+            {"oldest": oldest},
+        ).scalar()
+        assert younger == 0
+
+
+def test_reap_uses_indexes(app, deep_queue):
+    queries = Queries(Task, Worker, Event)
+    with app.engine.begin() as connection:
+        root = plan(connection, queries.reap, {"timeout": timedelta(seconds=100), "max_crashes": 3})
+    assert not [s for s in scans_of(root, "beanflow_tasks") if s[0] == "Seq Scan"]
