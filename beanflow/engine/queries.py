@@ -25,6 +25,7 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    or_,
     select,
     union_all,
     update,
@@ -96,23 +97,38 @@ class Queries:
         due_now = t.c.scheduled_at <= func.now()
         each = [
             branch.where(due_now).limit(limit).with_for_update(skip_locked=True)
-            for branch in self._pending_of_each_channel(t.c.id, t.c.scheduled_at)
+            for branch in self._pending_of_each_channel(t.c.id, t.c.scheduled_at, t.c.crash_count)
         ]
         if len(each) == 1:
-            due = each[0].cte("due").prefix_with("MATERIALIZED")
+            candidates = each[0].cte("candidates").prefix_with("MATERIALIZED")
         else:
             # several channels: the oldest :limit of each channel's oldest :limit (the extra
-            # rows locked here are released when the claim commits)
-            branches = [b.cte(f"due_{i}").prefix_with("MATERIALIZED") for i, b in enumerate(each)]
-            candidates = union_all(*[select(b.c.id, b.c.scheduled_at) for b in branches])
-            candidates = candidates.subquery("candidates")
-            due = (
-                select(candidates.c.id)
-                .order_by(candidates.c.scheduled_at)
+            # rows locked here are unlocked when the claim commits)
+            branches = [
+                b.cte(f"channel_{i}").prefix_with("MATERIALIZED") for i, b in enumerate(each)
+            ]
+            union = union_all(*[select(b) for b in branches]).subquery("each_channel")
+            candidates = (
+                select(union)
+                .order_by(union.c.scheduled_at)
                 .limit(limit)
-                .cte("due")
+                .cte("candidates")
                 .prefix_with("MATERIALIZED")
             )
+        # A task whose worker died under it may be what killed it: at most one such task per
+        # claim, so that if it kills this worker too, no neighbour is taken down with it.
+        first_suspect = (
+            select(candidates.c.id)
+            .where(candidates.c.crash_count > 0)
+            .order_by(candidates.c.scheduled_at)
+            .limit(1)
+            .scalar_subquery()
+        )
+        due = (
+            select(candidates.c.id)
+            .where(or_(candidates.c.crash_count == 0, candidates.c.id == first_suspect))
+            .cte("due")
+        )
         claimed = (
             update(t)
             .where(t.c.id == due.c.id)

@@ -241,15 +241,12 @@ class TaskWorker:
         return tasks
 
     def _process(self, tasks: list[Any]) -> None:
-        """Run claimed tasks. A task that a dead worker held before may be what killed it: it
-        runs alone, in its own transaction, after the others have committed."""
+        """Run claimed tasks. A task that a dead worker held before may be what killed it (the
+        claim takes at most one): it runs last, in its own transaction, after the others have
+        committed, so it cannot take them down with it."""
         self.unstarted = list(tasks)
-        if len(tasks) > 1:
-            suspects = [task for task in tasks if task.crash_count > 0]
-            innocent = [task for task in tasks if task.crash_count == 0]
-            groups = [innocent] + [[task] for task in suspects]
-        else:
-            groups = [tasks]
+        innocent = [task for task in tasks if task.crash_count == 0]
+        groups = [innocent] + [[task] for task in tasks if task.crash_count > 0]
         session = self._session
         assert session is not None
         try:
@@ -400,7 +397,9 @@ class TaskWorker:
                     state = connection.execute(self.queries.heartbeat, {"worker": self.id}).scalar()
                 if state != WorkerState.RUNNING:
                     logger.error(
-                        "worker %s was marked %s by another worker; stopping", self.id, state
+                        "worker %s was marked %s by another worker; stopping",
+                        self.id,
+                        getattr(state, "value", state),
                     )
                     self.found_dead = True
                     self.stop()

