@@ -69,7 +69,11 @@ class Processor:
         try:
             self._signature.bind(**kwargs)
         except TypeError as error:
-            raise ValueError(f"kwargs do not fit {self.name}{self._signature}: {error}") from None
+            parameters = ", ".join(
+                str(p.replace(annotation=inspect.Parameter.empty))
+                for p in self._signature.parameters.values()
+            )
+            raise ValueError(f"kwargs do not fit {self.name}({parameters}): {error}") from None
 
     def run(self, **kwargs: Any) -> Any:
         """Return a new, unsaved task that calls this processor with ``kwargs``."""

@@ -1,0 +1,112 @@
+"""Configuration from BEANFLOW_* variables, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import beanflow as bq
+
+from .helpers import ROOT
+
+
+def test_fields_come_from_arguments_then_environment_then_defaults():
+    env = {
+        "BEANFLOW_BATCH_SIZE": "10",
+        "BEANFLOW_PROCESSOR_PACKAGES": '["a.b", "c"]',
+        "BEANFLOW_EVENTS": "false",
+        "BEANFLOW_POLL_TIMEOUT": "2.5",
+    }
+    config = bq.Config(env=env, BATCH_SIZE=3)
+    assert config.BATCH_SIZE == 3
+    assert config.PROCESSOR_PACKAGES == ["a.b", "c"]
+    assert config.EVENTS is False
+    assert config.POLL_TIMEOUT == 2.5
+    assert config.DATABASE_URL is None
+    assert config.TASK_MODEL == "beanflow.models.Task"
+
+
+def test_comma_separated_packages():
+    assert bq.Config(env={"BEANFLOW_PROCESSOR_PACKAGES": "a, b"}).PROCESSOR_PACKAGES == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BEANFLOW_BATCH_SIZE": "many"}, "BEANFLOW_BATCH_SIZE: expected an integer, got 'many'"),
+        ({"BEANFLOW_BATCH_SIZE": "0"}, "BEANFLOW_BATCH_SIZE: must be > 0, got 0"),
+        ({"BEANFLOW_POLL_TIMEOUT": "-1"}, "BEANFLOW_POLL_TIMEOUT: must be > 0, got -1"),
+        ({"BEANFLOW_EVENTS": "maybe"}, "BEANFLOW_EVENTS: expected true or false"),
+        ({"BEANFLOW_PROCESSOR_PACKAGES": "[1, 2]"}, "expected a list of strings"),
+        ({"BEANFLOW_PROCESSOR_PACKAGES": "[oops"}, "BEANFLOW_PROCESSOR_PACKAGES: not valid JSON"),
+    ],
+)
+def test_invalid_environment_names_the_variable(env, message):
+    with pytest.raises(bq.ConfigError, match=message.replace("[", r"\[")):
+        bq.Config(env=env)
+
+
+def test_invalid_argument_names_the_field():
+    with pytest.raises(bq.ConfigError, match="BATCH_SIZE: expected an integer"):
+        bq.Config(env={}, BATCH_SIZE="ten")
+    with pytest.raises(bq.ConfigError, match="unknown setting"):
+        bq.Config(env={}, BATCHSIZE=1)
+
+
+def test_postgresql_url_uses_psycopg2():
+    url = bq.db.database_url(bq.Config(env={}, DATABASE_URL="postgresql://u:p@h:5/d"))
+    assert url == "postgresql+psycopg2://u:p@h:5/d"
+
+
+def cli(db_url: str, *arguments: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
+    env |= {"BEANFLOW_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "beanflow", "-a", "tests.workloads.app:app", *arguments],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["submit", "work", "nope"], "no processor named 'nope'; registered: "),
+        (
+            ["submit", "elsewhere", "echo", "-k", '{"value": 1}'],
+            "processor 'echo' belongs to channel 'work', not 'elsewhere'",
+        ),
+        (["submit", "work", "echo", "-k", "{value: 1}"], "--kwargs is not valid JSON: "),
+        (["submit", "work", "echo", "-k", "[1]"], "--kwargs must be a JSON object, got list"),
+        (
+            ["submit", "work", "echo", "-k", '{"wrong": 1}'],
+            "kwargs do not fit echo(value): missing a required argument: 'value'",
+        ),
+        (["submit", "work", "a", "b", "c"], "expected [MODULE] NAME after the channel"),
+    ],
+)
+def test_submit_errors_are_one_line_with_status_2(db_url, arguments, message):
+    result = cli(db_url, *arguments)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"Error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_submit_prints_the_task_id(db_url, session):
+    result = cli(db_url, "submit", "work", "echo", "--kwargs", '{"value": [1, 2]}')
+    assert result.returncode == 0, result.stderr
+    task = session.get(bq.Task, result.stdout.strip())
+    assert (task.channel, task.name, task.kwargs) == ("work", "echo", {"value": [1, 2]})
+
+
+def test_unreachable_database_is_a_message_without_the_password():
+    result = cli("postgresql://someone:s3cret@127.0.0.1:1/nowhere", "create-tables")
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: cannot use the database: ")
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
