@@ -1,0 +1,57 @@
+"""beanflow quickstart: submit tasks, process them, watch one retry and one spawn a child.
+
+    python examples/quickstart/quickstart.py
+
+With no database URL configured (BEANFLOW_DATABASE_URL), beanflow starts an embedded
+PostgreSQL in ./.beanflow/ and stops it when this script exits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+import beanflow as bq
+
+app = bq.BeanQueue()
+retry_now = bq.LimitAttempt(3, bq.DelayRetry(delay=datetime.timedelta(seconds=0)))
+
+
+@app.processor(channel="quickstart", retry_policy=retry_now)
+def greet(db: Session, task: bq.Task, name: str) -> str:
+    if name == "flaky" and task.attempts == 1:
+        raise ConnectionError("the first attempt fails; the retry policy tries again")
+    if name == "parent":
+        bq.enqueue(db, greet, name="child")  # becomes this task's child, in its transaction
+    return f"hello, {name}"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(message)s")
+    app.create_tables()
+    with app.session_factory() as session:
+        submitted = [bq.enqueue(session, greet, name=name) for name in ("world", "flaky", "parent")]
+        session.commit()
+        print(f"submitted {len(submitted)} tasks")
+
+        app.process_tasks(["quickstart"], burst=True)
+
+        ids = [task.id for task in submitted]
+        tasks = session.scalars(
+            select(bq.Task).where(bq.Task.id.in_(ids) | bq.Task.parent_id.in_(ids))
+        ).all()
+        tasks.sort(key=lambda task: ids.index(task.id) if task.id in ids else len(ids))
+        print(f"\n{'task':<10} {'state':<6} {'attempts':<8} {'parent':<10} result")
+        for task in tasks:
+            parent = str(task.parent_id)[:8] if task.parent_id else "-"
+            print(
+                f"{str(task.id)[:8]:<10} {task.state.value:<6} {task.attempts:<8} "
+                f"{parent:<10} {task.result}"
+            )
+
+
+if __name__ == "__main__":
+    main()
