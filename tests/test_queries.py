@@ -111,3 +111,22 @@ def test_reap_uses_indexes(app, deep_queue):
     with app.engine.begin() as connection:
         root = plan(connection, queries.reap, {"timeout": timedelta(seconds=100), "max_crashes": 3})
     assert not [s for s in scans_of(root, "beanflow_tasks") if s[0] == "Seq Scan"]
+
+
+@pytest.mark.parametrize("name", ["complete", "fail", "release", "heartbeat"])
+def test_single_task_statements_use_indexes(app, deep_queue, name):
+    queries = Queries(Task, Worker, Event)
+    parameters = {
+        "task_id": uuid.uuid4(),
+        "worker": deep_queue,
+        "task_result": None,
+        "retry_at": None,
+        "error": "e",
+        "exception_type": "E",
+        "traceback": "t",
+        "unstarted": [],
+    }
+    with app.engine.begin() as connection:
+        root = plan(connection, getattr(queries, name), parameters)
+    for table in ("beanflow_tasks", "beanflow_workers"):
+        assert not [s for s in scans_of(root, table) if s[0] == "Seq Scan"], (name, table)
