@@ -14,7 +14,7 @@ from . import db
 from .config import Config
 from .models.task import Task, current_task, notify_channels
 from .processors.processor import ExceptionTypes, Processor
-from .processors.registry import ProcessorRegistry
+from .processors.registry import ProcessorRegistry, processor
 from .processors.retry import RetryPolicy
 
 
@@ -63,22 +63,18 @@ class BeanQueue:
         retry_policy: RetryPolicy | None = None,
         retry_exceptions: ExceptionTypes | None = None,
         auto_complete: bool = True,
+        timeout: float | None = None,
     ) -> Callable[[Callable[..., Any]], Processor]:
         """Register a function as the processor of ``channel``'s tasks in this app."""
-
-        def decorate(func: Callable[..., Any]) -> Processor:
-            return self.registry.add(
-                Processor(
-                    func,
-                    channel,
-                    retry_policy=retry_policy,
-                    retry_exceptions=retry_exceptions,
-                    auto_complete=auto_complete,
-                    task_model=self.task_model,
-                )
-            )
-
-        return decorate
+        return processor(
+            channel,
+            retry_policy=retry_policy,
+            retry_exceptions=retry_exceptions,
+            auto_complete=auto_complete,
+            timeout=timeout,
+            task_model=self.task_model,
+            registry=self.registry,
+        )
 
     def load_processors(self) -> ProcessorRegistry:
         """Scan ``PROCESSOR_PACKAGES`` once; returns the registry."""

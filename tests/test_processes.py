@@ -226,3 +226,15 @@ def test_process_refuses_a_channel_without_processors(workers):
     process = workers.start("nobody")
     assert process.wait(30) == 2
     assert "no processor is registered for channel(s) 'nobody'" in workers.output(process)
+
+
+def test_task_past_its_timeout_is_interrupted_and_failed(session, workers):
+    stuck = enqueue(session, workloads.spin)
+    after = enqueue(session, workloads.echo, value="next")
+    process = workers.start("work")
+    wait_for(lambda: state_of(session, after) == TaskState.DONE, "the task behind it")
+    session.refresh(stuck)
+    assert stuck.state == TaskState.FAILED
+    assert stuck.error_message == "TaskTimeout: the task ran past its timeout of 0.5s"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0

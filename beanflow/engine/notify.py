@@ -7,6 +7,7 @@ is emitted from the user's own session.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 from collections.abc import Iterable
 from typing import Any
@@ -54,3 +55,11 @@ class Listener:
         # closing a broken connection must not raise
         with contextlib.suppress(Exception):
             self.connection.close()
+
+
+def drain_pipe(fd: int) -> None:
+    """Empty a self-pipe (written to wake a select())."""
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass

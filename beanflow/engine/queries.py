@@ -30,6 +30,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 
 PENDING = literal_column("'PENDING'")
@@ -331,6 +332,31 @@ class Queries:
         """``SELECT pg_notify(channel, '')`` once per distinct channel of ``source``."""
         channels = select(channel.label("channel")).where(*where).distinct().subquery()
         return select(func.pg_notify(channels.c.channel, ""))
+
+    @functools.cached_property
+    def enqueue_unique(self) -> Executable:
+        """Insert a task unless one with the same :unique_key exists (any state); returns its
+        id only when inserted, and then notifies its channel. Concurrent inserters of one key:
+        exactly one wins, by the partial unique index."""
+        t = self.task
+        inserted = (
+            pg_insert(t)
+            .values(
+                id=bindparam("task_id"),
+                channel=bindparam("task_channel", type_=String),
+                module=bindparam("task_module", type_=String),
+                name=bindparam("task_name", type_=String),
+                kwargs=bindparam("task_kwargs", type_=t.c.kwargs.type),
+                scheduled_at=bindparam("task_scheduled_at", type_=DateTime(timezone=True)),
+                unique_key=bindparam("task_unique_key", type_=String),
+            )
+            .on_conflict_do_nothing(
+                index_elements=[t.c.unique_key], index_where=t.c.unique_key.is_not(None)
+            )
+            .returning(t.c.id, t.c.channel)
+            .cte("inserted")
+        )
+        return select(inserted.c.id, func.pg_notify(inserted.c.channel, ""))
 
     @functools.cached_property
     def register(self) -> Executable:

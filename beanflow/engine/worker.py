@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
 from ..models.worker import WorkerState
-from .notify import Listener
+from .notify import Listener, drain_pipe
 from .queries import Queries, channel_parameters
 
 if TYPE_CHECKING:
@@ -31,10 +32,19 @@ logger = logging.getLogger(__name__)
 
 # Connection-level failures the worker survives by reconnecting (server restart, network).
 CONNECTION_ERRORS = (exc.OperationalError, exc.InterfaceError)
+# how often each worker logs a one-line summary of what it did
+SUMMARY_SECONDS = 60
 
 
 class GraceExceeded(BaseException):
     """Raised inside a running task when a stopping worker's grace period has run out."""
+
+
+class TaskTimeout(BaseException):
+    """Raised inside a running task that has run past its processor's ``timeout``.
+
+    A BaseException, like SystemExit, so that a task's own ``except Exception`` cannot
+    swallow it."""
 
 
 class TaskWorker:
@@ -65,6 +75,12 @@ class TaskWorker:
         self.stopping = threading.Event()
         self.found_dead = False
         self.running: Any = None  # the task whose function is running now
+        self.running_timeout: float | None = None
+        # monotonic deadlines enforced with SIGALRM while a task runs (main thread only)
+        self._task_deadline: float | None = None
+        self._grace_deadline: float | None = None
+        self._signals = False
+        self.counts: collections.Counter[str] = collections.Counter()
         self.unstarted: list[Any] = []  # claimed tasks not yet started
         self._wake_read, self._wake_write = os.pipe()
         self._session: Session | None = None
@@ -188,24 +204,27 @@ class TaskWorker:
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
+        self._signals = True
         previous = {
             number: signal.getsignal(number)
             for number in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
         }
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGALRM, self._on_grace_exceeded)
+        signal.signal(signal.SIGALRM, self._on_alarm)
         return previous
 
     def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        if self._signals:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for number, handler in previous.items():
             signal.signal(number, handler)
 
     def _on_stop_signal(self, number: int, frame: Any) -> None:
         if self.stopping.is_set():
             logger.warning("worker %s: second signal, stopping now", self.id)
-            self._on_grace_exceeded(number, frame)
+            self._grace_deadline = time.monotonic()
+            self._on_alarm(number, frame)
             return
         logger.info(
             "worker %s: %s received, stopping (grace period %ss)",
@@ -215,11 +234,26 @@ class TaskWorker:
         )
         self.stop()
         if self.running is not None:
-            signal.setitimer(signal.ITIMER_REAL, max(self.config.SHUTDOWN_GRACE_PERIOD, 0.001))
+            self._grace_deadline = time.monotonic() + self.config.SHUTDOWN_GRACE_PERIOD
+            self._arm_alarm()
 
-    def _on_grace_exceeded(self, number: int, frame: Any) -> None:
-        if self.running is not None:
+    def _arm_alarm(self) -> None:
+        """Schedule SIGALRM for the nearest deadline of the running task (or cancel it)."""
+        if not self._signals:
+            return
+        deadlines = [d for d in (self._task_deadline, self._grace_deadline) if d is not None]
+        delay = max(min(deadlines) - time.monotonic(), 0.001) if deadlines else 0
+        signal.setitimer(signal.ITIMER_REAL, delay)
+
+    def _on_alarm(self, number: int, frame: Any) -> None:
+        if self.running is None:
+            return
+        now = time.monotonic()
+        if self._grace_deadline is not None and now >= self._grace_deadline:
             raise GraceExceeded()
+        if self._task_deadline is not None and now >= self._task_deadline:
+            raise TaskTimeout(f"the task ran past its timeout of {self.running_timeout}s")
+        self._arm_alarm()  # woken early: wait for the nearest deadline
 
     def stop(self) -> None:
         """Ask the worker to stop: it claims nothing more and finishes its current task."""
@@ -283,14 +317,24 @@ class TaskWorker:
                 ),
             )
             return
+        logger.info(
+            "task %s %s.%s started (attempt %d)", task.id, task.module, task.name, task.attempts
+        )
         started = time.monotonic()
         savepoint = session.begin_nested()
         try:
+            self.running_timeout = processor.timeout
+            if processor.timeout is not None and self._signals:
+                self._task_deadline = started + processor.timeout
+                self._arm_alarm()
             self.running = task
             try:
                 result = processor.call(session, task, savepoint)
             finally:
                 self.running = None
+                if self._task_deadline is not None:
+                    self._task_deadline = None
+                    self._arm_alarm()
             if processor.auto_complete:
                 result = _json_ready(result)
         except GraceExceeded:
@@ -326,6 +370,7 @@ class TaskWorker:
                 return
         if savepoint.is_active:
             savepoint.commit()
+        self.counts["done"] += 1
         logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
 
     def _record_failure(
@@ -352,6 +397,7 @@ class TaskWorker:
                 "traceback": "".join(traceback.format_exception(error)),
             },
         )
+        self.counts["failed" if retry_at is None else "retried"] += 1
         if retry_at is None:
             logger.error(
                 "task %s %s.%s failed (attempt %d): %s",
@@ -384,14 +430,26 @@ class TaskWorker:
         if self.stopping.is_set():
             return
         listener.wait(timeout, self._wake_read)
-        _drain_pipe(self._wake_read)
+        drain_pipe(self._wake_read)
 
     # ---- liveness --------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
         """Beat every WORKER_HEARTBEAT_PERIOD on a pool connection, and reap dead workers."""
         period = self.config.WORKER_HEARTBEAT_PERIOD
+        summarised = time.monotonic()
         while not self.stopping.wait(period):
+            if time.monotonic() - summarised >= SUMMARY_SECONDS:
+                summarised = time.monotonic()
+                counts, self.counts = self.counts, collections.Counter()
+                logger.info(
+                    "worker %s: in the last %ds %d done, %d retried, %d failed",
+                    self.id,
+                    SUMMARY_SECONDS,
+                    counts["done"],
+                    counts["retried"],
+                    counts["failed"],
+                )
             try:
                 with self.engine.begin() as connection:
                     state = connection.execute(self.queries.heartbeat, {"worker": self.id}).scalar()
@@ -427,15 +485,6 @@ def _json_ready(result: Any) -> Any:
     except (TypeError, ValueError) as error:
         raise TypeError(f"the task's result is not JSON-serialisable: {error}") from None
     return result
-
-
-def _drain_pipe(fd: int) -> None:
-    os.set_blocking(fd, False)
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 def _first_line(error: BaseException) -> str:

@@ -85,6 +85,8 @@ class TaskModelMixin:
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+    # at most one task per key (a cron schedule's tick): enforced by a partial unique index
+    unique_key: Mapped[str | None] = mapped_column(String, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -98,6 +100,12 @@ class TaskModelMixin:
                 "channel",
                 "scheduled_at",
                 postgresql_where=text("state = 'PENDING'"),
+            ),
+            Index(
+                f"ix_{cls.__tablename__}_unique_key",
+                "unique_key",
+                unique=True,
+                postgresql_where=text("unique_key IS NOT NULL"),
             ),
         )
 

@@ -31,6 +31,7 @@ class Processor:
         retry_policy: RetryPolicy | None = None,
         retry_exceptions: ExceptionTypes | None = None,
         auto_complete: bool = True,
+        timeout: float | None = None,
         task_model: type | None = None,
     ) -> None:
         if not channel or not isinstance(channel, str):
@@ -42,6 +43,9 @@ class Processor:
         self.retry_policy = retry_policy
         self.retry_exceptions = retry_exceptions
         self.auto_complete = auto_complete
+        # seconds a task may run before it is interrupted and failed (enforced by a worker
+        # running in its process's main thread, as `beanflow process` and `run` do)
+        self.timeout = timeout
         # the Task model that run() builds; None means beanflow.Task (an app sets its own)
         self.task_model = task_model
         signature = inspect.signature(func)

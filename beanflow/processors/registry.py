@@ -64,6 +64,7 @@ def processor(
     retry_policy: RetryPolicy | None = None,
     retry_exceptions: ExceptionTypes | None = None,
     auto_complete: bool = True,
+    timeout: float | None = None,
     task_model: type | None = None,
     registry: ProcessorRegistry | None = None,
 ) -> Callable[[Callable[..., Any]], Processor]:
@@ -79,6 +80,7 @@ def processor(
             retry_policy=retry_policy,
             retry_exceptions=retry_exceptions,
             auto_complete=auto_complete,
+            timeout=timeout,
             task_model=task_model,
         )
         if registry is not None:

@@ -50,3 +50,10 @@ def slow_effect(db: Session, key: str, flag: str, seconds: float) -> None:
 @app.processor(channel="work")
 def kill_my_worker() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.processor(channel="work", timeout=0.5)
+def spin() -> None:
+    """Never returns on its own: only its timeout ends it."""
+    while True:
+        pass

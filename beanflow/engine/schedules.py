@@ -1,0 +1,128 @@
+"""Cron schedules: every tick enqueues its task exactly once.
+
+Any number of schedulers (several ``beanflow run`` on one or more machines) may run the same
+schedules: each inserts every tick with the unique key ``schedule:<name>:<tick>``, and the
+partial unique index lets exactly one insert win. No leader is elected, so none can be lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+from sqlalchemy import exc
+
+from .queries import Queries
+
+if TYPE_CHECKING:
+    from ..app import BeanQueue
+    from ..processors.processor import Processor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """A processor run on a cron expression (croniter syntax; 6 fields = seconds last)."""
+
+    name: str
+    processor: Processor
+    cron: str
+    timezone: str = "UTC"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # after downtime, enqueue at most this many of the most recent missed ticks
+    catch_up: int = 1
+
+    def next_tick(self, after: datetime) -> datetime:
+        """The first tick strictly after ``after``."""
+        local = after.astimezone(ZoneInfo(self.timezone))
+        return croniter(self.cron, local).get_next(datetime)
+
+    def recent_ticks(self, now: datetime, count: int) -> list[datetime]:
+        """The ``count`` most recent ticks at or before ``now``, oldest first."""
+        local = now.astimezone(ZoneInfo(self.timezone))
+        iterator = croniter(self.cron, local)
+        ticks = []
+        if croniter.match(self.cron, local):
+            ticks.append(local)
+        while len(ticks) < count:
+            ticks.append(iterator.get_prev(datetime))
+        return sorted(ticks[:count])
+
+    def unique_key(self, tick: datetime) -> str:
+        return f"schedule:{self.name}:{tick.astimezone(timezone.utc).isoformat()}"
+
+
+class Scheduler:
+    """Enqueues the ticks of some schedules until stopped."""
+
+    # ticks are inserted this long before they are due, so that workers (which wake at a
+    # task's scheduled_at) start them on time whatever the scheduler's own delays
+    LEAD_SECONDS = 1.0
+
+    def __init__(self, app: BeanQueue, schedules: list[Schedule]) -> None:
+        self.app = app
+        self.schedules = schedules
+        self.queries = Queries(app.task_model, app.worker_model, app.event_model)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        """Catch up, then enqueue each tick as it comes, until ``stop()``."""
+        now = datetime.now(timezone.utc)
+        upcoming: dict[str, datetime] = {}
+        for schedule in self.schedules:
+            for tick in schedule.recent_ticks(now, schedule.catch_up):
+                self.enqueue(schedule, tick)
+            upcoming[schedule.name] = schedule.next_tick(now)
+        by_name = {schedule.name: schedule for schedule in self.schedules}
+        while upcoming and not self.stopping.is_set():
+            soonest = min(upcoming.values())
+            wait = (soonest - datetime.now(timezone.utc)).total_seconds() - self.LEAD_SECONDS
+            if wait > 0 and self.stopping.wait(wait):
+                return
+            horizon = datetime.now(timezone.utc).timestamp() + self.LEAD_SECONDS
+            for name, tick in list(upcoming.items()):
+                if tick.timestamp() <= horizon:
+                    self.enqueue(by_name[name], tick)
+                    upcoming[name] = by_name[name].next_tick(tick)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def enqueue(self, schedule: Schedule, tick: datetime) -> bool:
+        """Insert the task of ``tick`` unless some scheduler already did; True if this one
+        did. A database error is logged and the tick skipped (the next one is retried)."""
+        processor = schedule.processor
+        try:
+            with self.app.engine.begin() as connection:
+                inserted = connection.execute(
+                    self.queries.enqueue_unique,
+                    {
+                        "task_id": uuid.uuid4(),
+                        "task_channel": processor.channel,
+                        "task_module": processor.module,
+                        "task_name": processor.name,
+                        "task_kwargs": schedule.kwargs,
+                        "task_scheduled_at": tick,
+                        "task_unique_key": schedule.unique_key(tick),
+                    },
+                ).first()
+        except exc.DBAPIError as error:
+            logger.error(
+                "schedule %s: could not enqueue the tick of %s: %s",
+                schedule.name,
+                tick.isoformat(),
+                str(error.orig).strip().splitlines()[0],
+            )
+            return False
+        if inserted is not None:
+            logger.info(
+                "schedule %s: enqueued task %s for %s", schedule.name, inserted.id, tick.isoformat()
+            )
+        return inserted is not None

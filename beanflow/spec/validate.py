@@ -1,0 +1,85 @@
+"""JSON Schema validation of a loaded spec; every error located as file:line:col + key path."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from .load import Document, Problem
+
+_HERE = Path(__file__).resolve().parent
+# inside the wheel (beanflow/schemas/), or in a source checkout (schemas/ beside beanflow/)
+_SCHEMA_PLACES = [_HERE.parent / "schemas", _HERE.parent.parent / "schemas"]
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The JSON Schema of beanflow.yaml."""
+    for folder in _SCHEMA_PLACES:
+        path = folder / "beanflow.schema.json"
+        if path.exists():
+            return json.loads(path.read_text(encoding="utf-8"))
+    raise FileNotFoundError("beanflow.schema.json is missing from the installation")
+
+
+def validate(document: Document) -> list[Problem]:
+    """Every place where the document breaks the schema."""
+    validator = jsonschema.Draft202012Validator(schema())
+    problems = []
+    for error in validator.iter_errors(document.data):
+        problems.extend(_explain(document, error))
+    return sorted(set(problems))
+
+
+def _explain(document: Document, error: jsonschema.ValidationError) -> list[Problem]:
+    path = tuple(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        unexpected = [k for k in error.instance if k not in allowed]
+        return [
+            document.problem((*path, key), f"unknown key{_did_you_mean(key, allowed)}")
+            for key in unexpected
+        ]
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # name the alternative that came closest instead of "is not valid under any schema"
+        deepest = max(error.context, key=lambda e: len(e.absolute_path))
+        if len(deepest.absolute_path) > len(error.absolute_path):
+            return _explain(document, deepest)
+        if all(e.validator in ("type", "pattern") for e in error.context):
+            return [document.problem(path, _short(error.instance) + " is not a valid value here")]
+    if error.validator == "if":
+        return []
+    if error.validator == "required":
+        return [
+            document.problem(path, error.message.replace("is a required property", "is required"))
+        ]
+    return [document.problem(path, _message(error))]
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    instance = _short(error.instance)
+    if error.validator == "pattern":
+        description = error.schema.get("description")
+        return f"{instance} is not valid" + (f": expected {description}" if description else "")
+    if error.validator == "enum":
+        return f"{instance} is not one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "type":
+        return f"{instance} is not of type {error.validator_value}"
+    if error.validator == "const":
+        return f"{instance} must be {error.validator_value!r}"
+    return error.message
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; expected one of: {', '.join(allowed)}"
