@@ -27,6 +27,7 @@ from .processors import (
     ProcessorRegistry,
     processor,
 )
+from .spec import SpecError, load
 
 __all__ = [
     "BeanQueue",
@@ -41,6 +42,7 @@ __all__ = [
     "LimitAttempt",
     "Processor",
     "ProcessorRegistry",
+    "SpecError",
     "Task",
     "TaskModelMixin",
     "TaskModelRefEventMixin",
@@ -53,6 +55,7 @@ __all__ = [
     "WorkerState",
     "enqueue",
     "enqueue_many",
+    "load",
     "models",
     "processor",
 ]

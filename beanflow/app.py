@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -11,7 +10,9 @@ from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
-from .config import Config
+from .config import Config, ConfigError, import_object
+from .engine.pool import ChannelPlan
+from .engine.schedules import Schedule
 from .models.task import Task, current_task, notify_channels
 from .processors.processor import ExceptionTypes, Processor
 from .processors.registry import ProcessorRegistry, processor
@@ -21,24 +22,32 @@ from .processors.retry import RetryPolicy
 class BeanQueue:
     """The application: what to run (its registry) and where (its database)."""
 
+    # the application of the last beanflow.load(): ``enqueue`` resolves names through it
+    default: BeanQueue | None = None
+
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config()
         self.registry = ProcessorRegistry()
+        # filled by a declarative spec (beanflow.load): processors by their declared name,
+        # cron schedules, and the worker pool's plan
+        self.names: dict[str, Processor] = {}
+        self.schedules: list[Schedule] = []
+        self.pool: list[ChannelPlan] = []
         self._scanned = False
 
     # ---- models and database ---------------------------------------------------------------
 
     @functools.cached_property
     def task_model(self) -> type:
-        return _import_object(self.config.TASK_MODEL, "TASK_MODEL")
+        return _model(self.config.TASK_MODEL, "TASK_MODEL")
 
     @functools.cached_property
     def worker_model(self) -> type:
-        return _import_object(self.config.WORKER_MODEL, "WORKER_MODEL")
+        return _model(self.config.WORKER_MODEL, "WORKER_MODEL")
 
     @functools.cached_property
     def event_model(self) -> type:
-        return _import_object(self.config.EVENT_MODEL, "EVENT_MODEL")
+        return _model(self.config.EVENT_MODEL, "EVENT_MODEL")
 
     @functools.cached_property
     def engine(self) -> Engine:
@@ -83,13 +92,24 @@ class BeanQueue:
             for processor in self.registry.processors.values():
                 if processor.task_model is None:
                     processor.task_model = self.task_model
-            self._scanned = True
+            self.mark_scanned()
         return self.registry
+
+    def mark_scanned(self) -> None:
+        """Record that PROCESSOR_PACKAGES were scanned (by the caller)."""
+        self._scanned = True
 
     def resolve(self, channel: str | None, name: str) -> Processor:
         """The processor called ``name`` (``function`` or ``module:function``), on ``channel``
         when given; raises LookupError saying what is wrong."""
         registry = self.load_processors()
+        declared = self.names.get(name)
+        if declared is not None and channel in (None, declared.channel):
+            return declared
+        if declared is not None:
+            raise LookupError(
+                f"processor {name!r} belongs to channel {declared.channel!r}, not {channel!r}"
+            )
         channels = [channel] if channel is not None else sorted(registry.channels())
         found = [p for c in channels for p in registry.find(c, name)]
         if len(found) == 1:
@@ -125,9 +145,19 @@ class BeanQueue:
         return TaskWorker(self, channels, burst=burst).run()
 
 
-def enqueue(session: Session, processor: Processor, /, **kwargs: Any) -> Any:
+def enqueue(session: Session, processor: Processor | str, /, **kwargs: Any) -> Any:
     """Add a task running ``processor(**kwargs)`` to ``session`` and return it; the caller
-    commits (the task becomes visible, and workers are notified, on commit)."""
+    commits (the task becomes visible, and workers are notified, on commit).
+
+    ``processor`` is a Processor, or the name of one in the last ``beanflow.load()``-ed file.
+    """
+    if isinstance(processor, str):
+        if BeanQueue.default is None:
+            raise LookupError(
+                f"cannot resolve {processor!r}: no beanflow.yaml was loaded "
+                "(call beanflow.load(path) first, or pass the processor)"
+            )
+        processor = BeanQueue.default.resolve(None, processor)
     task = processor.run(**kwargs)
     session.add(task)
     return task
@@ -162,9 +192,8 @@ def enqueue_many(
     return len(rows)
 
 
-def _import_object(path: str, setting: str) -> Any:
-    module_name, _, name = path.replace(":", ".").rpartition(".")
+def _model(path: str, setting: str) -> type:
     try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ImportError(f"{setting}={path!r} cannot be imported: {error}") from None
+        return import_object(path)
+    except ImportError as error:
+        raise ConfigError(f"{setting}={path!r}: {error}") from None

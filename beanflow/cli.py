@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -13,7 +12,7 @@ import click
 from sqlalchemy import exc
 
 from .app import BeanQueue
-from .config import ConfigError
+from .config import ConfigError, import_object
 
 logger = logging.getLogger("beanflow")
 
@@ -29,10 +28,9 @@ def load_app(path: str | None) -> BeanQueue:
     one configured from BEANFLOW_* environment variables."""
     if path is None:
         return BeanQueue()
-    module_name, _, attribute = path.replace(":", ".").rpartition(".")
     try:
-        app = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
+        app = import_object(path)
+    except ImportError as error:
         fail(f"--app {path!r} cannot be loaded: {error}")
     if not isinstance(app, BeanQueue):
         fail(f"--app {path!r} is a {type(app).__name__}, not a BeanQueue")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from collections.abc import Mapping
@@ -112,4 +113,24 @@ def _check(name: str, annotation: str, value: Any, source: str) -> Any:
         return value
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{source}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def import_object(path: str) -> Any:
+    """The object at ``package.module:attribute`` (or ``package.module.attribute``); raises
+    ImportError saying why not."""
+    if ":" not in path:
+        path = ":".join(path.rsplit(".", 1))
+    module_name, _, attribute = path.partition(":")
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"cannot import {module_name!r}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - the user's module failed while importing
+        message = f"importing {module_name!r} failed: {type(error).__name__}: {error}"
+        raise ImportError(message) from None
+    for part in attribute.split("."):
+        if not hasattr(value, part):
+            raise ImportError(f"{module_name!r} has no attribute {attribute!r}")
+        value = getattr(value, part)
     return value

@@ -1,0 +1,318 @@
+"""A validated spec → a BeanQueue: its registry, retry policies, schedules and pool plan.
+
+Compiling also checks what the schema cannot (imports resolve, references exist, names are
+unique, cron expressions and timezones parse, kwargs fit their function), and reports every
+problem it finds rather than stopping at the first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from sqlalchemy.engine import make_url
+
+from ..app import BeanQueue
+from ..config import Config, ConfigError, import_object
+from ..engine.pool import ChannelPlan
+from ..engine.schedules import Schedule
+from ..processors.processor import Processor
+from ..processors.retry import DelayRetry, ExponentialBackoffRetry, LimitAttempt, RetryPolicy
+from .load import Document, Path_, Problem
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)$")
+
+# worker: key → Config field (durations are converted to seconds)
+_WORKER_SETTINGS = {
+    "heartbeat_period": "WORKER_HEARTBEAT_PERIOD",
+    "heartbeat_timeout": "WORKER_HEARTBEAT_TIMEOUT",
+    "shutdown_grace_period": "SHUTDOWN_GRACE_PERIOD",
+    "batch_window": "BATCH_WINDOW",
+    "max_worker_crashes": "MAX_WORKER_CRASHES",
+    "events": "EVENTS",
+}
+
+
+def seconds(value: Any) -> float:
+    """``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"`` or a number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration such as 250ms, 30s, 5m or 1h")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+class _Compiler:
+    def __init__(self, document: Document, env: Mapping[str, str]) -> None:
+        self.document = document
+        self.data = document.data
+        self.env = env
+        self.problems: list[Problem] = []
+        self.policies: dict[str, tuple[RetryPolicy, tuple[type[BaseException], ...]] | None] = {}
+        self.declared: dict[tuple[str, str, str], str] = {}  # registry key → processors' name
+
+    def problem(self, path: Path_, message: str) -> None:
+        self.problems.append(self.document.problem(path, message))
+
+    def section(self, key: str) -> dict[str, Any]:
+        value = self.data.get(key)
+        return value if isinstance(value, dict) else {}
+
+    def compile(self) -> BeanQueue | None:
+        config = self.config()
+        if config is None:
+            return None
+        app = BeanQueue(config)
+        self.scan(app)
+        for name in self.section("retry_policies"):
+            self.named_policy(name, ())
+        self.processors(app)
+        self.channels(app)
+        self.schedules(app)
+        return app
+
+    def config(self) -> Config | None:
+        settings: dict[str, Any] = {}
+        if isinstance(self.data.get("database"), str) and self.data["database"].strip():
+            settings["DATABASE_URL"] = self.data["database"].strip()
+        if isinstance(self.data.get("embedded_dir"), str):
+            settings["EMBEDDED_DIR"] = self.data["embedded_dir"]
+        packages = self.data.get("packages")
+        if isinstance(packages, list) and all(isinstance(p, str) for p in packages):
+            settings["PROCESSOR_PACKAGES"] = packages
+        for key, value in self.section("worker").items():
+            field = _WORKER_SETTINGS.get(key)
+            if field is None:
+                continue
+            try:
+                settings[field] = (
+                    seconds(value) if key.endswith(("period", "timeout", "window")) else value
+                )
+            except ValueError as error:
+                self.problem(("worker", key), str(error))
+        try:
+            return Config(env=self.env, **settings)
+        except ConfigError as error:
+            self.problem(("worker",), str(error))
+            return None
+
+    def scan(self, app: BeanQueue) -> None:
+        for index, package in enumerate(app.config.PROCESSOR_PACKAGES):
+            try:
+                app.registry.scan([package])
+            except Exception as error:  # noqa: BLE001 - any failure of the user's import
+                self.problem(
+                    ("packages", index),
+                    f"cannot import {package!r}: {type(error).__name__}: {error}",
+                )
+        for processor in app.registry.processors.values():
+            processor.task_model = processor.task_model or app.task_model
+            app.names.setdefault(processor.name, processor)
+        app.mark_scanned()
+
+    def named_policy(
+        self, name: str, chain: tuple[str, ...]
+    ) -> tuple[RetryPolicy, tuple[type[BaseException], ...]] | None:
+        if name in chain:
+            cycle = " → ".join((*chain[chain.index(name) :], name))
+            self.problem(
+                ("retry_policies", chain[-1]),
+                f"retry policies refer to each other in a cycle: {cycle}",
+            )
+            return None
+        if name not in self.policies:
+            spec = self.section("retry_policies")[name]
+            self.policies[name] = self.policy(spec, ("retry_policies", name), (*chain, name))
+        return self.policies[name]
+
+    def policy(
+        self, spec: Any, path: Path_, chain: tuple[str, ...] = ()
+    ) -> tuple[RetryPolicy, tuple[type[BaseException], ...]] | None:
+        """A policy written inline or named; None when it has problems (already reported)."""
+        if isinstance(spec, str):
+            if spec not in self.section("retry_policies"):
+                declared = ", ".join(self.section("retry_policies")) or "none"
+                self.problem(path, f"no retry policy named {spec!r}; declared: {declared}")
+                return None
+            return self.named_policy(spec, chain)
+        if not isinstance(spec, dict):
+            return None
+        exceptions = self.exceptions(spec.get("exceptions"), (*path, "exceptions"))
+        try:
+            kind = spec.get("kind")
+            if kind == "delay":
+                return DelayRetry(timedelta(seconds=seconds(spec["delay"]))), exceptions
+            if kind == "exponential":
+                max_delay = spec.get("max_delay", "1h")
+                return ExponentialBackoffRetry(
+                    base=spec.get("base", 2.0),
+                    exponent_offset=spec.get("exponent_offset", 0.0),
+                    exponent_scalar=spec.get("exponent_scalar", 1.0),
+                    max_delay=timedelta(seconds=seconds(max_delay)),
+                    jitter=spec.get("jitter", 0.0),
+                ), exceptions
+            if kind == "limit":
+                inner = self.policy(spec.get("retry_policy"), (*path, "retry_policy"), chain)
+                if inner is None:
+                    return None
+                return LimitAttempt(spec["maximum_attempt"], inner[0]), exceptions or inner[1]
+        except (KeyError, TypeError, ValueError):
+            pass  # the schema has reported the shape
+        return None
+
+    def exceptions(self, paths: Any, where: Path_) -> tuple[type[BaseException], ...]:
+        found = []
+        for index, path in enumerate(paths if isinstance(paths, list) else []):
+            try:
+                value = import_object(str(path))
+            except ImportError as error:
+                self.problem((*where, index), str(error))
+                continue
+            if isinstance(value, type) and issubclass(value, BaseException):
+                found.append(value)
+            else:
+                self.problem((*where, index), f"{path!r} is not an exception class")
+        return tuple(found)
+
+    def processors(self, app: BeanQueue) -> None:
+        for name, spec in self.section("processors").items():
+            if not isinstance(spec, dict) or not isinstance(spec.get("function"), str):
+                continue
+            path: Path_ = ("processors", name)
+            try:
+                function = import_object(spec["function"])
+            except ImportError as error:
+                self.problem((*path, "function"), str(error))
+                continue
+            if isinstance(function, Processor):
+                function = function.func
+            if not callable(function):
+                self.problem((*path, "function"), f"{spec['function']!r} is not callable")
+                continue
+            policy = exceptions = None
+            if "retry_policy" in spec:
+                compiled = self.policy(spec["retry_policy"], (*path, "retry_policy"))
+                if compiled is not None:
+                    policy, exceptions = compiled[0], compiled[1] or None
+            try:
+                timeout = seconds(spec["timeout"]) if "timeout" in spec else None
+                processor = Processor(
+                    function,
+                    str(spec.get("channel")),
+                    retry_policy=policy,
+                    retry_exceptions=exceptions,
+                    auto_complete=spec.get("auto_complete", True),
+                    timeout=timeout,
+                    task_model=app.task_model,
+                )
+            except (TypeError, ValueError):
+                continue  # the schema has reported the shape
+            other = app.names.get(name)
+            if other is not None and other.func is not processor.func:
+                self.problem(
+                    path,
+                    f"the name {name!r} is also the processor "
+                    f"{other.module}:{other.name} found in packages",
+                )
+                continue
+            key = (processor.channel, processor.module, processor.name)
+            if key in self.declared:
+                self.problem(
+                    path,
+                    f"{spec['function']} on channel {processor.channel!r} is "
+                    f"already declared as {self.declared[key]!r}",
+                )
+                continue
+            self.declared[key] = name
+            app.registry.processors[key] = processor
+            app.names[name] = processor
+
+    def channels(self, app: BeanQueue) -> None:
+        served = app.registry.channels()
+        for channel, spec in self.section("channels").items():
+            if not isinstance(spec, dict):
+                continue
+            if channel not in served:
+                self.problem(
+                    ("channels", channel),
+                    f"no processor runs on channel {channel!r}"
+                    f"; processors' channels: {', '.join(sorted(served)) or 'none'}",
+                )
+            try:
+                poll = seconds(spec["poll_timeout"]) if "poll_timeout" in spec else None
+            except ValueError:
+                poll = None
+            app.pool.append(
+                ChannelPlan(channel, spec.get("workers", 1), spec.get("batch_size"), poll)
+            )
+        planned = {plan.channel for plan in app.pool}
+        app.pool.extend(ChannelPlan(channel) for channel in sorted(served - planned))
+
+    def schedules(self, app: BeanQueue) -> None:
+        for name, spec in self.section("schedules").items():
+            if not isinstance(spec, dict):
+                continue
+            path: Path_ = ("schedules", name)
+            processor = app.names.get(str(spec.get("processor")))
+            if processor is None:
+                declared = ", ".join(sorted(app.names)) or "none"
+                self.problem(
+                    (*path, "processor"),
+                    f"no processor named {spec.get('processor')!r}; declared: {declared}",
+                )
+            cron = str(spec.get("cron", ""))
+            if not croniter.is_valid(cron):
+                self.problem((*path, "cron"), f"{cron!r} is not a valid cron expression")
+            timezone = str(spec.get("timezone", "UTC"))
+            try:
+                ZoneInfo(timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                self.problem((*path, "timezone"), f"unknown timezone {timezone!r}")
+            kwargs = spec.get("kwargs", {})
+            if processor is not None:
+                try:
+                    processor.check_kwargs(kwargs)
+                except ValueError as error:
+                    self.problem((*path, "kwargs"), str(error))
+            if processor is not None and croniter.is_valid(cron):
+                app.schedules.append(
+                    Schedule(name, processor, cron, timezone, kwargs, spec.get("catch_up", 1))
+                )
+
+
+def compile_document(
+    document: Document, env: Mapping[str, str] | None = None
+) -> tuple[BeanQueue | None, list[Problem]]:
+    """Build the application a document declares; also returns every problem found."""
+    compiler = _Compiler(document, os.environ if env is None else env)
+    app = compiler.compile()
+    return app, sorted(set(compiler.problems))
+
+
+def describe(app: BeanQueue, file: str) -> str:
+    """One paragraph saying what a valid file declares."""
+    names = sorted(app.names)
+    channels = "; ".join(
+        f"{plan.channel} ({plan.workers} worker{'s' if plan.workers != 1 else ''}, batch "
+        f"{plan.batch_size or app.config.BATCH_SIZE})"
+        for plan in app.pool
+    )
+    schedules = ", ".join(f"{s.name} ({s.cron} {s.timezone})" for s in app.schedules)
+    database = (
+        "the embedded PostgreSQL"
+        if app.config.DATABASE_URL is None
+        else make_url(app.config.DATABASE_URL).render_as_string(hide_password=True)
+    )
+    return (
+        f"{file} is valid. It declares {len(names)} processor(s) ({', '.join(names) or 'none'})"
+        f" on {len(app.pool)} channel(s): {channels or 'none'}; "
+        f"{len(app.schedules)} schedule(s){': ' + schedules if schedules else ''}; "
+        f"database: {database}."
+    )
