@@ -63,12 +63,16 @@ class Supervisor:
         *,
         grace_period: float = 30.0,
         burst: bool = False,
+        due_channels: Callable[[], set[str]] | None = None,
     ) -> None:
         self.slots = [_Slot(plan, i) for plan in plans for i in range(plan.workers)]
         self.command = command
         self.scheduler = scheduler
         self.grace_period = grace_period
         self.burst = burst
+        # burst: which channels still have due tasks once every worker has exited (a task
+        # may have enqueued children on a channel whose worker had already finished)
+        self.due_channels = due_channels
         self.signals = 0
         self._wake_read, self._wake_write = os.pipe()
 
@@ -134,7 +138,13 @@ class Supervisor:
                 continue
             self._reap_and_restart()
             if self.burst and all(s.finished for s in self.slots):
-                return 0
+                channels = self.due_channels() if self.due_channels else set()
+                if not channels:
+                    return 0
+                for slot in self.slots:
+                    if slot.plan.channel in channels:
+                        slot.finished = False
+                        self._start(slot)
 
     def _reap_and_restart(self) -> None:
         now = time.monotonic()

@@ -256,6 +256,20 @@ class Queries:
         return select(func.extract("epoch", soonest - func.clock_timestamp()))
 
     @functools.cached_property
+    def due_channels(self) -> Executable:
+        """Which of :channels have a PENDING task due now (a burst run's "anything left?")."""
+        t = self.task
+        return (
+            select(t.c.channel)
+            .where(
+                t.c.state == PENDING,
+                t.c.channel == any_(bindparam("channels", type_=ARRAY(String))),
+                t.c.scheduled_at <= func.now(),
+            )
+            .distinct()
+        )
+
+    @functools.cached_property
     def heartbeat(self) -> Executable:
         """Record that :worker is alive; returns its state (not RUNNING once it was reaped)."""
         w = self.worker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from ..app import BeanQueue
@@ -23,7 +24,12 @@ class SpecError(ValueError):
 
 
 def check(path: str | os.PathLike[str]) -> tuple[BeanQueue | None, list[Problem]]:
-    """Load, validate and compile a spec file; every problem found, in file order."""
+    """Load, validate and compile a spec file; every problem found, in file order. The
+    file's folder is added to ``sys.path``, so processors may live beside it."""
+    # processors may live beside the file, as in the examples
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
     document, problems = load_document(path)
     if document is None:
         return None, problems

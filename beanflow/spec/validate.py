@@ -50,8 +50,15 @@ def _explain(document: Document, error: jsonschema.ValidationError) -> list[Prob
         deepest = max(error.context, key=lambda e: len(e.absolute_path))
         if len(deepest.absolute_path) > len(error.absolute_path):
             return _explain(document, deepest)
-        if all(e.validator in ("type", "pattern") for e in error.context):
-            return [document.problem(path, _short(error.instance) + " is not a valid value here")]
+        if all(e.validator in ("type", "pattern", "minimum") for e in error.context):
+            expected = error.schema.get("description", "a valid value")
+            return [
+                document.problem(
+                    path,
+                    f"{_short(error.instance)} is not {expected[0].lower()}"
+                    f"{expected[1:].rstrip('.')}",
+                )
+            ]
     if error.validator == "if":
         return []
     if error.validator == "required":

@@ -8,34 +8,23 @@ PostgreSQL in ./.beanflow/ and stops it when this script exits.
 
 from __future__ import annotations
 
-import datetime
 import logging
+from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 import beanflow as bq
-
-app = bq.BeanQueue()
-retry_now = bq.LimitAttempt(3, bq.DelayRetry(delay=datetime.timedelta(seconds=0)))
-
-
-@app.processor(channel="quickstart", retry_policy=retry_now)
-def greet(db: Session, task: bq.Task, name: str) -> str:
-    if name == "flaky" and task.attempts == 1:
-        raise ConnectionError("the first attempt fails; the retry policy tries again")
-    if name == "parent":
-        bq.enqueue(db, greet, name="child")  # becomes this task's child, in its transaction
-    return f"hello, {name}"
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(message)s")
+    app = bq.load(Path(__file__).with_name("beanflow.yaml"))
     app.create_tables()
     with app.session_factory() as session:
-        submitted = [bq.enqueue(session, greet, name=name) for name in ("world", "flaky", "parent")]
+        names = ("world", "flaky", "parent")
+        submitted = [bq.enqueue(session, "greet", name=name) for name in names]
         session.commit()
-        print(f"submitted {len(submitted)} tasks")
+        print(f"submitted {len(submitted)} tasks", flush=True)
 
         app.process_tasks(["quickstart"], burst=True)
 
