@@ -351,3 +351,25 @@ def test_claim_takes_batch_size_in_schedule_order(app, session):
     )
     worker._shut_down()  # returns what it holds
     assert session.scalar(text("SELECT count(*) FROM beanflow_tasks WHERE state = 'PENDING'")) == 5
+
+
+def test_a_failed_flush_fails_only_its_task(app, session, effects):
+    @app.processor(channel="default")
+    def duplicate(db, key: str) -> None:
+        db.add(effects(key=key))
+        db.add(effects(key=key))  # IntegrityError when flushed
+
+    @app.processor(channel="default")
+    def fine(db, key: str) -> None:
+        db.add(effects(key=key))
+
+    bad = bq.enqueue(session, duplicate, key="dup")
+    good = bq.enqueue(session, fine, key="ok")
+    session.commit()
+    drain(app)
+
+    session.refresh(bad)
+    session.refresh(good)
+    assert bad.state == TaskState.FAILED and "IntegrityError" in bad.error_message
+    assert good.state == TaskState.DONE
+    assert session.scalars(select(effects.key)).all() == ["ok"]

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -46,14 +46,11 @@ class Schedule:
 
     def recent_ticks(self, now: datetime, count: int) -> list[datetime]:
         """The ``count`` most recent ticks at or before ``now``, oldest first."""
-        local = now.astimezone(ZoneInfo(self.timezone))
+        # croniter's get_prev is strictly before its start: start just after ``now`` so that
+        # a tick falling exactly on ``now`` counts
+        local = (now + timedelta(microseconds=1)).astimezone(ZoneInfo(self.timezone))
         iterator = croniter(self.cron, local)
-        ticks = []
-        if croniter.match(self.cron, local):
-            ticks.append(local)
-        while len(ticks) < count:
-            ticks.append(iterator.get_prev(datetime))
-        return sorted(ticks[:count])
+        return sorted(iterator.get_prev(datetime) for _ in range(count))
 
     def unique_key(self, tick: datetime) -> str:
         return f"schedule:{self.name}:{tick.astimezone(timezone.utc).isoformat()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -338,15 +339,13 @@ class TaskWorker:
             if processor.auto_complete:
                 result = _json_ready(result)
         except GraceExceeded:
-            if savepoint.is_active:
-                savepoint.rollback()
+            _undo(savepoint)
             logger.warning(
                 "task %s interrupted: grace period exceeded, returned to the queue", task.id
             )
             raise
         except BaseException as error:  # noqa: BLE001 - a task's failure is data, not a crash
-            if savepoint.is_active:
-                savepoint.rollback()
+            _undo(savepoint)
             self._record_failure(session, task, processor, error)
             return
         duration = time.monotonic() - started
@@ -360,8 +359,7 @@ class TaskWorker:
                 },
             ).first()
             if done is None:
-                if savepoint.is_active:
-                    savepoint.rollback()
+                _undo(savepoint)
                 logger.warning(
                     "task %s finished after it was taken from this worker; its "
                     "result and changes were discarded",
@@ -476,6 +474,13 @@ class TaskWorker:
                     )
             except exc.DBAPIError as error:
                 logger.warning("worker %s heartbeat failed: %s", self.id, _first_line(error))
+
+
+def _undo(savepoint: Any) -> None:
+    """Roll a task's savepoint back, unless the task already did (or a failed flush did: the
+    savepoint is then inactive but still to be rolled back)."""
+    with contextlib.suppress(exc.ResourceClosedError):
+        savepoint.rollback()
 
 
 def _json_ready(result: Any) -> Any:

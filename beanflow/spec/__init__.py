@@ -12,7 +12,7 @@ from .load import Problem
 from .load import load as load_document
 from .validate import validate
 
-__all__ = ["Problem", "SpecError", "check", "describe", "load"]
+__all__ = ["Problem", "SpecError", "check", "describe", "load", "load_document"]
 
 
 class SpecError(ValueError):

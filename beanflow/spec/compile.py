@@ -7,6 +7,7 @@ problem it finds rather than stopping at the first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -91,12 +92,10 @@ class _Compiler:
             field = _WORKER_SETTINGS.get(key)
             if field is None:
                 continue
-            try:
+            with contextlib.suppress(ValueError):  # the schema has reported it
                 settings[field] = (
                     seconds(value) if key.endswith(("period", "timeout", "window")) else value
                 )
-            except ValueError as error:
-                self.problem(("worker", key), str(error))
         try:
             return Config(env=self.env, **settings)
         except ConfigError as error:

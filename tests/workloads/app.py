@@ -57,3 +57,15 @@ def spin() -> None:
     """Never returns on its own: only its timeout ends it."""
     while True:
         pass
+
+
+@app.processor(channel="work")
+def slow_once(flag: str) -> str:
+    """The first run says it started (a file holding its pid) and never ends; later runs
+    return at once."""
+    path = Path(flag)
+    if path.exists():
+        return "second run"
+    path.write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.01)

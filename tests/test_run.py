@@ -1,0 +1,291 @@
+"""`beanflow run` (supervisor, workers, cron) and `submit --config`, with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+
+import beanflow as bq
+from beanflow.models import TaskState
+
+from .helpers import ROOT, wait_for
+from .workloads import app as workloads
+from .workloads.app import UserBase
+
+SPEC = """\
+version: 1
+database: ${TEST_DB_URL}
+processors:
+  echo: {function: 'tests.workloads.app:echo', channel: work}
+  slow_effect: {function: 'tests.workloads.app:slow_effect', channel: work}
+  slow_once: {function: 'tests.workloads.app:slow_once', channel: work}
+channels:
+  work: {workers: 1}
+worker:
+  heartbeat_period: 200ms
+  heartbeat_timeout: 2s
+  shutdown_grace_period: 60s
+"""
+
+CRON = (
+    SPEC
+    + """\
+schedules:
+  tick:
+    processor: echo
+    cron: "* * * * * *"
+    kwargs: {value: tick}
+    catch_up: 1
+"""
+)
+
+
+class Runs:
+    def __init__(self, db_url: str, folder: Path) -> None:
+        self.db_url = db_url
+        self.folder = folder
+        self.processes: list[subprocess.Popen] = []
+
+    def spec(self, text_: str = SPEC) -> Path:
+        path = self.folder / "beanflow.yaml"
+        path.write_text(textwrap.dedent(text_))
+        return path
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
+        return env | {"TEST_DB_URL": self.db_url, "PYTHONPATH": str(ROOT)}
+
+    def start(self, *arguments: str) -> subprocess.Popen:
+        log = open(self.folder / f"run-{len(self.processes)}.log", "w")  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, "-m", "beanflow", *arguments],
+            cwd=ROOT,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        process.log_path = log.name  # type: ignore[attr-defined]
+        self.processes.append(process)
+        return process
+
+    def run(self, *arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "beanflow", *arguments],
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    @staticmethod
+    def output(process: subprocess.Popen) -> str:
+        return Path(process.log_path).read_text()  # type: ignore[attr-defined]
+
+    def kill_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+        # the supervisors' workers
+        subprocess.run(["pkill", "-9", "-f", f"run {self.folder}"], check=False)
+
+
+@pytest.fixture
+def runs(app, db_url, tmp_path):
+    UserBase.metadata.create_all(app.engine)  # the effects table
+    runs = Runs(db_url, tmp_path)
+    yield runs
+    runs.kill_all()
+
+
+def state_of(session, task_id) -> TaskState:
+    session.expire_all()
+    return session.get(bq.Task, task_id).state
+
+
+def enqueue(session, processor, **kwargs):
+    task = bq.enqueue(session, processor, **kwargs)
+    session.commit()
+    return task.id
+
+
+def test_burst_runs_a_pipeline_to_the_end_and_logs_json(runs, session, db_url):
+    """The orders example: a charge enqueues a receipt on another channel; --burst exits only
+    when nothing is due on any channel."""
+    env = runs.env() | {"SHOP_DATABASE_URL": db_url}
+    placed = subprocess.run(
+        [sys.executable, "examples/orders/place_orders.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert placed.returncode == 0, placed.stderr
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "beanflow",
+            "--log-format",
+            "json",
+            "run",
+            "examples/orders/beanflow.yaml",
+            "--burst",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {"time", "level", "logger", "pid", "message"} <= set(lines[0])
+    assert any("shop.charge done in" in line["message"] for line in lines)
+
+    rows = session.execute(
+        text("SELECT customer, status, receipt_sent FROM orders ORDER BY id")
+    ).all()
+    assert [tuple(r) for r in rows] == [
+        ("ada", "charged", True),
+        ("grace", "charged", True),
+        ("linus", "placed", False),
+    ]
+    states = session.execute(
+        text("SELECT name, state, count(*) FROM beanflow_tasks GROUP BY 1, 2 ORDER BY 1, 2")
+    ).all()
+    assert [tuple(r) for r in states] == [
+        ("charge", "DONE", 2),
+        ("charge", "FAILED", 1),
+        ("send_receipt", "DONE", 2),
+    ]
+    receipts = session.execute(
+        text(
+            "SELECT count(*) FROM beanflow_tasks c JOIN beanflow_tasks p ON c.parent_id = p.id "
+            "WHERE c.name = 'send_receipt' AND p.name = 'charge'"
+        )
+    ).scalar()
+    assert receipts == 2
+
+
+def test_sigterm_drains_the_running_task(runs, session, tmp_path):
+    flag = tmp_path / "started"
+    task_id = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=1.0)
+    supervisor = runs.start("run", str(runs.spec()))
+    wait_for(flag.exists, "the task to start")
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(60) == 0
+    assert state_of(session, task_id) == TaskState.DONE
+    assert "all workers stopped" in runs.output(supervisor)
+
+
+def test_second_signal_stops_at_once(runs, session, tmp_path):
+    flag = tmp_path / "started"
+    task_id = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=3600)
+    supervisor = runs.start("run", str(runs.spec()))
+    wait_for(flag.exists, "the task to start")
+    supervisor.send_signal(signal.SIGTERM)
+    wait_for(lambda: "stopping; workers finish" in runs.output(supervisor), "the drain")
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(60) == 0
+    assert state_of(session, task_id) == TaskState.PENDING  # rolled back, back in the queue
+
+
+def test_killed_worker_is_restarted_and_its_task_completes(runs, session, tmp_path):
+    flag = tmp_path / "started"
+    task_id = enqueue(session, workloads.slow_once, flag=str(flag))
+    supervisor = runs.start("run", str(runs.spec()))
+    wait_for(flag.exists, "the task to start")
+    os.kill(int(flag.read_text()), signal.SIGKILL)
+    wait_for(lambda: state_of(session, task_id) == TaskState.DONE, "the task to be redone")
+    session.expire_all()
+    task = session.get(bq.Task, task_id)
+    assert (task.result, task.attempts, task.crash_count) == ("second run", 2, 1)
+    assert "was killed by SIGKILL" in runs.output(supervisor)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(60) == 0
+
+
+def test_three_supervisors_enqueue_each_cron_tick_once(runs, session):
+    path = runs.spec(CRON)
+    supervisors = [runs.start("run", str(path)) for _ in range(3)]
+
+    def ticks() -> int:
+        return session.execute(
+            text("SELECT count(DISTINCT unique_key) FROM beanflow_tasks")
+        ).scalar()
+
+    wait_for(lambda: ticks() >= 5, "five cron ticks")
+    for supervisor in supervisors:
+        supervisor.send_signal(signal.SIGTERM)
+    for supervisor in supervisors:
+        assert supervisor.wait(60) == 0
+    rows = session.execute(
+        text("SELECT unique_key, scheduled_at FROM beanflow_tasks ORDER BY scheduled_at")
+    ).all()
+    keys = [row.unique_key for row in rows]
+    assert len(keys) == len(set(keys)) >= 5  # each tick exactly once
+    seconds = [row.scheduled_at.timestamp() for row in rows]
+    assert seconds == [seconds[0] + n for n in range(len(seconds))]  # no tick missed
+    assert all(k.startswith("schedule:tick:") for k in keys)
+
+
+def test_run_without_tables_says_so(runs, empty_db_url):
+    runs.db_url = empty_db_url
+    result = runs.run("run", str(runs.spec()), "--burst")
+    assert result.returncode == 1
+    assert (
+        "beanflow's tables do not exist in this database; run again with --create-tables"
+        in result.stderr
+    )
+    created = runs.run("run", str(runs.spec()), "--burst", "--create-tables")
+    assert created.returncode == 0, created.stderr
+
+
+def test_invalid_file_starts_nothing(runs):
+    path = runs.spec(SPEC.replace("channel: work}", "channel: work, retries: 3}", 1))
+    result = runs.run("run", str(path))
+    assert result.returncode == 1
+    assert f"{path}:4:63: processors.echo.retries: unknown key" in result.stderr
+
+
+def test_submit_with_config(runs, session):
+    path = str(runs.spec())
+    bad = runs.run("submit", "work", "echo", "--config", path, "-k", '{"nope": 1}')
+    assert bad.returncode == 2
+    assert (
+        bad.stderr == "Error: kwargs do not fit echo(value): missing a required argument: 'value'\n"
+    )
+    assert session.scalar(select(func.count()).select_from(bq.Task)) == 0
+
+    good = runs.run("submit", "work", "echo", "--config", path, "-k", '{"value": 1}', "--in", "1h")
+    assert good.returncode == 0, good.stderr
+    task = session.get(bq.Task, good.stdout.strip())
+    in_an_hour = session.scalar(text("SELECT now() + interval '1 hour'"))
+    assert abs((task.scheduled_at - in_an_hour).total_seconds()) < 60
+
+    at = runs.run(
+        "submit",
+        "work",
+        "echo",
+        "--config",
+        path,
+        "-k",
+        '{"value": 2}',
+        "--at",
+        "2030-01-02T03:04:05+00:00",
+    )
+    assert at.returncode == 0, at.stderr
+    assert session.get(bq.Task, at.stdout.strip()).scheduled_at.year == 2030
+    wrong = runs.run("submit", "work", "echo", "--config", path, "--at", "tomorrow")
+    assert wrong.returncode == 2 and "--at 'tomorrow' is not an ISO 8601 time" in wrong.stderr

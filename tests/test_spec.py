@@ -1,0 +1,390 @@
+"""beanflow.yaml: loading, schema and semantic validation, interpolation, compilation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import timedelta
+
+import pytest
+
+import beanflow as bq
+from beanflow import spec
+from beanflow.spec.compile import seconds
+
+from .helpers import ROOT
+
+VALID = """\
+version: 1
+database: ${TEST_DB_URL:-}
+retry_policies:
+  quick: {kind: delay, delay: 250ms}
+  backoff:
+    kind: exponential
+    base: 3
+    max_delay: 1m
+    jitter: 0.5
+    exceptions: [builtins.ConnectionError]
+  capped: {kind: limit, maximum_attempt: 4, retry_policy: backoff}
+processors:
+  echo:
+    function: tests.workloads.app:echo
+    channel: work
+    retry_policy: capped
+    timeout: 2s
+  effect:
+    function: tests.workloads.app:write_effect
+    channel: work
+    retry_policy: {kind: delay, delay: 1s}
+    auto_complete: true
+channels:
+  work:
+    workers: ${WORKERS:-2}
+    batch_size: 5
+    poll_timeout: 30s
+schedules:
+  every_second:
+    processor: echo
+    cron: "* * * * * *"
+    timezone: Europe/Paris
+    kwargs: {value: 1}
+    catch_up: 2
+worker:
+  heartbeat_period: 5s
+  heartbeat_timeout: 1m
+  shutdown_grace_period: 10s
+  batch_window: 500ms
+  max_worker_crashes: 2
+  events: false
+"""
+
+
+def write(tmp_path, text: str, name: str = "beanflow.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(tmp_path, text: str) -> list[str]:
+    """The problems of a file, without the file name: ``LINE:COL: key.path: message``."""
+    path = write(tmp_path, text)
+    app, problems = spec.check(path)
+    assert (app is None) == bool(problems)
+    return [str(p).removeprefix(f"{path}:") for p in problems]
+
+
+def test_valid_file_compiles_to_the_engines_objects(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_DB_URL", "postgresql://u:secret@db.example:5432/shop")
+    app, problems = spec.check(write(tmp_path, VALID))
+    assert problems == []
+    assert app.config.DATABASE_URL == "postgresql://u:secret@db.example:5432/shop"
+    assert (app.config.WORKER_HEARTBEAT_PERIOD, app.config.WORKER_HEARTBEAT_TIMEOUT) == (5, 60)
+    assert (app.config.SHUTDOWN_GRACE_PERIOD, app.config.BATCH_WINDOW) == (10, 0.5)
+    assert (app.config.MAX_WORKER_CRASHES, app.config.EVENTS) == (2, False)
+
+    echo = app.names["echo"]
+    assert (echo.channel, echo.module, echo.name, echo.timeout) == (
+        "work",
+        "tests.workloads.app",
+        "echo",
+        2.0,
+    )
+    assert isinstance(echo.retry_policy, bq.LimitAttempt)
+    assert echo.retry_policy.maximum_attempt == 4
+    backoff = echo.retry_policy.retry_policy
+    assert isinstance(backoff, bq.ExponentialBackoffRetry)
+    assert (backoff.base, backoff.max_delay, backoff.jitter) == (3, timedelta(minutes=1), 0.5)
+    assert echo.retry_exceptions == (ConnectionError,)
+    assert app.registry.get("work", "tests.workloads.app", "echo") is echo
+    assert app.names["effect"].retry_policy.delay == timedelta(seconds=1)
+
+    [plan] = app.pool
+    assert (plan.channel, plan.workers, plan.batch_size, plan.poll_timeout) == ("work", 2, 5, 30.0)
+    [schedule] = app.schedules
+    assert (schedule.name, schedule.processor, schedule.cron, schedule.timezone) == (
+        "every_second",
+        echo,
+        "* * * * * *",
+        "Europe/Paris",
+    )
+    assert (schedule.kwargs, schedule.catch_up) == ({"value": 1}, 2)
+
+
+def test_interpolation_types_plain_scalars_and_keeps_quoted_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKERS", "7")
+    app, _ = spec.check(write(tmp_path, VALID))
+    assert app.pool[0].workers == 7
+    document, problems = spec.load_document(write(tmp_path, 'a: "${WORKERS}"\nb: x-${WORKERS}\n'))
+    assert problems == [] and document.data == {"a": "7", "b": "x-7"}
+
+
+def test_validate_prints_a_summary_without_the_password(tmp_path):
+    path = write(tmp_path, VALID)
+    env = dict(
+        os.environ, TEST_DB_URL="postgresql://u:secret@db.example/shop", PYTHONPATH=str(ROOT)
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "beanflow", "validate", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        f"{path} is valid. It declares 2 processor(s) (echo, "
+        "effect) on 1 channel(s): work (2 workers, batch 5)"
+    )
+    assert "secret" not in result.stdout and "***" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("procesors: {}\n", ["1:1: procesors: unknown key (did you mean 'processors'?)"]),
+        ("version: 2\n", ["1:1: version: 2 must be 1"]),
+        (
+            "processors:\n  p: {function: tests.workloads.app:echo}\n",
+            ["2:3: processors.p: 'channel' is required"],
+        ),
+        (
+            "processors:\n  p:\n    function: tests.workloads.app.echo\n    channel: c\n",
+            [
+                '3:5: processors.p.function: "tests.workloads.app.echo" is not valid: expected '
+                "package.module:attribute"
+            ],
+        ),
+        (
+            "processors:\n  p:\n    function: tests.workloads.app:nope\n    channel: c\n",
+            ["3:5: processors.p.function: 'tests.workloads.app' has no attribute 'nope'"],
+        ),
+        (
+            "processors:\n  p:\n    function: nowhere.at_all:f\n    channel: c\n",
+            [
+                "3:5: processors.p.function: cannot import 'nowhere.at_all': No module named "
+                "'nowhere'"
+            ],
+        ),
+        (
+            "processors:\n  p:\n    function: beanflow.config:ENV_PREFIX\n    channel: c\n",
+            ["3:5: processors.p.function: 'beanflow.config:ENV_PREFIX' is not callable"],
+        ),
+        (
+            "processors:\n  p:\n    function: tests.workloads.app:echo\n    channel: work\n"
+            "    retry_policy: nope\n",
+            ["5:5: processors.p.retry_policy: no retry policy named 'nope'; declared: none"],
+        ),
+        (
+            "retry_policies:\n  a: {kind: limit, maximum_attempt: 2, retry_policy: b}\n"
+            "  b: {kind: limit, maximum_attempt: 2, retry_policy: a}\n",
+            ["3:3: retry_policies.b: retry policies refer to each other in a cycle: a → b → a"],
+        ),
+        (
+            "retry_policies:\n  a:\n    kind: delay\n    delay: 1s\n"
+            "    exceptions: [builtins.dict, x.y.Z]\n",
+            [
+                "5:18: retry_policies.a.exceptions[0]: 'builtins.dict' is not an exception class",
+                "5:33: retry_policies.a.exceptions[1]: cannot import 'x.y': No module named 'x'",
+            ],
+        ),
+        (
+            "retry_policies:\n  a: {kind: delay, delay: 5 minutes}\n",
+            [
+                '2:20: retry_policies.a.delay: "5 minutes" is not a duration such as 250ms, 30s, '
+                "5m, 1h or 1d (a bare number is seconds)"
+            ],
+        ),
+        (
+            "retry_policies:\n  a: {kind: delay}\n",
+            ["2:3: retry_policies.a: 'delay' is required"],
+        ),
+        (
+            "retry_policies:\n  a: {kind: sometimes}\n",
+            ['2:7: retry_policies.a.kind: "sometimes" is not one of delay, exponential, limit'],
+        ),
+        (
+            "retry_policies:\n  a: {kind: exponential, jitter: 2, delay: 1s}\n",
+            [
+                "2:26: retry_policies.a.jitter: 2 is greater than the maximum of 1",
+                "2:37: retry_policies.a.delay: unknown key (did you mean 'max_delay'?)",
+            ],
+        ),
+        (
+            "channels:\n  work: {workers: -1}\n",
+            [
+                "2:3: channels.work: no processor runs on channel 'work'; processors' channels: "
+                "none",
+                "2:10: channels.work.workers: -1 is less than the minimum of 0",
+            ],
+        ),
+        (
+            "processors:\n  p: {function: 'tests.workloads.app:echo', channel: work}\n"
+            "schedules:\n  s:\n    processor: q\n    cron: '61 * * * *'\n"
+            "    timezone: Mars/Olympus\n",
+            [
+                "5:5: schedules.s.processor: no processor named 'q'; declared: p",
+                "6:5: schedules.s.cron: '61 * * * *' is not a valid cron expression",
+                "7:5: schedules.s.timezone: unknown timezone 'Mars/Olympus'",
+            ],
+        ),
+        (
+            "processors:\n  p: {function: 'tests.workloads.app:echo', channel: work}\n"
+            "schedules:\n  s:\n    processor: p\n    cron: '* * * * *'\n"
+            "    kwargs: {wrong: 1}\n",
+            [
+                "7:5: schedules.s.kwargs: kwargs do not fit echo(value): missing a required "
+                "argument: 'value'"
+            ],
+        ),
+        (
+            "processors:\n  p: {function: 'tests.workloads.app:echo', channel: work}\n"
+            "  q: {function: 'tests.workloads.app:echo', channel: work}\n",
+            [
+                "3:3: processors.q: tests.workloads.app:echo on channel 'work' is already "
+                "declared as 'p'"
+            ],
+        ),
+        (
+            "packages: [tests.workloads.app]\n"
+            "processors:\n  echo: {function: 'tests.workloads.app:spin', channel: work}\n",
+            [
+                "3:3: processors.echo: the name 'echo' is also the processor "
+                "tests.workloads.app:echo found in packages"
+            ],
+        ),
+        (
+            "packages: [nowhere_pkg]\n",
+            [
+                "1:12: packages[0]: cannot import 'nowhere_pkg': "
+                "ModuleNotFoundError: No module named 'nowhere_pkg'"
+            ],
+        ),
+        (
+            "database: ${SURELY_UNSET_VARIABLE}\n",
+            [
+                "1:11: database: environment variable SURELY_UNSET_VARIABLE is not set (write "
+                "${SURELY_UNSET_VARIABLE:-default} to give a default)"
+            ],
+        ),
+        (
+            "worker: {heartbeat_period: soon}\n",
+            [
+                '1:10: worker.heartbeat_period: "soon" is not a duration such as 250ms, 30s, '
+                "5m, 1h or 1d (a bare number is seconds)"
+            ],
+        ),
+        (
+            "a: 1\na: 2\nversion: 1\n",
+            [
+                "2:1: a: duplicate key (it is already set above)",
+                "1:1: a: unknown key; expected one of: version, database,"
+                " embedded_dir, packages, processors, retry_policies, "
+                "channels, schedules, worker",
+            ],
+        ),
+        ("processors: [1\n", ["2:1: invalid YAML: expected ',' or ']', but got '<stream end>'"]),
+        ("", ["1:1: the file is empty"]),
+        (
+            "- a\n- b\n",
+            ["1:1: the top level must be a mapping of keys (database, processors, channels, …)"],
+        ),
+    ],
+)
+def test_every_mistake_is_reported_with_its_place(tmp_path, text, expected):
+    assert sorted(problems_of(tmp_path, text)) == sorted(expected)
+
+
+def test_missing_file(tmp_path):
+    _, problems = spec.check(tmp_path / "absent.yaml")
+    assert [str(p) for p in problems] == [f"{tmp_path / 'absent.yaml'}:1:1: no such file"]
+
+
+def test_validate_reports_every_problem_at_once_and_exits_1(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        version: 1
+        procesors: {}
+        retry_policies:
+          quick: {kind: delay, delay: soon}
+        processors:
+          p: {function: 'tests.workloads.app:nope', channel: work, retry_policy: slow}
+        channels:
+          work: {workers: many}
+        schedules:
+          s: {processor: p, cron: 'every day', timezone: Nowhere/City}
+        """,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "beanflow", "validate", str(path)],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"{path}: {len(lines) - 1} problem(s)"
+    assert len(lines) - 1 >= 7
+    assert all(line.startswith(f"{path}:") for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_load_makes_names_resolvable_by_enqueue(tmp_path, session):
+    app = bq.load(write(tmp_path, VALID))
+    task = bq.enqueue(session, "echo", value=3)
+    assert (task.channel, task.name, task.kwargs) == ("work", "echo", {"value": 3})
+    with pytest.raises(ValueError, match="kwargs do not fit echo"):
+        bq.enqueue(session, "echo", nonsense=1)
+    with pytest.raises(LookupError, match="no processor named 'nope'"):
+        bq.enqueue(session, "nope")
+    assert bq.BeanQueue.default is app
+
+
+def test_load_raises_with_every_problem(tmp_path):
+    with pytest.raises(bq.SpecError) as raised:
+        bq.load(write(tmp_path, "version: 3\nextra: 1\n"))
+    assert len(raised.value.problems) == 2
+
+
+def test_durations():
+    assert [seconds(v) for v in ("250ms", "30s", "5m", "1h", "1d", 2, 0.5)] == [
+        0.25,
+        30,
+        300,
+        3600,
+        86400,
+        2,
+        0.5,
+    ]
+
+
+def test_shipped_examples_are_valid():
+    for path in (
+        ROOT / "beanflow.yaml.example",
+        ROOT / "examples/orders/beanflow.yaml",
+        ROOT / "examples/quickstart/beanflow.yaml",
+    ):
+        _, problems = spec.check(path)
+        assert problems == [], path
+        assert path.read_text().startswith("# yaml-language-server: $schema=")
+
+
+def test_schedule_ticks_fall_on_the_cron_boundaries():
+    from datetime import datetime, timezone
+
+    from beanflow.engine.schedules import Schedule
+
+    every_second = Schedule("s", None, "* * * * * *")
+    now = datetime(2026, 1, 1, 12, 0, 0, 500000, tzinfo=timezone.utc)
+    assert [t.isoformat() for t in every_second.recent_ticks(now, 2)] == [
+        "2026-01-01T11:59:59+00:00",
+        "2026-01-01T12:00:00+00:00",
+    ]
+    assert every_second.next_tick(now).isoformat() == "2026-01-01T12:00:01+00:00"
+    hourly_paris = Schedule("h", None, "0 * * * *", "Europe/Paris")
+    on_the_hour = datetime(2026, 1, 1, 11, 0, 0, tzinfo=timezone.utc)
+    assert hourly_paris.recent_ticks(on_the_hour, 1)[0] == on_the_hour
+    assert hourly_paris.recent_ticks(on_the_hour, 0) == []
