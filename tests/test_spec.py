@@ -327,8 +327,17 @@ def test_validate_reports_every_problem_at_once_and_exits_1(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[-1] == f"{path}: {len(lines) - 1} problem(s)"
-    assert len(lines) - 1 >= 7
     assert all(line.startswith(f"{path}:") for line in lines)
+    keys = [line.removeprefix(f"{path}:").split(": ")[1] for line in lines[:-1]]
+    assert keys == [
+        "procesors",
+        "retry_policies.quick.delay",
+        "processors.p.function",
+        "processors.p.retry_policy",
+        "channels.work.workers",
+        "schedules.s.cron",
+        "schedules.s.timezone",
+    ]
     assert "Traceback" not in result.stderr
 
 

@@ -185,6 +185,11 @@ class _Compiler:
             if not isinstance(spec, dict) or not isinstance(spec.get("function"), str):
                 continue
             path: Path_ = ("processors", name)
+            policy = exceptions = None
+            if "retry_policy" in spec:
+                compiled = self.policy(spec["retry_policy"], (*path, "retry_policy"))
+                if compiled is not None:
+                    policy, exceptions = compiled[0], compiled[1] or None
             try:
                 function = import_object(spec["function"])
             except ImportError as error:
@@ -195,13 +200,11 @@ class _Compiler:
             if not callable(function):
                 self.problem((*path, "function"), f"{spec['function']!r} is not callable")
                 continue
-            policy = exceptions = None
-            if "retry_policy" in spec:
-                compiled = self.policy(spec["retry_policy"], (*path, "retry_policy"))
-                if compiled is not None:
-                    policy, exceptions = compiled[0], compiled[1] or None
             try:
                 timeout = seconds(spec["timeout"]) if "timeout" in spec else None
+            except ValueError:
+                timeout = None  # the schema has reported it
+            try:
                 processor = Processor(
                     function,
                     str(spec.get("channel")),
@@ -233,8 +236,17 @@ class _Compiler:
             app.registry.processors[key] = processor
             app.names[name] = processor
 
+    def declared_processors(self) -> dict[str, str]:
+        """Declared processor names → their channel, including those that failed to compile
+        (so that what refers to them is not reported again)."""
+        return {
+            name: str(spec.get("channel"))
+            for name, spec in self.section("processors").items()
+            if isinstance(spec, dict)
+        }
+
     def channels(self, app: BeanQueue) -> None:
-        served = app.registry.channels()
+        served = app.registry.channels() | set(self.declared_processors().values())
         for channel, spec in self.section("channels").items():
             if not isinstance(spec, dict):
                 continue
@@ -252,7 +264,7 @@ class _Compiler:
                 ChannelPlan(channel, spec.get("workers", 1), spec.get("batch_size"), poll)
             )
         planned = {plan.channel for plan in app.pool}
-        app.pool.extend(ChannelPlan(channel) for channel in sorted(served - planned))
+        app.pool.extend(ChannelPlan(c) for c in sorted(app.registry.channels() - planned))
 
     def schedules(self, app: BeanQueue) -> None:
         for name, spec in self.section("schedules").items():
@@ -260,8 +272,9 @@ class _Compiler:
                 continue
             path: Path_ = ("schedules", name)
             processor = app.names.get(str(spec.get("processor")))
-            if processor is None:
-                declared = ", ".join(sorted(app.names)) or "none"
+            known = set(app.names) | set(self.declared_processors())
+            if str(spec.get("processor")) not in known:
+                declared = ", ".join(sorted(known)) or "none"
                 self.problem(
                     (*path, "processor"),
                     f"no processor named {spec.get('processor')!r}; declared: {declared}",
