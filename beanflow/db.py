@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import sessionmaker
 
 from . import embedded
@@ -28,3 +28,73 @@ def make_engine(config: Config) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker:
     return sessionmaker(bind=engine)
+
+
+_QUEUED = "beanflow_queued_statements"
+
+
+def send_with_next_statement(connection: Connection, statement: str) -> None:
+    """Queue a statement that returns nothing (``SET LOCAL …``) to travel in the same round
+    trip as the connection's next one. Dropped if the transaction ends first."""
+    connection.connection.info.setdefault(_QUEUED, []).append(statement)
+
+
+def make_hot_path_engine(url: str | URL) -> Engine:
+    """An engine for a worker's hot path, where savepoints cost no round trip of their own.
+
+    A worker runs each task in a savepoint. Sent as they happen, SAVEPOINT and RELEASE would
+    double the round trips of a batch of no-op tasks. Here they are queued and sent in front
+    of the next statement that needs an answer (psycopg2 sends several statements in one
+    query); a savepoint released or rolled back before any statement was sent inside it is
+    simply dropped, since nothing ran in it. SQLAlchemy's own bookkeeping is unchanged.
+    Code that bypasses SQLAlchemy (a raw DBAPI cursor) would not be inside the savepoint.
+    """
+    engine = create_engine(url, pool_size=1, max_overflow=0)
+    dialect = engine.dialect
+    roll_back_now = dialect.do_rollback_to_savepoint
+
+    def queued(connection: Connection) -> list[str]:
+        return connection.connection.info.setdefault(_QUEUED, [])
+
+    def do_savepoint(connection: Connection, name: str) -> None:
+        queued(connection).append(f"SAVEPOINT {quote(name)}")
+
+    def do_release_savepoint(connection: Connection, name: str) -> None:
+        statements, opening = queued(connection), f"SAVEPOINT {quote(name)}"
+        if opening in statements:
+            statements.remove(opening)  # nothing was sent inside it: it never has to exist
+        else:
+            statements.append(f"RELEASE SAVEPOINT {quote(name)}")
+
+    def do_rollback_to_savepoint(connection: Connection, name: str) -> None:
+        statements, opening = queued(connection), f"SAVEPOINT {quote(name)}"
+        if opening in statements:
+            del statements[statements.index(opening) :]  # all of it is inside the savepoint
+        else:
+            roll_back_now(connection, name)
+
+    def quote(name: str) -> str:
+        return dialect.identifier_preparer.quote(name)
+
+    dialect.do_savepoint = do_savepoint  # type: ignore[method-assign]
+    dialect.do_release_savepoint = do_release_savepoint  # type: ignore[method-assign]
+    dialect.do_rollback_to_savepoint = do_rollback_to_savepoint  # type: ignore[method-assign]
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def send_queued(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements = connection.connection.info.get(_QUEUED)
+        if statements:
+            prefix = "".join(f"{s}; " for s in statements)
+            statements.clear()
+            if executemany:
+                cursor.execute(prefix)
+            else:
+                statement = prefix + statement
+        return statement, parameters
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def forget_queued(connection: Connection) -> None:
+        connection.connection.info.pop(_QUEUED, None)
+
+    return engine

@@ -1,266 +1,468 @@
-"""beanflow's benchmarks: ``python -m benchmarks [--quick] [--database-url URL]``.
+"""beanflow's benchmark suite: ``python -m benchmarks [--quick] [--database-url URL]``.
 
-Each run creates its own database on the server (BEANFLOW_DATABASE_URL, --database-url, or
-the embedded one), prints a table of figures and drops the database. Figures, not verdicts:
-nothing here passes or fails.
+Every workload runs beanflow and, in the same run on the same server, a raw-SQL ceiling
+(``benchmarks/ceiling.py``); the table shows both and their ratio. Each run creates its own
+database (on BEANFLOW_DATABASE_URL, --database-url, or the embedded server) and drops it.
+Figures, not verdicts: nothing here passes or fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import multiprocessing
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, func, text
 from sqlalchemy.engine import make_url
 
 import beanflow as bq
-from beanflow.engine.queries import Queries, channel_parameters
 
-from .workload import noop
+from . import ceiling
+from .processors import noop, write_row
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@contextmanager
+@dataclasses.dataclass
+class Sizes:
+    repeats: int
+    enqueue: int
+    drain: int
+    stream_seconds: float
+    scheduled: int
+    scheduled_spread: float
+    deep: int
+    deep_drain: int
+    end_to_end: int
+
+
+FULL = Sizes(
+    repeats=3,
+    enqueue=20_000,
+    drain=20_000,
+    stream_seconds=20,
+    scheduled=200,
+    scheduled_spread=9,
+    deep=1_000_000,
+    deep_drain=20_000,
+    end_to_end=20_000,
+)
+QUICK = Sizes(
+    repeats=1,
+    enqueue=2_000,
+    drain=2_000,
+    stream_seconds=3,
+    scheduled=20,
+    scheduled_spread=2,
+    deep=100_000,
+    deep_drain=2_000,
+    end_to_end=1_000,
+)
+
+
+@dataclasses.dataclass
+class Figure:
+    name: str
+    unit: str
+    beanflow: float
+    ceiling: float | None = None
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ceiling in (None, 0):
+            return None
+        return (
+            self.beanflow / self.ceiling if self.higher_is_better else self.ceiling / self.beanflow
+        )
+
+
+class Bench:
+    """One benchmark database, with beanflow's tables and the ceiling's."""
+
+    def __init__(self, url: str, sizes: Sizes) -> None:
+        self.url = url
+        self.sizes = sizes
+        self.dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
+        self.app.create_tables()
+        with self.app.engine.begin() as connection:
+            connection.execute(text("CREATE TABLE bench_effects (n integer)"))
+        ceiling.create(self.dsn)
+
+    def sql(self, statement: str, **parameters: Any) -> Any:
+        with self.app.engine.begin() as connection:
+            result = connection.execute(text(statement), parameters)
+            return result.first() if result.returns_rows else None
+
+    def reset(self) -> None:
+        self.sql(
+            "TRUNCATE beanflow_events, beanflow_tasks, beanflow_workers, bench_effects CASCADE"
+        )
+
+    def median(self, run: Callable[[], float]) -> float:
+        return statistics.median(run() for _ in range(self.sizes.repeats))
+
+    # ---- beanflow's side ------------------------------------------------------------------
+
+    def workers(self, count: int, burst: bool, **settings: Any) -> list[subprocess.Popen]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
+        env |= {f"BEANFLOW_{k}": str(v) for k, v in settings.items()}
+        env |= {"BEANFLOW_DATABASE_URL": self.url, "PYTHONPATH": str(ROOT)}
+        command = [
+            sys.executable,
+            "-m",
+            "beanflow",
+            "--log-level",
+            "WARNING",
+            "-a",
+            "benchmarks.processors:app",
+            "process",
+            "bench",
+        ]
+        return [
+            subprocess.Popen(command + (["--burst"] if burst else []), cwd=ROOT, env=env)
+            for _ in range(count)
+        ]
+
+    def enqueue_rate(self, per_transaction: int) -> float:
+        self.reset()
+        count = self.sizes.enqueue
+        with self.app.session_factory() as session:
+            started = time.perf_counter()
+            for _ in range(count // per_transaction):
+                if per_transaction == 1:
+                    bq.enqueue(session, noop)
+                else:
+                    bq.enqueue_many(session, noop, [{}] * per_transaction)
+                session.commit()
+            return count / (time.perf_counter() - started)
+
+    def fill(self, processor: bq.Processor, count: int) -> None:
+        self.reset()
+        with self.app.session_factory() as session:
+            for start in range(0, count, 1000):
+                bq.enqueue_many(
+                    session,
+                    processor,
+                    [
+                        {"n": n} if processor is write_row else {}
+                        for n in range(start, min(start + 1000, count))
+                    ],
+                )
+            session.commit()
+
+    def drain_rate(self, workers: int, batch: int, processor: bq.Processor = noop) -> float:
+        self.fill(processor, self.sizes.drain if processor is noop else self.sizes.end_to_end)
+        for process in self.workers(workers, burst=True, BATCH_SIZE=batch):
+            process.wait()
+        return self.done_rate()
+
+    def done_rate(self) -> float:
+        done, seconds = self.sql(
+            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at)) "
+            "FROM beanflow_tasks WHERE state = 'DONE'"
+        )
+        return done / float(seconds)
+
+    def deep_rate(self, workers: int, batch: int) -> float:
+        """Drain the first tasks of a queue holding ``sizes.deep`` pending ones."""
+        self.reset()
+        self.sql(
+            "INSERT INTO beanflow_tasks (id, channel, module, name) SELECT "
+            "gen_random_uuid(), 'bench', 'benchmarks.processors', 'noop' "
+            "FROM generate_series(1, :n)",
+            n=self.sizes.deep,
+        )
+        self.sql("ANALYZE beanflow_tasks")
+        processes = self.workers(workers, burst=False, BATCH_SIZE=batch)
+        wait_until(
+            lambda: (
+                self.sql("SELECT count(*) FROM beanflow_tasks WHERE state = 'DONE'")[0]
+                >= self.sizes.deep_drain
+            )
+        )
+        stop(processes)
+        return self.done_rate()
+
+    def wake_up(self) -> list[float]:
+        """start − commit (ms) of tasks committed every 20 ms to one idle worker."""
+        self.reset()
+        processes = self.workers(1, burst=False, POLL_TIMEOUT=3600)
+        wait_until(lambda: self.sql("SELECT count(*) FROM beanflow_workers")[0] == 1)
+
+        def add(session: Any) -> uuid.UUID:
+            task = bq.enqueue(session, noop)
+            task.id = uuid.uuid4()
+            return task.id
+
+        committed = stream(add, self.app.session_factory, self.sizes.stream_seconds)
+        wait_until(
+            lambda: self.sql("SELECT count(*) FROM beanflow_tasks WHERE started_at IS NULL")[0] == 0
+        )
+        stop(processes)
+        return self.latencies("beanflow_tasks", committed)
+
+    def latencies(self, table: str, committed: dict[Any, float]) -> list[float]:
+        with self.app.engine.connect() as connection:
+            started = dict(
+                connection.execute(
+                    text(f"SELECT id, extract(epoch FROM started_at) FROM {table}")
+                ).all()
+            )
+        return [(float(started[key]) - at) * 1000 for key, at in committed.items()]
+
+    def lateness(self) -> list[float]:
+        """started_at − scheduled_at (ms) of tasks scheduled 1 s and more ahead."""
+        self.reset()
+        processes = self.workers(1, burst=False, POLL_TIMEOUT=60)
+        count, spread = self.sizes.scheduled, self.sizes.scheduled_spread
+        with self.app.session_factory() as session:
+            for n in range(count):
+                task = noop.run()
+                task.scheduled_at = func.clock_timestamp() + timedelta(
+                    seconds=1 + spread * n / count
+                )
+                session.add(task)
+                session.commit()
+        wait_until(
+            lambda: self.sql("SELECT count(*) FROM beanflow_tasks WHERE state = 'DONE'")[0] == count
+        )
+        stop(processes)
+        with self.app.engine.connect() as connection:
+            return [
+                float(v) * 1000
+                for v in connection.execute(
+                    text("SELECT extract(epoch FROM started_at - scheduled_at) FROM beanflow_tasks")
+                ).scalars()
+            ]
+
+    # ---- the ceiling's side ---------------------------------------------------------------
+
+    def ceiling_drain(self, workers: int, batch: int, write: bool = False) -> float:
+        ceiling.fill(self.dsn, self.sizes.end_to_end if write else self.sizes.drain)
+        run_processes(ceiling.drain, workers, self.dsn, batch, write)
+        return ceiling.drained_rate(self.dsn)
+
+    def ceiling_wake_up(self) -> list[float]:
+        ceiling.fill(self.dsn, 0)
+        context = multiprocessing.get_context("spawn")
+        ready, done = context.Event(), context.Event()
+        process = context.Process(target=ceiling.listen_and_claim, args=(self.dsn, ready, done))
+        process.start()
+        ready.wait(60)
+        engine = create_engine(self.url)
+
+        def insert(connection: Any) -> Any:
+            row = connection.execute(
+                text("INSERT INTO ceiling_tasks DEFAULT VALUES RETURNING id")
+            ).scalar()
+            connection.execute(text("NOTIFY ceiling"))
+            return row
+
+        committed = stream(insert, engine.connect, self.sizes.stream_seconds)
+        wait_until(
+            lambda: self.sql("SELECT count(*) FROM ceiling_tasks WHERE started_at IS NULL")[0] == 0
+        )
+        done.set()
+        process.join()
+        engine.dispose()
+        return self.latencies("ceiling_tasks", committed)
+
+
+def stream(
+    add: Callable[[Any], Any], connect: Callable[[], Any], seconds: float
+) -> dict[Any, float]:
+    """Commit one task every 20 ms for ``seconds``; returns each task's commit time."""
+    committed: dict[Any, float] = {}
+    with connect() as session:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            key = add(session)
+            session.commit()
+            committed[key] = time.time()
+            time.sleep(0.02)  # the workload's pace
+    return committed
+
+
+def run_processes(target: Callable[..., None], count: int, *args: Any) -> None:
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=target, args=args) for _ in range(count)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(120)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("a benchmark did not finish")
+        time.sleep(0.01)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+@contextlib.contextmanager
 def scratch_database(server_url: str) -> Iterator[str]:
-    """A new database with beanflow's tables, dropped afterwards."""
     name = f"beanflow_bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     try:
-        bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url)).create_tables()
-        yield url
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
-def start_workers(url: str, count: int, burst: bool, **settings: object) -> list:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
-    env |= {f"BEANFLOW_{k}": str(v) for k, v in settings.items()}
-    env |= {"BEANFLOW_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
-    command = [
-        sys.executable,
-        "-m",
-        "beanflow",
-        "--log-level",
-        "WARNING",
-        "-a",
-        "benchmarks.workload:app",
-        "process",
-        "bench",
-    ] + (["--burst"] if burst else [])
-    return [subprocess.Popen(command, cwd=ROOT, env=env) for _ in range(count)]
-
-
-def stop(processes: list) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait(60)
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark did not finish")
-        time.sleep(0.01)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def claim_time(url: str, pending: int, samples: int) -> dict[str, float]:
-    """Median and p99 of claim + commit (batch 1) with ``pending`` rows waiting."""
-    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
-    queries = Queries(bq.Task, bq.Worker, bq.Event)
-    worker = uuid.uuid4()
-    with app.engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO beanflow_tasks (channel, module, name, id) SELECT 'bench', "
-                "'benchmarks.workload', 'noop', gen_random_uuid() FROM generate_series(1, :n)"
-            ),
-            {"n": pending},
+def measure(bench: Bench) -> list[Figure]:
+    s = bench.sizes
+    figures = [
+        Figure(
+            "W1 enqueue, 1 per transaction",
+            "tasks/s",
+            bench.median(lambda: bench.enqueue_rate(1)),
+            bench.median(lambda: ceiling.enqueue(bench.dsn, s.enqueue, 1)),
+        ),
+        Figure(
+            "W1 enqueue, 1,000 per transaction",
+            "tasks/s",
+            bench.median(lambda: bench.enqueue_rate(1000)),
+            bench.median(lambda: ceiling.enqueue(bench.dsn, s.enqueue, 1000)),
+        ),
+    ]
+    for workers in (1, 4):
+        for batch in (1, 10):
+            figures.append(
+                Figure(
+                    f"W2 drain, {workers} worker(s), batch {batch}",
+                    "tasks/s",
+                    bench.median(lambda w=workers, b=batch: bench.drain_rate(w, b)),
+                    bench.median(lambda w=workers, b=batch: bench.ceiling_drain(w, b)),
+                )
+            )
+    ours, theirs = bench.wake_up(), bench.ceiling_wake_up()
+    for q in (50, 95, 99):
+        figures.append(
+            Figure(
+                f"W3 wake-up latency p{q}",
+                "ms",
+                percentile(ours, q),
+                percentile(theirs, q),
+                higher_is_better=False,
+            )
         )
-        connection.execute(
-            text(
-                "INSERT INTO beanflow_workers (id, name, channels) VALUES (:id, 'bench', '{bench}')"
-            ),
-            {"id": worker},
+    late = bench.lateness()
+    figures += [
+        Figure(
+            f"W4 lateness p{q}, due 1-{1 + s.scheduled_spread:g} s ahead",
+            "ms",
+            percentile(late, q),
+            higher_is_better=False,
         )
-    with app.engine.begin() as connection:
-        connection.execute(text("ANALYZE beanflow_tasks"))
-    timings = []
-    parameters = {"worker": worker, "limit": 1} | channel_parameters(["bench"])
-    with app.engine.connect() as connection:
-        for _ in range(samples):
-            started = time.perf_counter()
-            connection.execute(queries.claim, parameters).all()
-            connection.commit()
-            timings.append((time.perf_counter() - started) * 1000)
-    app.engine.dispose()
-    return {"median_ms": statistics.median(timings), "p99_ms": percentile(timings, 99)}
-
-
-def drain_rate(url: str, tasks: int, workers: int, batch: int) -> float:
-    """Tasks/s from the first claim to the last completion, read from the database."""
-    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
-    with app.engine.begin() as connection:
-        connection.execute(text("TRUNCATE beanflow_events, beanflow_tasks CASCADE"))
-    with app.session_factory() as session:
-        for start in range(0, tasks, 1000):
-            bq.enqueue_many(session, noop, [{}] * min(1000, tasks - start))
-        session.commit()
-    for process in start_workers(url, workers, burst=True, BATCH_SIZE=batch):
-        process.wait(600)
-    with app.engine.connect() as connection:
-        done, seconds = connection.execute(
-            text(
-                "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at)) "
-                "FROM beanflow_tasks WHERE state = 'DONE'"
+        for q in (50, 99)
+    ]
+    w2_empty = next(f.beanflow for f in figures if f.name == "W2 drain, 4 worker(s), batch 10")
+    figures.append(
+        Figure(
+            f"W5 drain {s.deep_drain:,} of {s.deep:,} pending, 4 workers, "
+            "batch 10 (ceiling: W2 on an empty table)",
+            "tasks/s",
+            bench.median(lambda: bench.deep_rate(4, 10)),
+            w2_empty,
+        )
+    )
+    for workers, batch in ((1, 1), (4, 10)):
+        figures.append(
+            Figure(
+                f"W6 end-to-end (a user row per task), {workers} worker(s), batch {batch}",
+                "tasks/s",
+                bench.median(lambda w=workers, b=batch: bench.drain_rate(w, b, write_row)),
+                bench.median(lambda w=workers, b=batch: bench.ceiling_drain(w, b, write=True)),
             )
-        ).one()
-    app.engine.dispose()
-    assert done == tasks, f"only {done} of {tasks} tasks done"
-    return done / float(seconds)
-
-
-def wake_up_latency(url: str, tasks: int, every: float) -> dict[str, float]:
-    """start − commit for tasks committed one at a time to an idle worker."""
-    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
-    processes = start_workers(url, 1, burst=False, POLL_TIMEOUT=3600)
-    latencies = []
-    try:
-        with app.session_factory() as session:
-            wait_until(
-                lambda: (
-                    session.scalar(
-                        text("SELECT count(*) FROM beanflow_workers WHERE state = 'RUNNING'")
-                    )
-                    == 1
-                )
-            )
-            for n in range(tasks + 1):
-                task = bq.enqueue(session, noop)
-                session.commit()
-                committed = time.time()
-                wait_until(
-                    lambda task=task: session.scalar(
-                        text("SELECT started_at IS NOT NULL FROM beanflow_tasks WHERE id = :id"),
-                        {"id": task.id},
-                    )
-                )
-                started = session.scalar(
-                    text(
-                        "SELECT extract(epoch FROM started_at) FROM beanflow_tasks WHERE id = :id"
-                    ),
-                    {"id": task.id},
-                )
-                if n:  # the first task warms the worker up
-                    latencies.append((float(started) - committed) * 1000)
-                time.sleep(every)  # the workload's pace, not a synchronisation
-    finally:
-        stop(processes)
-        app.engine.dispose()
-    return {
-        "p50_ms": percentile(latencies, 50),
-        "p95_ms": percentile(latencies, 95),
-        "p99_ms": percentile(latencies, 99),
-    }
-
-
-def schedule_lateness(url: str, tasks: int, ahead: float) -> dict[str, float]:
-    """started_at − scheduled_at for tasks scheduled ``ahead`` seconds ahead."""
-    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
-    processes = start_workers(url, 1, burst=False, POLL_TIMEOUT=60)
-    try:
-        with app.session_factory() as session:
-            ids = []
-            for n in range(tasks):
-                task = noop.run()
-                task.scheduled_at = func.clock_timestamp() + timedelta(seconds=ahead + n * 0.05)
-                session.add(task)
-                session.commit()
-                ids.append(task.id)
-            wait_until(
-                lambda: (
-                    session.scalar(
-                        text(
-                            "SELECT count(*) FROM beanflow_tasks "
-                            "WHERE state = 'DONE' AND id = ANY(:ids)"
-                        ),
-                        {"ids": ids},
-                    )
-                    == tasks
-                )
-            )
-            lateness = [
-                float(v) * 1000
-                for v in session.scalars(
-                    text(
-                        "SELECT extract(epoch FROM started_at - scheduled_at) FROM beanflow_tasks "
-                        "WHERE id = ANY(:ids)"
-                    ),
-                    {"ids": ids},
-                )
-            ]
-    finally:
-        stop(processes)
-        app.engine.dispose()
-    return {"p50_ms": percentile(lateness, 50), "p99_ms": percentile(lateness, 99)}
+        )
+    return figures
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("--quick", action="store_true", help="small counts (CI)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small counts, one run each (under two minutes; CI runs it)",
+    )
     parser.add_argument("--database-url", default=os.environ.get("BEANFLOW_DATABASE_URL"))
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path("benchmarks/results.json"),
+        help="where to write the figures (default %(default)s)",
+    )
     arguments = parser.parse_args()
+    sizes = QUICK if arguments.quick else FULL
     server_url = bq.db.database_url(bq.Config(env={}, DATABASE_URL=arguments.database_url))
-    quick = arguments.quick
-    figures: dict[str, object] = {}
     with scratch_database(server_url) as url:
-        engine = create_engine(url)
-        with engine.connect() as connection:
-            figures["server"] = connection.execute(text("SHOW server_version")).scalar()
-            figures["fsync"] = connection.execute(text("SHOW fsync")).scalar()
-            figures["synchronous_commit"] = connection.execute(
-                text("SHOW synchronous_commit")
-            ).scalar()
-        engine.dispose()
-        pending = 10_000 if quick else 100_000
-        figures[f"claim at {pending:,} pending"] = claim_time(url, pending, 50 if quick else 500)
-        drained = 2_000 if quick else 20_000
-        for workers in (1, 4):
-            for batch in (1, 10):
-                figures[f"drain {drained:,}, {workers} worker(s), batch {batch} (tasks/s)"] = round(
-                    drain_rate(url, drained, workers, batch)
-                )
-        figures["wake-up latency"] = wake_up_latency(url, 20 if quick else 200, 0.02)
-        figures["lateness, scheduled 2 s ahead"] = schedule_lateness(url, 5 if quick else 20, 2.0)
-    for name, value in figures.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {v:.2f}" for k, v in value.items())
-        print(f"{name:<52} {value}")
-    if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=2, default=str))
+        bench = Bench(url, sizes)
+        settings = {
+            name: bench.sql(f"SHOW {name}")[0]
+            for name in ("server_version", "fsync", "synchronous_commit")
+        }
+        started = time.monotonic()
+        figures = measure(bench)
+        bench.app.engine.dispose()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(
+        f"PostgreSQL {settings['server_version']} (fsync={settings['fsync']}, "
+        f"synchronous_commit={settings['synchronous_commit']}); {machine}; "
+        f"{'quick' if arguments.quick else f'median of {sizes.repeats} runs'}; "
+        f"{time.monotonic() - started:.0f} s"
+    )
+    print(f"| {'figure':<78} | {'beanflow':>10} | {'ceiling':>10} | {'ratio':>5} |")
+    print(f"| {'-' * 78} | {'-' * 10}: | {'-' * 10}: | {'-' * 5}: |")
+    for figure in figures:
+        ceiling_text = "" if figure.ceiling is None else f"{figure.ceiling:,.1f}"
+        ratio = "" if figure.ratio is None else f"{figure.ratio:.2f}"
+        print(
+            f"| {figure.name + ' (' + figure.unit + ')':<78} | {figure.beanflow:>10,.1f} | "
+            f"{ceiling_text:>10} | {ratio:>5} |"
+        )
+    arguments.json.write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "machine": machine,
+                "quick": arguments.quick,
+                "figures": [dataclasses.asdict(f) | {"ratio": f.ratio} for f in figures],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

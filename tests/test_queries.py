@@ -119,7 +119,8 @@ def test_single_task_statements_use_indexes(app, deep_queue, name):
     parameters = {
         "task_id": uuid.uuid4(),
         "worker": deep_queue,
-        "task_result": None,
+        "task_ids": [uuid.uuid4()],
+        "task_results": [None],
         "retry_at": None,
         "error": "e",
         "exception_type": "E",

@@ -22,6 +22,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     case,
+    cast,
     func,
     insert,
     literal_column,
@@ -149,19 +150,25 @@ class Queries:
 
     @functools.cached_property
     def complete(self) -> Executable:
-        """Mark :task_id DONE with :task_result, only while :worker still holds it; returns
-        its id, or nothing when the task was taken away (re-queued after a missed heartbeat)."""
+        """Mark the tasks :task_ids DONE with their :task_results (JSON texts, in the same
+        order), only those :worker still holds; returns how many it marked. Fewer than given
+        means some were taken away (re-queued after a missed heartbeat): the caller rolls back.
+        One statement for a whole batch, so its completions cost one round trip."""
         t = self.task
+        finished = select(
+            func.unnest(bindparam("task_ids", type_=ARRAY(t.c.id.type))).label("id"),
+            func.unnest(bindparam("task_results", type_=ARRAY(Text))).label("result"),
+        ).subquery("finished")
         done = (
             update(t)
             .where(
-                t.c.id == bindparam("task_id"),
+                t.c.id == finished.c.id,
                 t.c.worker_id == bindparam("worker"),
                 t.c.state == PROCESSING,
             )
             .values(
                 state=DONE,
-                result=bindparam("task_result", type_=t.c.result.type),
+                result=cast(finished.c.result, t.c.result.type),
                 finished_at=func.clock_timestamp(),
                 error_message=None,
             )
@@ -169,7 +176,9 @@ class Queries:
             .cte("done")
         )
         return self._with_events(
-            select(done.c.id), done, {"task_id": done.c.id, "type": literal_column("'COMPLETE'")}
+            select(func.count()).select_from(done),
+            done,
+            {"task_id": done.c.id, "type": literal_column("'COMPLETE'")},
         )
 
     @functools.cached_property

@@ -21,6 +21,7 @@ from sqlalchemy import exc, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
+from .. import db
 from ..models.worker import WorkerState
 from .notify import Listener, drain_pipe
 from .queries import Queries, channel_parameters
@@ -71,6 +72,8 @@ class TaskWorker:
             channel_count=len(self.channels),
         )
         self.engine = app.engine
+        # the hot path's own connection, whose savepoints cost no round trip
+        self._hot_engine = db.make_hot_path_engine(app.engine.url)
         self._channel_parameters = channel_parameters(self.channels)
         self._claim_statement = select(app.task_model).from_statement(self.queries.claim)
         self.stopping = threading.Event()
@@ -83,6 +86,8 @@ class TaskWorker:
         self._signals = False
         self.counts: collections.Counter[str] = collections.Counter()
         self.unstarted: list[Any] = []  # claimed tasks not yet started
+        # (id, JSON result) of tasks finished in the open transaction, completed at its commit
+        self._finished: list[tuple[Any, str | None]] = []
         self._wake_read, self._wake_write = os.pipe()
         self._session: Session | None = None
         self._listener: Listener | None = None
@@ -105,6 +110,7 @@ class TaskWorker:
             os.write(self._wake_write, b"\0")
             heartbeat.join()
             self._shut_down()
+            self._hot_engine.dispose()
             self._restore_signal_handlers(previous)
         return 1 if self.found_dead else 0
 
@@ -153,13 +159,14 @@ class TaskWorker:
     def _connect(self) -> None:
         if self._session is not None:
             return
-        connection = self.engine.connect()
+        connection = self._hot_engine.connect()
         self._session = Session(bind=connection, expire_on_commit=False, autoflush=True)
         self._listener = Listener(self.engine, self.channels)
         # whatever this worker held when its connection broke was rolled back with it
         self._release()
 
     def _disconnect(self) -> None:
+        self._finished = []
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -266,6 +273,9 @@ class TaskWorker:
     def _claim(self) -> list[Any]:
         session = self._session
         assert session is not None
+        # A lost claim only returns its tasks to PENDING, so its commit need not wait for the
+        # disk; a task's completion commit (synchronous) flushes the claim's WAL before it.
+        db.send_with_next_statement(session.connection(), "SET LOCAL synchronous_commit TO OFF")
         tasks = list(
             session.scalars(
                 self._claim_statement,
@@ -293,11 +303,11 @@ class TaskWorker:
                     self.unstarted.remove(task)
                     self._run(session, task)
                     if time.monotonic() - opened > self.config.BATCH_WINDOW:
-                        session.commit()
+                        self._commit(session)
                         opened = time.monotonic()
-                session.commit()
+                self._commit(session)
         except GraceExceeded:
-            session.commit()  # the neighbours that finished keep their results
+            self._commit(session)  # the neighbours that finished keep their results
         finally:
             # cleared by the commit: a session keeps no task objects between batches
             session.expunge_all()
@@ -349,27 +359,39 @@ class TaskWorker:
             self._record_failure(session, task, processor, error)
             return
         duration = time.monotonic() - started
+        if savepoint.is_active:
+            savepoint.commit()
         if processor.auto_complete:
+            self._finished.append((task.id, result))
+        logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
+
+    def _commit(self, session: Session) -> None:
+        """Commit the open transaction, completing every task that finished in it with one
+        statement. If any was taken from this worker meanwhile (it was found dead), roll the
+        whole transaction back instead, and stop: no task is completed twice."""
+        finished, self._finished = self._finished, []
+        if finished:
             done = session.execute(
                 self.queries.complete,
                 {
-                    "task_id": task.id,
+                    "task_ids": [task_id for task_id, _ in finished],
+                    "task_results": [result for _, result in finished],
                     "worker": self.id,
-                    "task_result": result,
                 },
-            ).first()
-            if done is None:
-                _undo(savepoint)
-                logger.warning(
-                    "task %s finished after it was taken from this worker; its "
-                    "result and changes were discarded",
-                    task.id,
+            ).scalar()
+            if done != len(finished):
+                session.rollback()
+                logger.error(
+                    "worker %s: %d task(s) were taken from it while it ran them (it was found "
+                    "dead); the results and changes of this transaction were rolled back",
+                    self.id,
+                    len(finished) - done,
                 )
+                self.found_dead = True
+                self.stop()
                 return
-        if savepoint.is_active:
-            savepoint.commit()
-        self.counts["done"] += 1
-        logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
+        session.commit()
+        self.counts["done"] += len(finished)
 
     def _record_failure(
         self, session: Session, task: Any, processor: Processor | None, error: BaseException
@@ -483,13 +505,14 @@ def _undo(savepoint: Any) -> None:
         savepoint.rollback()
 
 
-def _json_ready(result: Any) -> Any:
-    """The result itself if it can be stored as JSON; raises TypeError otherwise."""
+def _json_ready(result: Any) -> str | None:
+    """The result as JSON text (None stays NULL); raises TypeError if it is not JSON."""
+    if result is None:
+        return None
     try:
-        json.dumps(result)
+        return json.dumps(result)
     except (TypeError, ValueError) as error:
         raise TypeError(f"the task's result is not JSON-serialisable: {error}") from None
-    return result
 
 
 def _first_line(error: BaseException) -> str:
