@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from beanflow.engine.queries import Queries, channel_parameters
+from beanflow.engine.queries import Prepared, Queries, channel_parameters
 from beanflow.models import Event, Task, Worker
 
 PENDING_ROWS = 100_000
@@ -131,3 +131,20 @@ def test_single_task_statements_use_indexes(app, deep_queue, name):
         root = plan(connection, getattr(queries, name), parameters)
     for table in ("beanflow_tasks", "beanflow_workers"):
         assert not [s for s in scans_of(root, table) if s[0] == "Seq Scan"], (name, table)
+
+
+@pytest.mark.parametrize("channels", [["deep"], ["deep", "other"]])
+def test_prepared_claim_generic_plan_uses_the_partial_index(app, deep_queue, channels):
+    """Workers run the claim PREPAREd, with one generic plan for all parameters: that plan
+    must use the index as well."""
+    queries = Queries(Task, Worker, Event, channel_count=len(channels))
+    prepared = Prepared("claim_under_test", queries.claim, *queries.task.c)
+    with app.engine.connect() as connection:
+        connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        prepared.prepare(connection)
+        parameters = {"worker": deep_queue, "limit": 10} | channel_parameters(channels)
+        root = plan(connection, prepared.execute, parameters)
+        connection.rollback()
+    scans = scans_of(root, "beanflow_tasks")
+    assert scans.count(("Index Scan", "ix_beanflow_tasks_pending")) == len(channels)
+    assert not [s for s in scans if s[0] == "Seq Scan"]

@@ -17,14 +17,14 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import exc, select
+from sqlalchemy import Integer, column, exc, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
 from .. import db
 from ..models.worker import WorkerState
 from .notify import Listener, drain_pipe
-from .queries import Queries, channel_parameters
+from .queries import Prepared, Queries, channel_parameters
 
 if TYPE_CHECKING:
     from ..app import BeanQueue
@@ -75,7 +75,15 @@ class TaskWorker:
         # the hot path's own connection, whose savepoints cost no round trip
         self._hot_engine = db.make_hot_path_engine(app.engine.url)
         self._channel_parameters = channel_parameters(self.channels)
-        self._claim_statement = select(app.task_model).from_statement(self.queries.claim)
+        self._prepared = {
+            "claim": Prepared("beanflow_claim", self.queries.claim, *self.queries.task.c),
+            "complete": Prepared(
+                "beanflow_complete", self.queries.complete, column("count", Integer)
+            ),
+        }
+        self._claim_statement = select(app.task_model).from_statement(
+            self._prepared["claim"].execute
+        )
         self.stopping = threading.Event()
         self.found_dead = False
         self.running: Any = None  # the task whose function is running now
@@ -160,6 +168,11 @@ class TaskWorker:
         if self._session is not None:
             return
         connection = self._hot_engine.connect()
+        # planned once for this connection: the statements' parameters never change the plan
+        connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        for prepared in self._prepared.values():
+            prepared.prepare(connection)
+        connection.commit()
         self._session = Session(bind=connection, expire_on_commit=False, autoflush=True)
         self._listener = Listener(self.engine, self.channels)
         # whatever this worker held when its connection broke was rolled back with it
@@ -372,7 +385,7 @@ class TaskWorker:
         finished, self._finished = self._finished, []
         if finished:
             done = session.execute(
-                self.queries.complete,
+                self._prepared["complete"].execute,
                 {
                     "task_ids": [task_id for task_id, _ in finished],
                     "task_results": [result for _, result in finished],
