@@ -142,18 +142,20 @@ class TaskWorker:
 
     def _loop(self) -> None:
         backoff = 0.0
+        tasks: list[Any] = []
         while not self.stopping.is_set():
             try:
                 self._connect()
-                tasks = self._claim()
+                tasks = tasks or self._claim()
                 if tasks:
-                    self._process(tasks)
+                    tasks = self._process(tasks)
                 elif self.burst:
                     return
                 else:
                     self._sleep()
                 backoff = 0.0
             except CONNECTION_ERRORS as error:
+                tasks = []  # returned to the queue by _connect's release
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 logger.warning(
                     "worker %s lost its database connection (%s); reconnecting in %.1fs",
@@ -284,31 +286,36 @@ class TaskWorker:
     # ---- hot path --------------------------------------------------------------------------
 
     def _claim(self) -> list[Any]:
+        """Claim due tasks in a transaction of their own (when nothing was running)."""
         session = self._session
         assert session is not None
         # A lost claim only returns its tasks to PENDING, so its commit need not wait for the
         # disk; a task's completion commit (synchronous) flushes the claim's WAL before it.
         db.send_with_next_statement(session.connection(), "SET LOCAL synchronous_commit TO OFF")
-        tasks = list(
-            session.scalars(
-                self._claim_statement,
-                {"worker": self.id, "limit": self.config.BATCH_SIZE, **self._channel_parameters},
-            )
-        )
+        tasks = self._claim_in(session)
         session.commit()
+        self.unstarted = tasks
         return tasks
 
-    def _process(self, tasks: list[Any]) -> None:
-        """Run claimed tasks. A task that a dead worker held before may be what killed it (the
-        claim takes at most one): it runs last, in its own transaction, after the others have
-        committed, so it cannot take them down with it."""
+    def _claim_in(self, session: Session) -> list[Any]:
+        parameters = {"worker": self.id, "limit": self.config.BATCH_SIZE}
+        return list(session.scalars(self._claim_statement, parameters | self._channel_parameters))
+
+    def _process(self, tasks: list[Any]) -> list[Any]:
+        """Run claimed tasks; returns the next batch, claimed by the same commit as the last of
+        these (none once stopping).
+
+        A task that a dead worker held before may be what killed it (the claim takes at most
+        one): it runs last, in its own transaction, after the others have committed, so it
+        cannot take them down with it."""
         self.unstarted = list(tasks)
         innocent = [task for task in tasks if task.crash_count == 0]
         groups = [innocent] + [[task] for task in tasks if task.crash_count > 0]
         session = self._session
         assert session is not None
+        claimed: list[Any] = []
         try:
-            for group in groups:
+            for index, group in enumerate(groups):
                 opened = time.monotonic()
                 for task in group:
                     if self.stopping.is_set():
@@ -318,14 +325,13 @@ class TaskWorker:
                     if time.monotonic() - opened > self.config.BATCH_WINDOW:
                         self._commit(session)
                         opened = time.monotonic()
-                self._commit(session)
+                claimed = self._commit(session, claim_next=index == len(groups) - 1)
         except GraceExceeded:
             self._commit(session)  # the neighbours that finished keep their results
-        finally:
-            # cleared by the commit: a session keeps no task objects between batches
-            session.expunge_all()
         if self.stopping.is_set():
             self._release()
+            return []
+        return claimed
 
     def _run(self, session: Session, task: Any) -> None:
         """Run one task inside a savepoint and record its outcome in the same transaction."""
@@ -378,10 +384,12 @@ class TaskWorker:
             self._finished.append((task.id, result))
         logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
 
-    def _commit(self, session: Session) -> None:
+    def _commit(self, session: Session, claim_next: bool = False) -> list[Any]:
         """Commit the open transaction, completing every task that finished in it with one
-        statement. If any was taken from this worker meanwhile (it was found dead), roll the
-        whole transaction back instead, and stop: no task is completed twice."""
+        statement, and with ``claim_next`` claiming the next batch in it too (one commit, one
+        disk flush, for both). If any task was taken from this worker meanwhile (it was found
+        dead), roll the whole transaction back instead, and stop: no task is completed twice.
+        Returns the tasks claimed."""
         finished, self._finished = self._finished, []
         if finished:
             done = session.execute(
@@ -402,9 +410,13 @@ class TaskWorker:
                 )
                 self.found_dead = True
                 self.stop()
-                return
+                return []
+        session.expunge_all()  # the session keeps no task objects from batch to batch
+        claimed = self._claim_in(session) if claim_next and not self.stopping.is_set() else []
         session.commit()
         self.counts["done"] += len(finished)
+        self.unstarted.extend(claimed)
+        return claimed
 
     def _record_failure(
         self, session: Session, task: Any, processor: Processor | None, error: BaseException
