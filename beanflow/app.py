@@ -6,7 +6,8 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import ARRAY, Engine, Text, bindparam, cast, func, insert, literal, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
@@ -166,30 +167,27 @@ def enqueue(session: Session, processor: Processor | str, /, **kwargs: Any) -> A
 def enqueue_many(
     session: Session, processor: Processor, kwargs_list: Sequence[dict[str, Any]], /
 ) -> int:
-    """Insert one task per kwargs with one INSERT, in ``session``'s transaction (the caller
-    commits); returns the number of tasks. Like ``enqueue``, it notifies on commit."""
-    for kwargs in kwargs_list:
-        processor.check_kwargs(kwargs)
-    if not kwargs_list:
+    """Insert one task per kwargs with a single statement, in ``session``'s transaction (the
+    caller commits); returns the number of tasks. Like ``enqueue``, it notifies on commit."""
+    arguments = [processor.check_kwargs(kwargs) for kwargs in kwargs_list]
+    if not arguments:
         return 0
-    model = processor.task_model or Task
+    table = (processor.task_model or Task).__table__
     parent = current_task.get()
-    inherited = (
-        {"parent_id": parent.id} if parent is not None and hasattr(model, "parent_id") else {}
-    )
-    rows = [
-        {
-            "channel": processor.channel,
-            "module": processor.module,
-            "name": processor.name,
-            "kwargs": kwargs,
-            **inherited,
-        }
-        for kwargs in kwargs_list
-    ]
-    session.execute(insert(model), rows)
+    columns = {
+        "channel": literal(processor.channel),
+        "module": literal(processor.module),
+        "name": literal(processor.name),
+        # one array parameter for all rows: the statement's size does not grow with them
+        "kwargs": cast(func.unnest(bindparam("arguments", type_=ARRAY(Text))), JSONB),
+    }
+    if parent is not None and "parent_id" in table.c:
+        columns["parent_id"] = literal(parent.id, table.c.parent_id.type)
+    rows = select(*[value.label(name) for name, value in columns.items()])
+    statement = insert(table).from_select(list(columns), rows, include_defaults=False)
+    session.execute(statement, {"arguments": arguments})
     notify_channels(session, [processor.channel])
-    return len(rows)
+    return len(arguments)
 
 
 def _model(path: str, setting: str) -> type:

@@ -23,7 +23,7 @@ def database_url(config: Config) -> str:
 
 def make_engine(config: Config) -> Engine:
     """An engine for the configured database."""
-    return create_engine(database_url(config), pool_pre_ping=True)
+    return create_engine(database_url(config))
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:

@@ -21,10 +21,10 @@ class Listener:
 
     def __init__(self, engine: Engine, channels: Iterable[str]) -> None:
         self.channels = list(channels)
-        raw = engine.raw_connection()
-        self.connection: Any = raw.driver_connection
-        # detached: it belongs to this listener, and is never handed out by the pool again
-        raw.detach()
+        # a new connection of its own, never one from the pool (which may be stale after a
+        # server restart, and must not be handed out again once it LISTENs)
+        arguments, keywords = engine.dialect.create_connect_args(engine.url)
+        self.connection: Any = engine.dialect.loaded_dbapi.connect(*arguments, **keywords)
         self.connection.autocommit = True
         with self.connection.cursor() as cursor:
             for channel in self.channels:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg2
 from sqlalchemy import Integer, column, exc, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
@@ -33,7 +34,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Connection-level failures the worker survives by reconnecting (server restart, network).
-CONNECTION_ERRORS = (exc.OperationalError, exc.InterfaceError)
+CONNECTION_ERRORS = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    psycopg2.OperationalError,  # from the LISTEN connection, which SQLAlchemy does not wrap
+    psycopg2.InterfaceError,
+)
 # how often each worker logs a one-line summary of what it did
 SUMMARY_SECONDS = 60
 

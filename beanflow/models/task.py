@@ -58,7 +58,12 @@ current_task: contextvars.ContextVar[Any] = contextvars.ContextVar(
 class TaskModelMixin:
     """Columns of a task row, and the partial index that serves the claim."""
 
-    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True),
+        primary_key=True,
+        default=uuid.uuid4,
+        server_default=func.gen_random_uuid(),  # for rows inserted in bulk, or by plain SQL
+    )
     channel: Mapped[str] = mapped_column(String, nullable=False)
     module: Mapped[str] = mapped_column(String, nullable=False)
     name: Mapped[str] = mapped_column(String, nullable=False)

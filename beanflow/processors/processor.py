@@ -53,6 +53,7 @@ class Processor:
         self._signature = signature.replace(
             parameters=[p for n, p in signature.parameters.items() if n not in INJECTED]
         )
+        self._fitting_keys: set[frozenset[str]] = set()
         functools.update_wrapper(self, func)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -61,15 +62,18 @@ class Processor:
     def __repr__(self) -> str:
         return f"<Processor {self.channel}:{self.module}.{self.name}>"
 
-    def check_kwargs(self, kwargs: Any) -> None:
-        """Raise ValueError naming what is wrong unless ``kwargs`` can be stored as a task's
-        arguments and fit the function's signature."""
+    def check_kwargs(self, kwargs: Any) -> str:
+        """The JSON text of ``kwargs``; raises ValueError naming what is wrong unless they can
+        be stored as a task's arguments and fit the function's signature."""
         if not isinstance(kwargs, dict):
             raise ValueError(f"kwargs must be a JSON object, got {type(kwargs).__name__}")
         try:
-            json.dumps(kwargs)
+            text = json.dumps(kwargs)
         except (TypeError, ValueError) as error:
             raise ValueError(f"kwargs are not JSON-serialisable: {error}") from None
+        keys = frozenset(kwargs)
+        if keys in self._fitting_keys:  # keyword arguments fit or not by their names alone
+            return text
         try:
             self._signature.bind(**kwargs)
         except TypeError as error:
@@ -78,6 +82,8 @@ class Processor:
                 for p in self._signature.parameters.values()
             )
             raise ValueError(f"kwargs do not fit {self.name}({parameters}): {error}") from None
+        self._fitting_keys.add(keys)
+        return text
 
     def run(self, **kwargs: Any) -> Any:
         """Return a new, unsaved task that calls this processor with ``kwargs``."""
