@@ -7,7 +7,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from beanflow.engine.queries import Prepared, Queries, channel_parameters
 from beanflow.models import Event, Task, Worker
@@ -148,3 +148,19 @@ def test_prepared_claim_generic_plan_uses_the_partial_index(app, deep_queue, cha
     scans = scans_of(root, "beanflow_tasks")
     assert scans.count(("Index Scan", "ix_beanflow_tasks_pending")) == len(channels)
     assert not [s for s in scans if s[0] == "Seq Scan"]
+
+
+def test_children_and_events_of_a_task_are_found_by_index(app, deep_queue):
+    with app.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO beanflow_events (task_id, type) SELECT id, 'CLAIMED' "
+                "FROM beanflow_tasks LIMIT 50000"
+            )
+        )
+        connection.execute(text("ANALYZE beanflow_events"))
+        task_id = connection.execute(text("SELECT id FROM beanflow_tasks LIMIT 1")).scalar()
+        children = plan(connection, select(Task.id).where(Task.parent_id == task_id), {})
+        events = plan(connection, select(Event.id).where(Event.task_id == task_id), {})
+    assert "ix_beanflow_tasks_parent" in [n.get("Index Name") for n in nodes(children)]
+    assert "ix_beanflow_events_task_id" in [n.get("Index Name") for n in nodes(events)]
