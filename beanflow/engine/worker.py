@@ -357,7 +357,7 @@ class TaskWorker:
             "task %s %s.%s started (attempt %d)", task.id, task.module, task.name, task.attempts
         )
         started = time.monotonic()
-        savepoint = session.begin_nested()
+        savepoint = session.begin_nested() if processor.uses_session else None
         try:
             self.running_timeout = processor.timeout
             if processor.timeout is not None and self._signals:
@@ -384,7 +384,7 @@ class TaskWorker:
             self._record_failure(session, task, processor, error)
             return
         duration = time.monotonic() - started
-        if savepoint.is_active:
+        if savepoint is not None and savepoint.is_active:
             savepoint.commit()
         if processor.auto_complete:
             self._finished.append((task.id, result))
@@ -530,10 +530,11 @@ class TaskWorker:
 
 
 def _undo(savepoint: Any) -> None:
-    """Roll a task's savepoint back, unless the task already did (or a failed flush did: the
-    savepoint is then inactive but still to be rolled back)."""
-    with contextlib.suppress(exc.ResourceClosedError):
-        savepoint.rollback()
+    """Roll a task's savepoint (if it has one) back, unless the task already did (or a failed
+    flush did: the savepoint is then inactive but still to be rolled back)."""
+    if savepoint is not None:
+        with contextlib.suppress(exc.ResourceClosedError):
+            savepoint.rollback()
 
 
 def _json_ready(result: Any) -> str | None:

@@ -50,6 +50,9 @@ class Processor:
         self.task_model = task_model
         signature = inspect.signature(func)
         self._injected = [name for name in INJECTED if name in signature.parameters]
+        # a function given neither the session nor the task cannot write in the task's
+        # transaction: the worker then needs no savepoint around it
+        self.uses_session = bool(self._injected)
         self._signature = signature.replace(
             parameters=[p for n, p in signature.parameters.items() if n not in INJECTED]
         )
@@ -100,7 +103,8 @@ class Processor:
         token = current_task.set(task)
         try:
             result = self.func(**task.kwargs, **arguments)
-            db.flush()  # while it is the current task, so new tasks are inserted as children
+            if self.uses_session:
+                db.flush()  # while it is the current task, so new tasks become its children
             return result
         finally:
             current_task.reset(token)
