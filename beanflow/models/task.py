@@ -32,6 +32,7 @@ from sqlalchemy.orm import (
     mapped_column,
     object_session,
     relationship,
+    validates,
 )
 
 from .base import Base
@@ -39,6 +40,25 @@ from .base import Base
 if TYPE_CHECKING:
     from .event import Event
     from .worker import Worker
+
+
+# PostgreSQL's identifiers, NOTIFY channels included, are at most 63 bytes
+MAX_CHANNEL_BYTES = 63
+
+
+def check_channel(channel: object) -> str:
+    """The channel name, or ValueError saying why it cannot be one. Any text works (it is
+    quoted or bound wherever it is used) up to PostgreSQL's 63 bytes."""
+    if not isinstance(channel, str) or not channel:
+        raise ValueError(f"a channel name must be a non-empty string, got {channel!r}")
+    size = len(channel.encode())
+    if size > MAX_CHANNEL_BYTES:
+        raise ValueError(
+            f"channel name {channel[:20]!r}… is {size} bytes long; PostgreSQL "
+            f"allows at most {MAX_CHANNEL_BYTES} bytes (NOTIFY channels are "
+            "identifiers)"
+        )
+    return channel
 
 
 class TaskState(str, enum.Enum):
@@ -138,6 +158,10 @@ class TaskModelMixin:
                 else []
             ),
         )
+
+    @validates("channel")
+    def _check_channel(self, key: str, channel: str) -> str:
+        return check_channel(channel)
 
     def __repr__(self) -> str:
         return (

@@ -8,11 +8,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from ..models.task import Task, current_task
+from ..models.task import Task, check_channel, current_task
 from .retry import RetryPolicy
 
 # Parameters beanflow fills in by name; every other parameter comes from the task's kwargs.
 INJECTED = ("db", "task", "savepoint")
+
+# a task row carries its arguments; bulk data belongs in the user's tables, referenced by id
+MAX_KWARGS_CHARS = 1_000_000
 
 ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
 
@@ -34,8 +37,7 @@ class Processor:
         timeout: float | None = None,
         task_model: type | None = None,
     ) -> None:
-        if not channel or not isinstance(channel, str):
-            raise ValueError("a processor needs a channel name")
+        check_channel(channel)
         self.func = func
         self.channel = channel
         self.module = func.__module__
@@ -74,6 +76,11 @@ class Processor:
             text = json.dumps(kwargs)
         except (TypeError, ValueError) as error:
             raise ValueError(f"kwargs are not JSON-serialisable: {error}") from None
+        if len(text) > MAX_KWARGS_CHARS:
+            raise ValueError(
+                f"kwargs are {len(text):,} characters of JSON; the limit is "
+                f"{MAX_KWARGS_CHARS:,} (keep large data in your own tables)"
+            )
         keys = frozenset(kwargs)
         if keys in self._fitting_keys:  # keyword arguments fit or not by their names alone
             return text

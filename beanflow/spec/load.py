@@ -81,6 +81,18 @@ def load(
         mark = error.problem_mark or error.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         return None, [Problem(name, line, column, "", f"invalid YAML: {error.problem}")]
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow
+        before = text[: error.position]
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        return None, [
+            Problem(
+                name,
+                line,
+                column,
+                "",
+                f"invalid YAML: character {error.character!r} is not allowed",
+            )
+        ]
     if root is None:
         return None, [Problem(name, 1, 1, "", "the file is empty")]
     if not isinstance(root, yaml.MappingNode):

@@ -69,3 +69,12 @@ def slow_once(flag: str) -> str:
     path.write_text(str(os.getpid()))
     while True:
         time.sleep(0.01)
+
+
+@app.processor(channel="chaos")
+def mark(db: Session, task: bq.Task) -> None:
+    """The chaos run's task: its effect is a row keyed by its own id, so an effect committed
+    twice would fail on the primary key."""
+    db.add(Effect(key=str(task.id)))
+    db.flush()
+    time.sleep(0.003)  # a little work, so that kills land in the middle of tasks

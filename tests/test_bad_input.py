@@ -1,0 +1,159 @@
+"""Hostile and malformed input: clear errors, no crash, no injection, nothing imported."""
+
+from __future__ import annotations
+
+import string
+import sys
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+import beanflow as bq
+from beanflow import spec
+from beanflow.spec.load import Problem
+
+from .test_enqueue import Listening
+
+ODD_CHANNELS = [
+    "it's",
+    'say "hi"',
+    "with space",
+    "ünïcødé ✓",
+    "x'); DROP TABLE beanflow_tasks; --",
+    "x" * 63,
+    "é" * 31,  # 62 bytes
+]
+
+
+@pytest.mark.parametrize("channel", ODD_CHANNELS)
+def test_odd_channel_names_round_trip_through_notify(app, session, db_url, channel):
+    listener = Listening(db_url, [channel, "beanflow_test_sentinel"])
+    odd = app.processor(channel=channel)(lambda: None)
+    task = bq.enqueue(session, odd)
+    session.commit()
+    assert listener.received() == [channel]
+    listener.connection.close()
+    assert app.process_tasks([channel], burst=True) == 0
+    session.refresh(task)
+    assert task.state == bq.TaskState.DONE
+
+
+@pytest.mark.parametrize("channel", ["x" * 64, "é" * 32, "", None])
+def test_impossible_channel_names_are_refused_up_front(channel):
+    with pytest.raises(ValueError, match="channel name"):
+        bq.processor(channel=channel)(lambda: None)
+    with pytest.raises(ValueError, match="channel name"):
+        bq.Task(channel=channel, module="m", name="n")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ([1, 2], "kwargs must be a JSON object, got list"),
+        ({"value": {1, 2}}, "kwargs are not JSON-serialisable"),
+        ({"value": "x" * 1_000_001}, "kwargs are 1,000,014 characters of JSON; the limit is"),
+        ({"other": 1}, "kwargs do not fit echo(value)"),
+    ],
+)
+def test_bad_kwargs_are_refused_before_anything_is_written(kwargs, message):
+    from .workloads.app import echo
+
+    with pytest.raises(ValueError) as raised:
+        echo.check_kwargs(kwargs)
+    assert str(raised.value).startswith(message)
+
+
+def test_rows_naming_unconfigured_code_fail_without_any_import(app, session):
+    @app.processor(channel="default")
+    def registered() -> None:
+        pass
+
+    session.add_all(
+        [
+            bq.Task(channel="default", module="os", name="system", kwargs={"command": "true"}),
+            bq.Task(channel="default", module=__name__, name="not_a_processor"),
+            bq.Task(channel="default", module="tests.never_configured", name="run"),
+        ]
+    )
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    failed = session.scalars(select(bq.Task)).all()
+    assert {task.state for task in failed} == {bq.TaskState.FAILED}
+    assert all(
+        task.error_message.startswith("LookupError: no processor registered for ")
+        for task in failed
+    )
+    assert "tests.never_configured" not in sys.modules
+
+
+yaml_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.floats(allow_nan=False)
+    | st.text(string.printable, max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "version",
+                    "database",
+                    "processors",
+                    "channels",
+                    "schedules",
+                    "retry_policies",
+                    "worker",
+                    "packages",
+                    "function",
+                    "channel",
+                    "kind",
+                    "delay",
+                    "cron",
+                    "processor",
+                    "workers",
+                    "retry_policy",
+                    "maximum_attempt",
+                    "kwargs",
+                    "timezone",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(document=yaml_values)
+def test_any_yaml_document_compiles_or_reports_located_problems(tmp_path, document):
+    path = tmp_path / "beanflow.yaml"
+    path.write_text(yaml.safe_dump(document))
+    app, problems = spec.check(path)
+    assert (app is None) == bool(problems)
+    assert all(isinstance(p, Problem) and p.line >= 1 and p.column >= 1 for p in problems)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(text=st.text(string.printable + "{}[]:-#&*!|>'\"%@`", max_size=200))
+def test_any_text_compiles_or_reports_located_problems(tmp_path, text):
+    path = tmp_path / "beanflow.yaml"
+    path.write_text(text)
+    app, problems = spec.check(path)
+    assert (app is None) == bool(problems)
+    assert all(str(p).startswith(f"{path}:") for p in problems)
