@@ -126,6 +126,8 @@ def test_single_task_statements_use_indexes(app, deep_queue, name):
         "exception_type": "E",
         "traceback": "t",
         "unstarted": [],
+        "lost": False,
+        "max_crashes": 3,
     }
     with app.engine.begin() as connection:
         root = plan(connection, getattr(queries, name), parameters)

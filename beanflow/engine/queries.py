@@ -14,11 +14,13 @@ from typing import Any
 
 from sqlalchemy import (
     ARRAY,
+    Boolean,
     DateTime,
     Integer,
     Interval,
     String,
     Text,
+    and_,
     any_,
     bindparam,
     case,
@@ -26,6 +28,7 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    not_,
     or_,
     select,
     text,
@@ -226,30 +229,55 @@ class Queries:
 
     @functools.cached_property
     def release(self) -> Executable:
-        """Return every task :worker still holds to PENDING (on shutdown or after losing its
-        connection); tasks in :unstarted get their attempt back. Notifies their channels."""
+        """Return every task :worker still holds to PENDING (on shutdown, or after it lost its
+        connection); tasks in :unstarted get their attempt back. When :lost, the others were
+        running when the connection died: like a dead worker's, each counts a crash, and one
+        at :max_crashes is FAILED (a task that keeps breaking its connection, say by staying
+        idle in its transaction past the server's limit, cannot stall the queue). Notifies the
+        channels of the tasks returned to PENDING."""
         t = self.task
-        unstarted = bindparam("unstarted", type_=ARRAY(t.c.id.type))
+        unstarted = t.c.id == any_(bindparam("unstarted", type_=ARRAY(t.c.id.type)))
+        interrupted = and_(bindparam("lost", type_=Boolean), not_(unstarted))
+        gives_up = and_(interrupted, t.c.crash_count + 1 >= bindparam("max_crashes", Integer))
         released = (
             update(t)
             .where(t.c.worker_id == bindparam("worker"), t.c.state == PROCESSING)
             .values(
-                state=PENDING,
+                state=case((gives_up, FAILED), else_=PENDING),
                 worker_id=None,
                 started_at=None,
-                attempts=t.c.attempts - case((t.c.id == any_(unstarted), 1), else_=0),
+                finished_at=case((gives_up, func.clock_timestamp()), else_=None),
+                attempts=t.c.attempts - case((unstarted, 1), else_=0),
+                crash_count=t.c.crash_count + case((interrupted, 1), else_=0),
+                error_message=case(
+                    (
+                        gives_up,
+                        func.concat(
+                            "its worker died or lost its database connection ",
+                            t.c.crash_count + 1,
+                            " times while running it",
+                        ),
+                    ),
+                    else_=t.c.error_message,
+                ),
             )
-            .returning(t.c.id, t.c.channel)
+            .returning(t.c.id, t.c.channel, t.c.state, t.c.error_message)
             .cte("released")
         )
-        statement = self._notify_channels(released, released.c.channel)
+        statement = self._notify_channels(released, released.c.channel, released.c.state == PENDING)
         return self._with_events(
             statement,
             released,
             {
                 "task_id": released.c.id,
-                "type": literal_column("'REQUEUED'"),
-                "error_message": literal_column("'its worker stopped before finishing it'"),
+                "type": case(
+                    (released.c.state == FAILED, literal_column("'FAILED'")),
+                    else_=literal_column("'REQUEUED'"),
+                ),
+                "error_message": case(
+                    (released.c.state == FAILED, released.c.error_message),
+                    else_=literal_column("'its worker stopped before finishing it'"),
+                ),
             },
         )
 

