@@ -65,8 +65,8 @@ def scans_of(node: dict, table: str) -> list[tuple[str, str | None]]:
 
 @pytest.mark.parametrize("channels", [["deep"], ["deep", "other", "empty"]])
 def test_claim_uses_the_partial_index_in_order(app, deep_queue, channels):
-    queries = Queries(Task, Worker, Event, channel_count=len(channels))
-    parameters = {"worker": deep_queue, "limit": 10} | channel_parameters(channels)
+    queries = Queries(Task, Worker, Event, channel_count=len(channels), batch_size=10)
+    parameters = {"worker": deep_queue} | channel_parameters(channels)
     with app.engine.begin() as connection:
         root = plan(connection, queries.claim, parameters)
     scans = scans_of(root, "beanflow_tasks")
@@ -86,10 +86,10 @@ def test_next_due_uses_the_partial_index(app, deep_queue):
 
 
 def test_claim_returns_the_oldest_due_tasks(app, deep_queue):
-    queries = Queries(Task, Worker, Event)
+    queries = Queries(Task, Worker, Event, batch_size=10)
     with app.engine.begin() as connection:
         claimed = connection.execute(
-            queries.claim, {"worker": deep_queue, "channel_0": "deep", "limit": 10}
+            queries.claim, {"worker": deep_queue, "channel_0": "deep"}
         ).all()
         assert len(claimed) == 10
         assert all(row.channel == "deep" and row.worker_id == deep_queue for row in claimed)
@@ -139,12 +139,12 @@ def test_single_task_statements_use_indexes(app, deep_queue, name):
 def test_prepared_claim_generic_plan_uses_the_partial_index(app, deep_queue, channels):
     """Workers run the claim PREPAREd, with one generic plan for all parameters: that plan
     must use the index as well."""
-    queries = Queries(Task, Worker, Event, channel_count=len(channels))
+    queries = Queries(Task, Worker, Event, channel_count=len(channels), batch_size=10)
     prepared = Prepared("claim_under_test", queries.claim, *queries.task.c)
     with app.engine.connect() as connection:
         connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         prepared.prepare(connection)
-        parameters = {"worker": deep_queue, "limit": 10} | channel_parameters(channels)
+        parameters = {"worker": deep_queue} | channel_parameters(channels)
         root = plan(connection, prepared.execute, parameters)
         connection.rollback()
     scans = scans_of(root, "beanflow_tasks")

@@ -61,12 +61,14 @@ class Queries:
         event_model: type,
         events: bool = True,
         channel_count: int = 1,
+        batch_size: int = 1,
     ) -> None:
         self.task = task_model.__table__
         self.worker = worker_model.__table__
         self.event = event_model.__table__
         self.events = events
         self.channel_count = channel_count
+        self.batch_size = int(batch_size)
 
     def _pending_of_each_channel(self, *columns: Any) -> list[Any]:
         """One ``SELECT columns … ORDER BY scheduled_at`` of pending rows per channel.
@@ -95,13 +97,16 @@ class Queries:
 
     @functools.cached_property
     def claim(self) -> Executable:
-        """Claim up to :limit due PENDING tasks of :channel_N for :worker; returns their rows.
+        """Claim up to batch_size due PENDING tasks of :channel_N for :worker; returns them.
 
         The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
-        UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more than :limit rows.
+        UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.
         """
         t = self.task
-        limit = bindparam("limit", type_=Integer)
+        # The batch size is written into the statement, not bound: a prepared statement's
+        # generic plan guesses a bound LIMIT at a tenth of the table, and PostgreSQL 18 then
+        # joins the UPDATE with a sequential scan of every task.
+        limit = literal_column(str(self.batch_size))
         due_now = t.c.scheduled_at <= func.now()
         each = [
             branch.where(due_now).limit(limit).with_for_update(skip_locked=True)

@@ -76,6 +76,7 @@ class TaskWorker:
             app.event_model,
             events=app.config.EVENTS,
             channel_count=len(self.channels),
+            batch_size=app.config.BATCH_SIZE,
         )
         self.engine = app.engine
         # the hot path's own connection, whose savepoints cost no round trip
@@ -311,8 +312,8 @@ class TaskWorker:
         return tasks
 
     def _claim_in(self, session: Session) -> list[Any]:
-        parameters = {"worker": self.id, "limit": self.config.BATCH_SIZE}
-        return list(session.scalars(self._claim_statement, parameters | self._channel_parameters))
+        parameters = {"worker": self.id} | self._channel_parameters
+        return list(session.scalars(self._claim_statement, parameters))
 
     def _process(self, tasks: list[Any]) -> list[Any]:
         """Run claimed tasks; returns the next batch, claimed by the same commit as the last of
