@@ -18,7 +18,7 @@ import beanflow as bq
 from beanflow import db, embedded
 from beanflow.models import Base
 
-from .helpers import Workers
+from .helpers import OwnServer, Workers
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +110,11 @@ def workers(db_url: str, tmp_path) -> Iterator[Workers]:
     pool = Workers(db_url, tmp_path)
     yield pool
     pool.kill_all()
+
+
+@pytest.fixture
+def own_server(tmp_path) -> Iterator[OwnServer]:
+    """A server the test may restart, crash or reconfigure (an embedded one of its own)."""
+    server = OwnServer(tmp_path / "own-server")
+    yield server
+    server.stop()

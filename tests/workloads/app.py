@@ -49,7 +49,13 @@ def slow_effect(db: Session, key: str, flag: str, seconds: float) -> None:
 
 @app.processor(channel="work")
 def kill_my_worker() -> None:
+    """Dies like a segfault would: no cleanup, no exception."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.processor(channel="work")
+def exit_my_worker() -> None:
+    os._exit(3)
 
 
 @app.processor(channel="work", timeout=0.5)
