@@ -122,12 +122,13 @@ class TaskWorker:
         try:
             self._loop()
         finally:
-            self.stopping.set()
-            os.write(self._wake_write, b"\0")
+            self.stop()
             heartbeat.join()
             self._shut_down()
             self._hot_engine.dispose()
             self._restore_signal_handlers(previous)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
         return 1 if self.found_dead else 0
 
     def _register(self) -> None:
@@ -295,7 +296,8 @@ class TaskWorker:
     def stop(self) -> None:
         """Ask the worker to stop: it claims nothing more and finishes its current task."""
         self.stopping.set()
-        os.write(self._wake_write, b"\0")
+        with contextlib.suppress(OSError):  # the worker may have finished already
+            os.write(self._wake_write, b"\0")
 
     # ---- hot path --------------------------------------------------------------------------
 
