@@ -93,12 +93,15 @@ def test_chaos_run(tmp_path, own_server):
                 app.engine.dispose()
                 restarted = True
                 continue
-            running = [
-                pid
-                for (pid,) in sql("SELECT pid FROM beanflow_workers WHERE state = 'RUNNING'")
-                if psutil.pid_exists(pid) and pid not in killed
-            ]
-            victim = random.choice(running)
+
+            def live_workers() -> list[int]:
+                return [
+                    pid
+                    for (pid,) in sql("SELECT pid FROM beanflow_workers WHERE state = 'RUNNING'")
+                    if psutil.pid_exists(pid) and pid not in killed
+                ]
+
+            victim = random.choice(wait_for(live_workers, "a live worker to kill"))
             os.kill(victim, signal.SIGKILL)
             killed.append(victim)
         wait_for(lambda: done() == TASKS, "every task to be done", timeout=150)
