@@ -57,7 +57,7 @@ class BeanQueue:
 
     @functools.cached_property
     def session_factory(self) -> sessionmaker:
-        return db.make_session_factory(self.engine)
+        return sessionmaker(bind=self.engine)
 
     def create_tables(self) -> None:
         """Create the task, worker and event tables (and their indexes) if missing."""

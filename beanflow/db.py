@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.orm import sessionmaker
 
 from . import embedded
 from .config import Config
@@ -24,10 +23,6 @@ def database_url(config: Config) -> str:
 def make_engine(config: Config) -> Engine:
     """An engine for the configured database."""
     return create_engine(database_url(config))
-
-
-def make_session_factory(engine: Engine) -> sessionmaker:
-    return sessionmaker(bind=engine)
 
 
 _QUEUED = "beanflow_queued_statements"

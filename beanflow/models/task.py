@@ -136,26 +136,12 @@ class TaskModelMixin:
             # looks for it there: every insert and every state change writes fewer indexes.
             # Reaping and releasing look for a worker's PROCESSING tasks; children for theirs.
             *(
-                [
-                    Index(
-                        f"ix_{cls.__tablename__}_processing_worker",
-                        "worker_id",
-                        postgresql_where=text("state = 'PROCESSING'"),
-                    )
-                ]
-                if _declares(cls, "worker_id")
-                else []
-            ),
-            *(
-                [
-                    Index(
-                        f"ix_{cls.__tablename__}_parent",
-                        "parent_id",
-                        postgresql_where=text("parent_id IS NOT NULL"),
-                    )
-                ]
-                if _declares(cls, "parent_id")
-                else []
+                Index(f"ix_{cls.__tablename__}_{suffix}", column, postgresql_where=text(where))
+                for column, suffix, where in (
+                    ("worker_id", "processing_worker", "state = 'PROCESSING'"),
+                    ("parent_id", "parent", "parent_id IS NOT NULL"),
+                )
+                if _declares(cls, column)
             ),
         )
 
