@@ -1,8 +1,10 @@
 """beanflow: a PostgreSQL-native task queue (BeanQueue-compatible) and workflow runner."""
 
 from . import models
-from .app import BeanQueue, enqueue, enqueue_many
-from .config import Config, ConfigError
+from .app import BeanQueue
+from .config import Config
+from .deployment import Deployment, enqueue, enqueue_many, run_deployment
+from .errors import BeanflowError, ConfigError, KwargsError, ProcessorNotFound, SpecError
 from .models import (
     Event,
     EventModelMixin,
@@ -27,20 +29,24 @@ from .processors import (
     ProcessorRegistry,
     processor,
 )
-from .spec import SpecError, load
+from .spec import load
 
 __all__ = [
     "BeanQueue",
+    "BeanflowError",
     "Config",
     "ConfigError",
     "DelayRetry",
+    "Deployment",
     "Event",
     "EventModelMixin",
     "EventModelRefTaskMixin",
     "EventType",
     "ExponentialBackoffRetry",
+    "KwargsError",
     "LimitAttempt",
     "Processor",
+    "ProcessorNotFound",
     "ProcessorRegistry",
     "SpecError",
     "Task",
@@ -58,4 +64,5 @@ __all__ = [
     "load",
     "models",
     "processor",
+    "run_deployment",
 ]

@@ -1,29 +1,24 @@
-"""The ``beanflow`` command line."""
+"""The ``beanflow`` command line: it parses arguments and reports errors; the work is done by
+the library (``deployment.run_deployment``, ``BeanQueue``, ``spec``)."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
-from sqlalchemy import exc, func, inspect
+from psycopg2 import errors as pg_errors
+from sqlalchemy import exc, func
 
-from . import db, spec
+from . import spec
 from .app import BeanQueue
-from .config import ConfigError, import_object
-from .engine.pool import ChannelPlan, Supervisor
-from .engine.queries import Queries
-from .engine.schedules import Scheduler
-from .spec.compile import seconds
-
-# how a supervisor hands the resolved database URL to its workers (not on the command line,
-# where `ps` would show its password)
-WORKER_DATABASE_URL = "BEANFLOW_RUN_DATABASE_URL"
+from .config import import_object, parse_duration
+from .deployment import Deployment, run_deployment, run_worker
+from .errors import BeanflowError, SpecError, TablesMissing, first_line
 
 logger = logging.getLogger("beanflow")
 
@@ -32,6 +27,30 @@ def fail(message: str, status: int = 2) -> NoReturn:
     """Print a one-line error and exit (2 for bad input, 1 for a failure at run time)."""
     click.echo(f"Error: {message}", err=True)
     sys.exit(status)
+
+
+class Commands(click.Group):
+    """The command group, and the one place where errors become messages and exit statuses:
+    a bad file lists its problems (status 1), any other BeanflowError is one ``Error:`` line
+    (status 2), a database that cannot be used or lacks the tables is one line (status 1)."""
+
+    def invoke(self, context: click.Context) -> Any:
+        try:
+            return super().invoke(context)
+        except SpecError as error:
+            for problem in error.problems:
+                click.echo(str(problem), err=True)
+            where = error.problems[0].file if error.problems else "the file"
+            click.echo(f"{where}: {len(error.problems)} problem(s)", err=True)
+            sys.exit(1)
+        except BeanflowError as error:
+            fail(str(error), 1 if isinstance(error, TablesMissing) else 2)
+        except exc.ProgrammingError as error:
+            if not isinstance(error.orig, pg_errors.UndefinedTable):
+                raise
+            fail(str(TablesMissing(context.meta.get("config_file"))), 1)
+        except exc.OperationalError as error:
+            fail(f"cannot use the database: {first_line(error.orig or error)}", 1)
 
 
 def load_app(path: str | None) -> BeanQueue:
@@ -48,20 +67,10 @@ def load_app(path: str | None) -> BeanQueue:
     return app
 
 
-def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can cause into one-line messages."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except ConfigError as error:
-            fail(str(error))
-        except exc.OperationalError as error:
-            fail(f"cannot use the database: {str(error.orig).strip().splitlines()[0]}", 1)
-
-    run.__name__ = command.__name__
-    run.__doc__ = command.__doc__
-    return run
+def load_deployment(path: str) -> Deployment:
+    """The deployment a file declares (its problems are reported by ``Commands``)."""
+    click.get_current_context().meta["config_file"] = path
+    return spec.load(path)
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,7 +89,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.option(
     "-a",
     "--app",
@@ -107,19 +116,8 @@ def main(context: click.Context, app_path: str | None, log_level: str, log_forma
         else logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     )
     logging.basicConfig(level=log_level.upper(), handlers=[handler])
-    context.obj = lambda: guarded(load_app)(app_path)
+    context.obj = lambda: load_app(app_path)
     context.meta["log"] = ["--log-level", log_level, "--log-format", log_format]
-
-
-def load_spec(path: str) -> BeanQueue:
-    """The application a spec file declares, or exit 1 after printing its problems."""
-    try:
-        return spec.load(path)
-    except spec.SpecError as error:
-        for problem in error.problems:
-            click.echo(str(problem), err=True)
-        click.echo(f"{path}: {len(error.problems)} problem(s)", err=True)
-        sys.exit(1)
 
 
 @main.command("create-tables")
@@ -130,10 +128,9 @@ def load_spec(path: str) -> BeanQueue:
     help="Use the database of this beanflow.yaml.",
 )
 @click.pass_obj
-@guarded
 def create_tables(make_app: Callable[[], BeanQueue], config_file: str | None) -> None:
     """Create beanflow's tables in the configured database (idempotent)."""
-    (load_spec(config_file) if config_file else make_app()).create_tables()
+    (load_deployment(config_file).app if config_file else make_app()).create_tables()
     click.echo("tables created")
 
 
@@ -145,15 +142,9 @@ main.add_command(create_tables, "create_tables")
 @click.argument("channels", nargs=-1, required=True)
 @click.option("--burst", is_flag=True, help="Exit once no task is due.")
 @click.pass_obj
-@guarded
 def process(make_app: Callable[[], BeanQueue], channels: tuple[str, ...], burst: bool) -> None:
     """Run a worker on CHANNELS until SIGTERM or SIGINT."""
-    app = make_app()
-    try:
-        status = app.process_tasks(channels, burst=burst)
-    except LookupError as error:
-        fail(str(error))
-    sys.exit(status)
+    sys.exit(make_app().process_tasks(channels, burst=burst))
 
 
 @main.command()
@@ -176,7 +167,6 @@ def process(make_app: Callable[[], BeanQueue], channels: tuple[str, ...], burst:
 @click.option("--at", "at", help="Run at this ISO 8601 time (local time unless it has an offset).")
 @click.option("--in", "delay", help="Run after this duration (30s, 5m, 1h).")
 @click.pass_obj
-@guarded
 def submit(
     make_app: Callable[[], BeanQueue],
     channel: str,
@@ -199,13 +189,15 @@ def submit(
         scheduled_at = _when(at, delay)
     except ValueError as error:
         fail(str(error))
-    app = load_spec(config_file) if config_file else make_app()
-    try:
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
-        task = app.resolve(channel, ":".join(names)).run(**kwargs)
-    except (LookupError, ValueError) as error:
-        fail(str(error))
+    if not isinstance(kwargs, dict):
+        fail(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
+    if config_file:
+        deployment = load_deployment(config_file)
+        app, processor = deployment.app, deployment.resolve(channel, ":".join(names))
+    else:
+        app = make_app()
+        processor = app.resolve(channel, ":".join(names))
+    task = processor.run(**kwargs)
     if scheduled_at is not None:
         task.scheduled_at = scheduled_at
     with app.session_factory() as session:
@@ -225,7 +217,7 @@ def _when(at: str | None, delay: str | None) -> Any:
         return moment if moment.tzinfo else moment.astimezone()
     if delay is not None:
         try:
-            return func.now() + datetime.timedelta(seconds=seconds(delay))
+            return func.now() + datetime.timedelta(seconds=parse_duration(delay))
         except ValueError as error:
             raise ValueError(f"--in: {error}") from None
     return None
@@ -235,8 +227,7 @@ def _when(at: str | None, delay: str | None) -> Any:
 @click.argument("file", default="beanflow.yaml", type=click.Path(dir_okay=False))
 def validate(file: str) -> None:
     """Check FILE (default beanflow.yaml): every problem as FILE:LINE:COL: key: message."""
-    app = load_spec(file)
-    click.echo(spec.describe(app, file))
+    click.echo(spec.describe(spec.load(file, default=False), file))
 
 
 @main.command()
@@ -245,64 +236,19 @@ def validate(file: str) -> None:
 @click.option("--burst", is_flag=True, help="Process until no task is due, then exit.")
 @click.option("--worker-channel", hidden=True)
 @click.pass_context
-@guarded
 def run(
     context: click.Context, file: str, create_tables: bool, burst: bool, worker_channel: str | None
 ) -> None:
     """Run what FILE declares: worker processes per channel and the cron schedules."""
-    app = load_spec(file)
-    if worker_channel is not None:  # a worker process started by the supervisor below
-        app.config.DATABASE_URL = os.environ[WORKER_DATABASE_URL]
-        plan = next(p for p in app.pool if p.channel == worker_channel)
-        app.config.BATCH_SIZE = plan.batch_size or app.config.BATCH_SIZE
-        app.config.POLL_TIMEOUT = plan.poll_timeout or app.config.POLL_TIMEOUT
-        sys.exit(app.process_tasks([worker_channel], burst=burst))
-
-    # resolved once (this may start the embedded server), then handed to the workers
-    app.config.DATABASE_URL = os.environ[WORKER_DATABASE_URL] = db.database_url(app.config)
-    if create_tables:
-        app.create_tables()
-    elif not inspect(app.engine).has_table(app.task_model.__tablename__):
-        fail(
-            "beanflow's tables do not exist in this database; run again with "
-            "--create-tables, or run `beanflow create-tables`",
-            1,
+    deployment = load_deployment(file)
+    if worker_channel is not None:  # a worker process started by run_deployment
+        sys.exit(run_worker(deployment, worker_channel, burst=burst))
+    log_arguments = context.meta["log"]
+    sys.exit(
+        run_deployment(
+            deployment, burst=burst, create_tables=create_tables, log_arguments=log_arguments
         )
-    log = context.meta["log"]
-
-    def command(plan: ChannelPlan) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "beanflow",
-            *log,
-            "run",
-            file,
-            "--worker-channel",
-            plan.channel,
-            *(["--burst"] if burst else []),
-        ]
-
-    plans = [plan for plan in app.pool if plan.workers > 0]
-    scheduler = Scheduler(app, app.schedules) if app.schedules else None
-    queries = Queries(app.task_model, app.worker_model, app.event_model)
-
-    def due_channels() -> set[str]:
-        with app.engine.connect() as connection:
-            rows = connection.execute(
-                queries.due_channels, {"channels": [plan.channel for plan in plans]}
-            )
-            return {row.channel for row in rows}
-
-    supervisor = Supervisor(
-        plans,
-        command,
-        scheduler,
-        grace_period=app.config.SHUTDOWN_GRACE_PERIOD,
-        burst=burst,
-        due_channels=due_channels,
     )
-    sys.exit(supervisor.run())
 
 
 if __name__ == "__main__":

@@ -1,81 +1,196 @@
-"""Configuration: defaults, ``BEANFLOW_*`` environment variables, validation."""
+"""Configuration: defaults, ``BEANFLOW_*`` environment variables, and one parser per setting.
+
+Every value goes through its field's parser, whichever way it arrives: a ``Config(...)``
+keyword, a ``BEANFLOW_*`` variable, or a key of beanflow.yaml (``Config.parse``). So each
+setting has one syntax and one set of bounds everywhere.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import json
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError
 
 ENV_PREFIX = "BEANFLOW_"
 
+Parser = Callable[[Any], Any]
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the setting."""
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
+DURATION_HELP = "a duration such as 250ms, 30s, 5m, 1h or 1d (a bare number is seconds)"
 
 
-@dataclasses.dataclass
+def parse_duration(value: Any) -> float:
+    """Seconds in ``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"``, or a number of seconds
+    (also as text); raises ValueError for anything else, NaN and infinity included."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not {DURATION_HELP}")
+        return float(value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"{json.dumps(value, default=repr)} is not {DURATION_HELP}")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def _bounded(number: float, positive: bool, shown: Any) -> None:
+    if number < 0 or (positive and number == 0):
+        raise ValueError(f"must be {'> 0' if positive else '>= 0'}, got {shown!r}")
+
+
+def integer(*, positive: bool = True) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        _bounded(value, positive, value)
+        return value
+
+    return parse
+
+
+def duration(*, positive: bool = True) -> Parser:
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        _bounded(seconds, positive, value)
+        return seconds
+
+    return parse
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return list(value)
+
+
+def database_url(value: Any) -> str | None:
+    """A PostgreSQL URL, or None (the embedded server)."""
+    if value is None:
+        return None
+    text(value)
+    try:
+        url = make_url(value.strip())
+    except ArgumentError:
+        raise ValueError(
+            f"{value!r} is not a database URL such as postgresql://user@host:5432/name"
+        ) from None
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"beanflow needs PostgreSQL; {url.drivername!r} URLs are not supported "
+            f"({url.render_as_string(hide_password=True)})"
+        )
+    return value.strip()
+
+
+def _setting(default: Any, parse: Parser) -> Any:
+    factory = (lambda: list(default)) if isinstance(default, list) else None
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"parse": parse})
+    return dataclasses.field(default=default, metadata={"parse": parse})
+
+
+@dataclasses.dataclass(init=False)
 class Config:
     """beanflow settings.
 
     Every field can be passed as a keyword argument; a field not passed is read from the
-    environment variable ``BEANFLOW_<FIELD>`` and otherwise keeps its default.
+    environment variable ``BEANFLOW_<FIELD>`` and otherwise keeps its default. Durations are
+    seconds, or text such as ``"30s"`` or ``"5m"``.
     """
 
     # Python packages scanned for @processor-decorated functions.
-    PROCESSOR_PACKAGES: list[str] = dataclasses.field(default_factory=list)
+    PROCESSOR_PACKAGES: list[str] = _setting([], strings)
     # SQLAlchemy/libpq URL; None starts (or reuses) the embedded server in EMBEDDED_DIR.
-    DATABASE_URL: str | None = None
-    EMBEDDED_DIR: str = ".beanflow"
+    DATABASE_URL: str | None = _setting(None, database_url)
+    EMBEDDED_DIR: str = _setting(".beanflow", text)
     # Tasks claimed per statement; N > 1 runs them in one transaction (group commit).
-    BATCH_SIZE: int = 1
+    BATCH_SIZE: int = _setting(1, integer())
     # A batch transaction commits early once it has been open this many seconds.
-    BATCH_WINDOW: float = 1.0
+    BATCH_WINDOW: float = _setting(1.0, duration(positive=False))
     # Longest an idle worker sleeps before it looks for due tasks without a notify.
-    POLL_TIMEOUT: float = 60.0
-    WORKER_HEARTBEAT_PERIOD: float = 30.0
-    WORKER_HEARTBEAT_TIMEOUT: float = 100.0
+    POLL_TIMEOUT: float = _setting(60.0, duration())
+    WORKER_HEARTBEAT_PERIOD: float = _setting(30.0, duration())
+    # Silence after which a worker is found dead; longer than the period.
+    WORKER_HEARTBEAT_TIMEOUT: float = _setting(100.0, duration())
     # How long a stopping worker lets its running task finish before returning it.
-    SHUTDOWN_GRACE_PERIOD: float = 30.0
+    SHUTDOWN_GRACE_PERIOD: float = _setting(30.0, duration(positive=False))
     # A task whose worker died this many times while holding it is failed, not re-queued.
-    MAX_WORKER_CRASHES: int = 3
+    MAX_WORKER_CRASHES: int = _setting(3, integer())
     # Write one Event row per task state transition.
-    EVENTS: bool = True
-    TASK_MODEL: str = "beanflow.models.Task"
-    WORKER_MODEL: str = "beanflow.models.Worker"
-    EVENT_MODEL: str = "beanflow.models.Event"
+    EVENTS: bool = _setting(True, boolean)
+    TASK_MODEL: str = _setting("beanflow.models.Task", text)
+    WORKER_MODEL: str = _setting("beanflow.models.Worker", text)
+    EVENT_MODEL: str = _setting("beanflow.models.Event", text)
 
     def __init__(self, env: Mapping[str, str] | None = None, **values: Any) -> None:
         env = os.environ if env is None else env
-        names = {field.name for field in dataclasses.fields(self)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - set(FIELDS))
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
-        for field in dataclasses.fields(self):
-            if field.name in values:
-                value = _check(field.name, field.type, values[field.name], field.name)
-            elif ENV_PREFIX + field.name in env:
-                variable = ENV_PREFIX + field.name
-                value = _check(field.name, field.type, _parse(env[variable], variable), variable)
+        for name, field in FIELDS.items():
+            variable = ENV_PREFIX + name
+            if name in values:
+                value = self.parse(name, values[name], name)
+            elif variable in env:
+                value = self.parse(name, _from_environment(env[variable], variable), variable)
             elif field.default_factory is not dataclasses.MISSING:
                 value = field.default_factory()
             else:
                 value = field.default
-            setattr(self, field.name, value)
+            setattr(self, name, value)
+        if self.WORKER_HEARTBEAT_TIMEOUT <= self.WORKER_HEARTBEAT_PERIOD:
+            raise ConfigError(
+                f"WORKER_HEARTBEAT_TIMEOUT ({self.WORKER_HEARTBEAT_TIMEOUT:g}s) must be longer "
+                f"than WORKER_HEARTBEAT_PERIOD ({self.WORKER_HEARTBEAT_PERIOD:g}s), or live "
+                "workers would find each other dead"
+            )
+
+    @staticmethod
+    def parse(name: str, value: Any, source: str) -> Any:
+        """``value`` for the field ``name``, parsed and bounds-checked; raises ConfigError
+        naming ``source`` (a field, a variable, or a key of a file)."""
+        try:
+            return parse_setting(name, value)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {error}") from None
 
 
-_POSITIVE = {
-    "BATCH_SIZE",
-    "POLL_TIMEOUT",
-    "WORKER_HEARTBEAT_PERIOD",
-    "WORKER_HEARTBEAT_TIMEOUT",
-    "MAX_WORKER_CRASHES",
-}
+def parse_setting(name: str, value: Any) -> Any:
+    """``value`` for the field ``name``, parsed and bounds-checked; raises ValueError saying
+    what is wrong with the value (the caller says where it came from)."""
+    return FIELDS[name].metadata["parse"](value)
 
 
-def _parse(raw: str, variable: str) -> Any:
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _from_environment(raw: str, variable: str) -> Any:
     """Environment values are JSON where they parse as JSON, else plain strings."""
     try:
         return json.loads(raw)
@@ -83,37 +198,6 @@ def _parse(raw: str, variable: str) -> Any:
         if raw.lstrip().startswith(("[", "{")):
             raise ConfigError(f"{variable}: not valid JSON: {raw!r}") from None
         return raw
-
-
-def _check(name: str, annotation: str, value: Any, source: str) -> Any:
-    kind = annotation.replace(" | None", "")
-    if value is None and "None" in annotation:
-        return None
-    if kind == "list[str]":
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{source}: expected a list of strings, got {value!r}")
-        return list(value)
-    if kind == "bool":
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: expected true or false, got {value!r}")
-        return value
-    if kind in ("int", "float"):
-        number_type = int if kind == "int" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, number_type):
-            expected = "an integer" if kind == "int" else "a number"
-            raise ConfigError(f"{source}: expected {expected}, got {value!r}")
-        if value < 0 or (name in _POSITIVE and value == 0):
-            raise ConfigError(
-                f"{source}: must be {'> 0' if name in _POSITIVE else '>= 0'}, got {value!r}"
-            )
-        return value
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{source}: expected a non-empty string, got {value!r}")
-    return value
 
 
 def import_object(path: str) -> Any:

@@ -84,7 +84,7 @@ def test_rows_naming_unconfigured_code_fail_without_any_import(app, session):
     failed = session.scalars(select(bq.Task)).all()
     assert {task.state for task in failed} == {bq.TaskState.FAILED}
     assert all(
-        task.error_message.startswith("LookupError: no processor registered for ")
+        task.error_message.startswith("ProcessorNotFound: no processor registered for ")
         for task in failed
     )
     assert "tests.never_configured" not in sys.modules

@@ -211,8 +211,8 @@ def test_run_without_tables_says_so(runs, empty_db_url):
     result = runs.run("run", str(runs.spec()), "--burst")
     assert result.returncode == 1
     assert (
-        "beanflow's tables do not exist in this database; run again with --create-tables"
-        in result.stderr
+        "Error: beanflow's tables do not exist in this database; create them with "
+        f"`beanflow create-tables --config {runs.spec()}`" in result.stderr
     )
     created = runs.run("run", str(runs.spec()), "--burst", "--create-tables")
     assert created.returncode == 0, created.stderr

@@ -12,7 +12,7 @@ import pytest
 
 import beanflow as bq
 from beanflow import spec
-from beanflow.spec.compile import seconds
+from beanflow.config import parse_duration
 
 from .helpers import ROOT
 
@@ -70,21 +70,22 @@ def write(tmp_path, text: str, name: str = "beanflow.yaml"):
 def problems_of(tmp_path, text: str) -> list[str]:
     """The problems of a file, without the file name: ``LINE:COL: key.path: message``."""
     path = write(tmp_path, text)
-    app, problems = spec.check(path)
-    assert (app is None) == bool(problems)
+    deployment, problems = spec.check(path)
+    assert (deployment is None) == bool(problems)
     return [str(p).removeprefix(f"{path}:") for p in problems]
 
 
 def test_valid_file_compiles_to_the_engines_objects(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_DB_URL", "postgresql://u:secret@db.example:5432/shop")
-    app, problems = spec.check(write(tmp_path, VALID))
+    deployment, problems = spec.check(write(tmp_path, VALID))
     assert problems == []
+    app = deployment.app
     assert app.config.DATABASE_URL == "postgresql://u:secret@db.example:5432/shop"
     assert (app.config.WORKER_HEARTBEAT_PERIOD, app.config.WORKER_HEARTBEAT_TIMEOUT) == (5, 60)
     assert (app.config.SHUTDOWN_GRACE_PERIOD, app.config.BATCH_WINDOW) == (10, 0.5)
     assert (app.config.MAX_WORKER_CRASHES, app.config.EVENTS) == (2, False)
 
-    echo = app.names["echo"]
+    echo = deployment.processors["echo"]
     assert (echo.channel, echo.module, echo.name, echo.timeout) == (
         "work",
         "tests.workloads.app",
@@ -98,11 +99,11 @@ def test_valid_file_compiles_to_the_engines_objects(tmp_path, monkeypatch):
     assert (backoff.base, backoff.max_delay, backoff.jitter) == (3, timedelta(minutes=1), 0.5)
     assert echo.retry_exceptions == (ConnectionError,)
     assert app.registry.get("work", "tests.workloads.app", "echo") is echo
-    assert app.names["effect"].retry_policy.delay == timedelta(seconds=1)
+    assert deployment.processors["effect"].retry_policy.delay == timedelta(seconds=1)
 
-    [plan] = app.pool
+    [plan] = deployment.channels
     assert (plan.channel, plan.workers, plan.batch_size, plan.poll_timeout) == ("work", 2, 5, 30.0)
-    [schedule] = app.schedules
+    [schedule] = deployment.schedules
     assert (schedule.name, schedule.processor, schedule.cron, schedule.timezone) == (
         "every_second",
         echo,
@@ -114,8 +115,8 @@ def test_valid_file_compiles_to_the_engines_objects(tmp_path, monkeypatch):
 
 def test_interpolation_types_plain_scalars_and_keeps_quoted_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKERS", "7")
-    app, _ = spec.check(write(tmp_path, VALID))
-    assert app.pool[0].workers == 7
+    deployment, _ = spec.check(write(tmp_path, VALID))
+    assert deployment.channels[0].workers == 7
     document, problems = spec.load_document(write(tmp_path, 'a: "${WORKERS}"\nb: x-${WORKERS}\n'))
     assert problems == [] and document.data == {"a": "7", "b": "x-7"}
 
@@ -342,14 +343,25 @@ def test_validate_reports_every_problem_at_once_and_exits_1(tmp_path):
 
 
 def test_load_makes_names_resolvable_by_enqueue(tmp_path, session):
-    app = bq.load(write(tmp_path, VALID))
+    deployment = bq.load(write(tmp_path, VALID))
     task = bq.enqueue(session, "echo", value=3)
     assert (task.channel, task.name, task.kwargs) == ("work", "echo", {"value": 3})
     with pytest.raises(ValueError, match="kwargs do not fit echo"):
         bq.enqueue(session, "echo", nonsense=1)
     with pytest.raises(LookupError, match="no processor named 'nope'"):
         bq.enqueue(session, "nope")
-    assert bq.BeanQueue.default is app
+    with pytest.raises(bq.ProcessorNotFound, match="belongs to channel 'work'"):
+        deployment.resolve("mail", "echo")
+    many = bq.enqueue_many(session, "echo", [{"value": 1}, {"value": 2}])
+    assert many == 2
+    assert deployment.enqueue(session, "echo", value=4).kwargs == {"value": 4}
+
+
+def test_load_without_default_leaves_the_default_alone(tmp_path):
+    first = bq.load(write(tmp_path, VALID))
+    second = bq.load(write(tmp_path, VALID, "other.yaml"), default=False)
+    assert second is not first
+    assert bq.deployment.default() is first
 
 
 def test_load_raises_with_every_problem(tmp_path):
@@ -359,7 +371,7 @@ def test_load_raises_with_every_problem(tmp_path):
 
 
 def test_durations():
-    assert [seconds(v) for v in ("250ms", "30s", "5m", "1h", "1d", 2, 0.5)] == [
+    assert [parse_duration(v) for v in ("250ms", "30s", "5m", "1h", "1d", 2, 0.5)] == [
         0.25,
         30,
         300,

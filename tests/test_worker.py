@@ -258,7 +258,7 @@ def test_unregistered_function_fails_without_importing_anything(app, session):
     session.refresh(task)
     assert task.state == TaskState.FAILED
     assert task.error_message.startswith(
-        f"LookupError: no processor registered for {module}.anything"
+        f"ProcessorNotFound: no processor registered for {module}.anything"
     )
     assert module not in sys.modules
 

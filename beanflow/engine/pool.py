@@ -12,7 +12,6 @@ import os
 import select
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 
@@ -80,19 +79,16 @@ class Supervisor:
         """Start everything and supervise; returns the exit status (0 unless a burst worker
         failed)."""
         previous = {n: signal.signal(n, self._on_signal) for n in (signal.SIGTERM, signal.SIGINT)}
-        schedule_thread = None
-        if self.scheduler is not None and not self.burst:
-            schedule_thread = threading.Thread(
-                target=self.scheduler.run, name="beanflow-cron", daemon=True
-            )
-            schedule_thread.start()
+        scheduling = self.scheduler is not None and not self.burst
+        if scheduling:
+            self.scheduler.start()
         for slot in self.slots:
             self._start(slot)
         logger.info(
             "supervisor %d started %d worker(s)%s",
             os.getpid(),
             len(self.slots),
-            ", and the schedules" if schedule_thread else "",
+            ", and the schedules" if scheduling else "",
         )
         try:
             status = self._supervise()

@@ -12,17 +12,17 @@ import logging
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
 from sqlalchemy import exc
 
-from .queries import Queries
-
-if TYPE_CHECKING:
-    from ..app import BeanQueue
-    from ..processors.processor import Processor
+from ..errors import first_line
+from ..processors.processor import Processor
+from .interface import QueueApp
+from .queries import enqueue_unique
+from .service import PeriodicService
 
 logger = logging.getLogger(__name__)
 
@@ -56,41 +56,44 @@ class Schedule:
         return f"schedule:{self.name}:{tick.astimezone(timezone.utc).isoformat()}"
 
 
-class Scheduler:
-    """Enqueues the ticks of some schedules until stopped."""
+class Scheduler(PeriodicService):
+    """Enqueues the ticks of some schedules until stopped: first the missed ticks that
+    ``catch_up`` allows, then each tick as it comes."""
 
+    name = "scheduler"
     # ticks are inserted this long before they are due, so that workers (which wake at a
     # task's scheduled_at) start them on time whatever the scheduler's own delays
     LEAD_SECONDS = 1.0
 
-    def __init__(self, app: BeanQueue, schedules: list[Schedule]) -> None:
+    def __init__(self, app: QueueApp, schedules: list[Schedule]) -> None:
+        super().__init__(0.0, threading.Event())
         self.app = app
-        self.schedules = schedules
-        self.queries = Queries(app.task_model, app.worker_model, app.event_model)
-        self.stopping = threading.Event()
+        self.schedules = {schedule.name: schedule for schedule in schedules}
+        self.statement = enqueue_unique(app.task_model.__table__)
+        self.upcoming: dict[str, datetime] | None = None  # None until it has caught up
 
-    def run(self) -> None:
-        """Catch up, then enqueue each tick as it comes, until ``stop()``."""
+    def next_wait(self) -> float:
+        if self.upcoming is None:
+            return 0.0
+        soonest = min(self.upcoming.values(), default=None)
+        if soonest is None:
+            return 3600.0
+        wait = (soonest - datetime.now(timezone.utc)).total_seconds() - self.LEAD_SECONDS
+        return max(wait, 0.0)
+
+    def run_once(self) -> None:
         now = datetime.now(timezone.utc)
-        upcoming: dict[str, datetime] = {}
-        for schedule in self.schedules:
-            for tick in schedule.recent_ticks(now, schedule.catch_up):
-                self.enqueue(schedule, tick)
-            upcoming[schedule.name] = schedule.next_tick(now)
-        by_name = {schedule.name: schedule for schedule in self.schedules}
-        while upcoming and not self.stopping.is_set():
-            soonest = min(upcoming.values())
-            wait = (soonest - datetime.now(timezone.utc)).total_seconds() - self.LEAD_SECONDS
-            if wait > 0 and self.stopping.wait(wait):
-                return
-            horizon = datetime.now(timezone.utc).timestamp() + self.LEAD_SECONDS
-            for name, tick in list(upcoming.items()):
-                if tick.timestamp() <= horizon:
-                    self.enqueue(by_name[name], tick)
-                    upcoming[name] = by_name[name].next_tick(tick)
-
-    def stop(self) -> None:
-        self.stopping.set()
+        if self.upcoming is None:
+            for schedule in self.schedules.values():
+                for tick in schedule.recent_ticks(now, schedule.catch_up):
+                    self.enqueue(schedule, tick)
+            self.upcoming = {s.name: s.next_tick(now) for s in self.schedules.values()}
+            return
+        horizon = now.timestamp() + self.LEAD_SECONDS
+        for name, tick in list(self.upcoming.items()):
+            if tick.timestamp() <= horizon:
+                self.enqueue(self.schedules[name], tick)
+                self.upcoming[name] = self.schedules[name].next_tick(tick)
 
     def enqueue(self, schedule: Schedule, tick: datetime) -> bool:
         """Insert the task of ``tick`` unless some scheduler already did; True if this one
@@ -99,7 +102,7 @@ class Scheduler:
         try:
             with self.app.engine.begin() as connection:
                 inserted = connection.execute(
-                    self.queries.enqueue_unique,
+                    self.statement,
                     {
                         "task_id": uuid.uuid4(),
                         "task_channel": processor.channel,
@@ -115,7 +118,7 @@ class Scheduler:
                 "schedule %s: could not enqueue the tick of %s: %s",
                 schedule.name,
                 tick.isoformat(),
-                str(error.orig).strip().splitlines()[0],
+                first_line(error.orig or error),
             )
             return False
         if inserted is not None:

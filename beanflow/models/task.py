@@ -20,7 +20,6 @@ from sqlalchemy import (
     Text,
     event,
     func,
-    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -35,6 +34,7 @@ from sqlalchemy.orm import (
     validates,
 )
 
+from ..engine.queries import notify
 from .base import Base
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def notify_channels(
         while scope is not None and channel not in sent.get(scope, ()):
             scope = scope.parent
         if scope is None:
-            (connection or session).execute(select(func.pg_notify(channel, "")))
+            (connection or session).execute(notify(channel))
             sent.setdefault(transaction, set()).add(channel)
 
 

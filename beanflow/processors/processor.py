@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import KwargsError
 from ..models.task import Task, check_channel, current_task
 from .retry import RetryPolicy
 
@@ -68,16 +69,16 @@ class Processor:
         return f"<Processor {self.channel}:{self.module}.{self.name}>"
 
     def check_kwargs(self, kwargs: Any) -> str:
-        """The JSON text of ``kwargs``; raises ValueError naming what is wrong unless they can
+        """The JSON text of ``kwargs``; raises KwargsError naming what is wrong unless they can
         be stored as a task's arguments and fit the function's signature."""
         if not isinstance(kwargs, dict):
-            raise ValueError(f"kwargs must be a JSON object, got {type(kwargs).__name__}")
+            raise KwargsError(f"kwargs must be a JSON object, got {type(kwargs).__name__}")
         try:
             text = json.dumps(kwargs)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"kwargs are not JSON-serialisable: {error}") from None
+            raise KwargsError(f"kwargs are not JSON-serialisable: {error}") from None
         if len(text) > MAX_KWARGS_CHARS:
-            raise ValueError(
+            raise KwargsError(
                 f"kwargs are {len(text):,} characters of JSON; the limit is "
                 f"{MAX_KWARGS_CHARS:,} (keep large data in your own tables)"
             )
@@ -91,16 +92,21 @@ class Processor:
                 str(p.replace(annotation=inspect.Parameter.empty))
                 for p in self._signature.parameters.values()
             )
-            raise ValueError(f"kwargs do not fit {self.name}({parameters}): {error}") from None
+            raise KwargsError(f"kwargs do not fit {self.name}({parameters}): {error}") from None
         self._fitting_keys.add(keys)
         return text
 
     def run(self, **kwargs: Any) -> Any:
         """Return a new, unsaved task that calls this processor with ``kwargs``."""
         self.check_kwargs(kwargs)
-        return (self.task_model or Task)(
+        return self.task_class(
             channel=self.channel, module=self.module, name=self.name, kwargs=kwargs
         )
+
+    @property
+    def task_class(self) -> type:
+        """The Task model of this processor's tasks (``task_model``, or beanflow.Task)."""
+        return self.task_model or Task
 
     def call(self, db: Any, task: Any, savepoint: Any) -> Any:
         """Call the function for ``task`` and flush its changes to ``db``; tasks it enqueued

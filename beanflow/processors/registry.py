@@ -20,6 +20,7 @@ class ProcessorRegistry:
 
     def __init__(self) -> None:
         self.processors: dict[tuple[str, str, str], Processor] = {}
+        self.scanned: set[str] = set()
 
     def add(self, processor: Processor) -> Processor:
         key = (processor.channel, processor.module, processor.name)
@@ -45,8 +46,11 @@ class ProcessorRegistry:
         return {channel for channel, _, _ in self.processors}
 
     def scan(self, packages: Iterable[str]) -> None:
-        """Import each package and its submodules; register every processor defined there."""
+        """Import each package and its submodules; register every processor defined there.
+        A package is scanned once: scanning it again changes nothing."""
         for package_name in packages:
+            if package_name in self.scanned:
+                continue
             package = importlib.import_module(package_name)
             modules = [package]
             if hasattr(package, "__path__"):
@@ -56,6 +60,7 @@ class ProcessorRegistry:
                 for value in vars(module).values():
                     if isinstance(value, Processor) and value.module == module.__name__:
                         self.add(value)
+            self.scanned.add(package_name)
 
 
 def processor(

@@ -1,4 +1,5 @@
-"""A validated spec → a BeanQueue: its registry, retry policies, schedules and pool plan.
+"""A validated spec → a Deployment: the app and its registry, retry policies, the channels'
+worker processes, and the schedules.
 
 Compiling also checks what the schema cannot (imports resolve, references exist, names are
 unique, cron expressions and timezones parse, kwargs fit their function), and reports every
@@ -7,9 +8,7 @@ problem it finds rather than stopping at the first.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -19,17 +18,15 @@ from croniter import croniter
 from sqlalchemy.engine import make_url
 
 from ..app import BeanQueue
-from ..config import Config, ConfigError, import_object
+from ..config import Config, ConfigError, import_object, parse_duration, parse_setting
+from ..deployment import Deployment
 from ..engine.pool import ChannelPlan
 from ..engine.schedules import Schedule
 from ..processors.processor import Processor
 from ..processors.retry import DelayRetry, ExponentialBackoffRetry, LimitAttempt, RetryPolicy
 from .load import Document, Path_, Problem
 
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)$")
-
-# worker: key → Config field (durations are converted to seconds)
+# worker: key → Config field
 _WORKER_SETTINGS = {
     "heartbeat_period": "WORKER_HEARTBEAT_PERIOD",
     "heartbeat_timeout": "WORKER_HEARTBEAT_TIMEOUT",
@@ -38,16 +35,8 @@ _WORKER_SETTINGS = {
     "max_worker_crashes": "MAX_WORKER_CRASHES",
     "events": "EVENTS",
 }
-
-
-def seconds(value: Any) -> float:
-    """``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"`` or a number of seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration such as 250ms, 30s, 5m or 1h")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+# channels.NAME: key → Config field
+_CHANNEL_SETTINGS = {"batch_size": "BATCH_SIZE", "poll_timeout": "POLL_TIMEOUT"}
 
 
 class _Compiler:
@@ -58,6 +47,7 @@ class _Compiler:
         self.problems: list[Problem] = []
         self.policies: dict[str, tuple[RetryPolicy, tuple[type[BaseException], ...]] | None] = {}
         self.declared: dict[tuple[str, str, str], str] = {}  # registry key → processors' name
+        self.deployment: Deployment | None = None
 
     def problem(self, path: Path_, message: str) -> None:
         self.problems.append(self.document.problem(path, message))
@@ -66,43 +56,55 @@ class _Compiler:
         value = self.data.get(key)
         return value if isinstance(value, dict) else {}
 
-    def compile(self) -> BeanQueue | None:
+    def compile(self) -> Deployment | None:
         config = self.config()
         if config is None:
             return None
-        app = BeanQueue(config)
-        self.scan(app)
+        self.deployment = deployment = Deployment(BeanQueue(config))
+        self.scan(deployment)
         for name in self.section("retry_policies"):
             self.named_policy(name, ())
-        self.processors(app)
-        self.channels(app)
-        self.schedules(app)
-        return app
+        self.processors(deployment)
+        self.channels(deployment)
+        self.schedules(deployment)
+        return deployment
+
+    def settings(self, values: dict[str, tuple[Path_, Any]]) -> dict[str, Any] | None:
+        """Config fields → their values parsed (``values``: field → (path, raw value)); None,
+        with a problem at the path of each bad value, if any is bad."""
+        parsed, bad = {}, False
+        for field, (path, value) in values.items():
+            try:
+                parsed[field] = parse_setting(field, value)
+            except ValueError as error:
+                self.problem(path, str(error))
+                bad = True
+        return None if bad else parsed
 
     def config(self) -> Config | None:
-        settings: dict[str, Any] = {}
-        if isinstance(self.data.get("database"), str) and self.data["database"].strip():
-            settings["DATABASE_URL"] = self.data["database"].strip()
-        if isinstance(self.data.get("embedded_dir"), str):
-            settings["EMBEDDED_DIR"] = self.data["embedded_dir"]
-        packages = self.data.get("packages")
-        if isinstance(packages, list) and all(isinstance(p, str) for p in packages):
-            settings["PROCESSOR_PACKAGES"] = packages
+        values: dict[str, tuple[Path_, Any]] = {}
+        database = self.data.get("database")
+        if database is not None and not (isinstance(database, str) and not database.strip()):
+            values["DATABASE_URL"] = (("database",), database)  # empty: the embedded server
+        for key, field in (("embedded_dir", "EMBEDDED_DIR"), ("packages", "PROCESSOR_PACKAGES")):
+            if key in self.data:
+                values[field] = ((key,), self.data[key])
         for key, value in self.section("worker").items():
-            field = _WORKER_SETTINGS.get(key)
-            if field is None:
-                continue
-            with contextlib.suppress(ValueError):  # the schema has reported it
-                settings[field] = (
-                    seconds(value) if key.endswith(("period", "timeout", "window")) else value
-                )
+            if key in _WORKER_SETTINGS:
+                values[_WORKER_SETTINGS[key]] = (("worker", key), value)
+        settings = self.settings(values)
+        if settings is None:
+            return None
         try:
             return Config(env=self.env, **settings)
         except ConfigError as error:
-            self.problem(("worker",), str(error))
+            worker = self.section("worker")
+            path = ("worker", "heartbeat_timeout") if "heartbeat_timeout" in worker else ()
+            self.problem(path, str(error))
             return None
 
-    def scan(self, app: BeanQueue) -> None:
+    def scan(self, deployment: Deployment) -> None:
+        app = deployment.app
         for index, package in enumerate(app.config.PROCESSOR_PACKAGES):
             try:
                 app.registry.scan([package])
@@ -111,10 +113,9 @@ class _Compiler:
                     ("packages", index),
                     f"cannot import {package!r}: {type(error).__name__}: {error}",
                 )
-        for processor in app.registry.processors.values():
-            processor.task_model = processor.task_model or app.task_model
-            app.names.setdefault(processor.name, processor)
-        app.mark_scanned()
+        if set(app.config.PROCESSOR_PACKAGES) <= app.registry.scanned:
+            for processor in app.load_processors().processors.values():
+                deployment.processors.setdefault(processor.name, processor)
 
     def named_policy(
         self, name: str, chain: tuple[str, ...]
@@ -147,14 +148,14 @@ class _Compiler:
         try:
             kind = spec.get("kind")
             if kind == "delay":
-                return DelayRetry(timedelta(seconds=seconds(spec["delay"]))), exceptions
+                return DelayRetry(timedelta(seconds=parse_duration(spec["delay"]))), exceptions
             if kind == "exponential":
                 max_delay = spec.get("max_delay", "1h")
                 return ExponentialBackoffRetry(
                     base=spec.get("base", 2.0),
                     exponent_offset=spec.get("exponent_offset", 0.0),
                     exponent_scalar=spec.get("exponent_scalar", 1.0),
-                    max_delay=timedelta(seconds=seconds(max_delay)),
+                    max_delay=timedelta(seconds=parse_duration(max_delay)),
                     jitter=spec.get("jitter", 0.0),
                 ), exceptions
             if kind == "limit":
@@ -180,7 +181,8 @@ class _Compiler:
                 self.problem((*where, index), f"{path!r} is not an exception class")
         return tuple(found)
 
-    def processors(self, app: BeanQueue) -> None:
+    def processors(self, deployment: Deployment) -> None:
+        app = deployment.app
         for name, spec in self.section("processors").items():
             if not isinstance(spec, dict) or not isinstance(spec.get("function"), str):
                 continue
@@ -201,7 +203,7 @@ class _Compiler:
                 self.problem((*path, "function"), f"{spec['function']!r} is not callable")
                 continue
             try:
-                timeout = seconds(spec["timeout"]) if "timeout" in spec else None
+                timeout = parse_duration(spec["timeout"]) if "timeout" in spec else None
             except ValueError:
                 timeout = None  # the schema has reported it
             try:
@@ -216,7 +218,7 @@ class _Compiler:
                 )
             except (TypeError, ValueError):
                 continue  # the schema has reported the shape
-            other = app.names.get(name)
+            other = deployment.processors.get(name)
             if other is not None and other.func is not processor.func:
                 self.problem(
                     path,
@@ -234,7 +236,7 @@ class _Compiler:
                 continue
             self.declared[key] = name
             app.registry.processors[key] = processor
-            app.names[name] = processor
+            deployment.processors[name] = processor
 
     def declared_processors(self) -> dict[str, str]:
         """Declared processor names → their channel, including those that failed to compile
@@ -245,34 +247,36 @@ class _Compiler:
             if isinstance(spec, dict)
         }
 
-    def channels(self, app: BeanQueue) -> None:
-        served = app.registry.channels() | set(self.declared_processors().values())
+    def channels(self, deployment: Deployment) -> None:
+        registered = deployment.app.registry.channels()
+        served = registered | set(self.declared_processors().values())
         for channel, spec in self.section("channels").items():
             if not isinstance(spec, dict):
                 continue
+            path: Path_ = ("channels", channel)
             if channel not in served:
                 self.problem(
-                    ("channels", channel),
+                    path,
                     f"no processor runs on channel {channel!r}"
                     f"; processors' channels: {', '.join(sorted(served)) or 'none'}",
                 )
-            try:
-                poll = seconds(spec["poll_timeout"]) if "poll_timeout" in spec else None
-            except ValueError:
-                poll = None
-            app.pool.append(
-                ChannelPlan(channel, spec.get("workers", 1), spec.get("batch_size"), poll)
+            settings = self.settings(
+                {f: ((*path, k), spec[k]) for k, f in _CHANNEL_SETTINGS.items() if k in spec}
             )
-        planned = {plan.channel for plan in app.pool}
-        app.pool.extend(ChannelPlan(c) for c in sorted(app.registry.channels() - planned))
+            if settings is not None:
+                options = {k: settings[f] for k, f in _CHANNEL_SETTINGS.items() if k in spec}
+                deployment.channels.append(ChannelPlan(channel, spec.get("workers", 1), **options))
+        planned = {plan.channel for plan in deployment.channels}
+        deployment.channels.extend(ChannelPlan(c) for c in sorted(registered - planned))
 
-    def schedules(self, app: BeanQueue) -> None:
+    def schedules(self, deployment: Deployment) -> None:
+        names = deployment.processors
         for name, spec in self.section("schedules").items():
             if not isinstance(spec, dict):
                 continue
             path: Path_ = ("schedules", name)
-            processor = app.names.get(str(spec.get("processor")))
-            known = set(app.names) | set(self.declared_processors())
+            processor = names.get(str(spec.get("processor")))
+            known = set(names) | set(self.declared_processors())
             if str(spec.get("processor")) not in known:
                 declared = ", ".join(sorted(known)) or "none"
                 self.problem(
@@ -294,37 +298,38 @@ class _Compiler:
                 except ValueError as error:
                     self.problem((*path, "kwargs"), str(error))
             if processor is not None and croniter.is_valid(cron):
-                app.schedules.append(
+                deployment.schedules.append(
                     Schedule(name, processor, cron, timezone, kwargs, spec.get("catch_up", 1))
                 )
 
 
 def compile_document(
     document: Document, env: Mapping[str, str] | None = None
-) -> tuple[BeanQueue | None, list[Problem]]:
-    """Build the application a document declares; also returns every problem found."""
+) -> tuple[Deployment | None, list[Problem]]:
+    """Build the deployment a document declares; also returns every problem found."""
     compiler = _Compiler(document, os.environ if env is None else env)
-    app = compiler.compile()
-    return app, sorted(set(compiler.problems))
+    deployment = compiler.compile()
+    return deployment, sorted(set(compiler.problems))
 
 
-def describe(app: BeanQueue, file: str) -> str:
+def describe(deployment: Deployment, file: str) -> str:
     """One paragraph saying what a valid file declares."""
-    names = sorted(app.names)
+    config = deployment.app.config
+    names = sorted(deployment.processors)
     channels = "; ".join(
         f"{plan.channel} ({plan.workers} worker{'s' if plan.workers != 1 else ''}, batch "
-        f"{plan.batch_size or app.config.BATCH_SIZE})"
-        for plan in app.pool
+        f"{plan.batch_size or config.BATCH_SIZE})"
+        for plan in deployment.channels
     )
-    schedules = ", ".join(f"{s.name} ({s.cron} {s.timezone})" for s in app.schedules)
+    schedules = ", ".join(f"{s.name} ({s.cron} {s.timezone})" for s in deployment.schedules)
     database = (
         "the embedded PostgreSQL"
-        if app.config.DATABASE_URL is None
-        else make_url(app.config.DATABASE_URL).render_as_string(hide_password=True)
+        if config.DATABASE_URL is None
+        else make_url(config.DATABASE_URL).render_as_string(hide_password=True)
     )
     return (
         f"{file} is valid. It declares {len(names)} processor(s) ({', '.join(names) or 'none'})"
-        f" on {len(app.pool)} channel(s): {channels or 'none'}; "
-        f"{len(app.schedules)} schedule(s){': ' + schedules if schedules else ''}; "
+        f" on {len(deployment.channels)} channel(s): {channels or 'none'}; "
+        f"{len(deployment.schedules)} schedule(s){': ' + schedules if schedules else ''}; "
         f"database: {database}."
     )

@@ -11,7 +11,7 @@ import beanflow as bq
 
 
 def main() -> None:
-    app = bq.load(Path(__file__).with_name("beanflow.yaml"))
+    app = bq.load(Path(__file__).with_name("beanflow.yaml")).app
     app.create_tables()
     Base.metadata.create_all(app.engine)
     with app.session_factory() as session:

@@ -18,7 +18,7 @@ import beanflow as bq
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)-7s %(message)s")
-    app = bq.load(Path(__file__).with_name("beanflow.yaml"))
+    app = bq.load(Path(__file__).with_name("beanflow.yaml")).app
     app.create_tables()
     with app.session_factory() as session:
         names = ("world", "flaky", "parent")

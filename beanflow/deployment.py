@@ -1,0 +1,175 @@
+"""A Deployment: what a beanflow.yaml compiles to, the default one, and how it runs.
+
+``spec.compile`` builds a Deployment; ``BeanQueue`` knows nothing of files. ``beanflow.load``
+makes the Deployment it returns the default one, through which ``enqueue(session, "name", …)``
+resolves declared processor names. ``run_deployment`` starts what ``beanflow run`` starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.orm import Session
+
+from . import db
+from .app import BeanQueue
+from .engine.pool import ChannelPlan, Supervisor
+from .engine.queries import Queries
+from .engine.queries import enqueue_many as enqueue_many_statement
+from .engine.schedules import Schedule, Scheduler
+from .errors import ProcessorNotFound, TablesMissing
+from .models.task import current_task, notify_channels
+from .processors.processor import Processor
+
+# how a supervisor hands the resolved database URL to its workers (not on the command line,
+# where `ps` would show its password)
+WORKER_DATABASE_URL = "BEANFLOW_RUN_DATABASE_URL"
+
+
+@dataclasses.dataclass
+class Deployment:
+    """Everything a beanflow.yaml declares, compiled: the app (config, registry, database),
+    processors by their declared names, the worker processes per channel, the schedules."""
+
+    app: BeanQueue
+    processors: dict[str, Processor] = dataclasses.field(default_factory=dict)
+    channels: list[ChannelPlan] = dataclasses.field(default_factory=list)
+    schedules: list[Schedule] = dataclasses.field(default_factory=list)
+    path: Path | None = None  # the file it was compiled from (workers compile it again)
+
+    def resolve(self, channel: str | None, name: str) -> Processor:
+        """The processor declared as ``name``, or else the app's processor called ``name``
+        (``function`` or ``module:function``); on ``channel`` when given."""
+        declared = self.processors.get(name)
+        if declared is None:
+            return self.app.resolve(channel, name)
+        if channel not in (None, declared.channel):
+            raise ProcessorNotFound(
+                f"processor {name!r} belongs to channel {declared.channel!r}, not {channel!r}"
+            )
+        return declared
+
+    def enqueue(self, session: Session, name: str, /, **kwargs: Any) -> Any:
+        """``enqueue`` the processor declared as ``name`` in this deployment."""
+        return enqueue(session, self.resolve(None, name), **kwargs)
+
+    def plan(self, channel: str) -> ChannelPlan:
+        return next(plan for plan in self.channels if plan.channel == channel)
+
+
+_default: Deployment | None = None
+
+
+def set_default(deployment: Deployment | None) -> None:
+    """Make ``deployment`` the one through which ``enqueue`` resolves names (``load`` does)."""
+    global _default
+    _default = deployment
+
+
+def default() -> Deployment:
+    """The default deployment; raises ProcessorNotFound when no file was loaded."""
+    if _default is None:
+        raise ProcessorNotFound(
+            "no beanflow.yaml was loaded: call beanflow.load(path) once at start-up to resolve "
+            "processors by name, or pass the processor itself"
+        )
+    return _default
+
+
+def _processor(processor: Processor | str) -> Processor:
+    return default().resolve(None, processor) if isinstance(processor, str) else processor
+
+
+def enqueue(session: Session, processor: Processor | str, /, **kwargs: Any) -> Any:
+    """Add a task running ``processor(**kwargs)`` to ``session`` and return it; the caller
+    commits (the task becomes visible, and workers are notified, on commit).
+
+    ``processor`` is a Processor, or the name of one in the default deployment (the file
+    ``beanflow.load()`` loaded)."""
+    task = _processor(processor).run(**kwargs)
+    session.add(task)
+    return task
+
+
+def enqueue_many(
+    session: Session, processor: Processor | str, kwargs_list: Sequence[dict[str, Any]], /
+) -> int:
+    """Insert one task per kwargs with a single statement, in ``session``'s transaction (the
+    caller commits); returns the number of tasks. Like ``enqueue``, it notifies on commit."""
+    processor = _processor(processor)
+    arguments = [processor.check_kwargs(kwargs) for kwargs in kwargs_list]
+    if not arguments:
+        return 0
+    parent = current_task.get()
+    parameters = {
+        "task_channel": processor.channel,
+        "task_module": processor.module,
+        "task_name": processor.name,
+        "arguments": arguments,
+        "parent_id": parent.id if parent is not None else None,
+    }
+    session.execute(enqueue_many_statement(processor.task_class.__table__), parameters)
+    notify_channels(session, [processor.channel])
+    return len(arguments)
+
+
+def run_deployment(
+    deployment: Deployment,
+    *,
+    burst: bool = False,
+    create_tables: bool = False,
+    log_arguments: Sequence[str] = (),
+) -> int:
+    """Run what a deployment declares until stopped (or, with ``burst``, until no task is due):
+    its worker processes per channel, supervised and restarted, and its schedules. Returns
+    the exit status. Workers are ``beanflow run FILE --worker-channel C`` processes, which
+    compile the same file and run ``run_worker``."""
+    app = deployment.app
+    # resolved once (this may start the embedded server), then handed to the workers
+    app.config.DATABASE_URL = os.environ[WORKER_DATABASE_URL] = db.database_url(app.config)
+    if create_tables:
+        app.create_tables()
+    elif not inspect(app.engine).has_table(app.task_model.__tablename__):
+        raise TablesMissing(deployment.path)
+    plans = [plan for plan in deployment.channels if plan.workers > 0]
+    queries = Queries(app.task_model, app.worker_model, app.event_model)
+
+    def command(plan: ChannelPlan) -> list[str]:
+        return [
+            *(sys.executable, "-m", "beanflow", *log_arguments, "run", str(deployment.path)),
+            *("--worker-channel", plan.channel, *(["--burst"] if burst else [])),
+        ]
+
+    def due_channels() -> set[str]:
+        with app.engine.connect() as connection:
+            rows = connection.execute(
+                queries.due_channels, {"channels": [plan.channel for plan in plans]}
+            )
+            return {row.channel for row in rows}
+
+    supervisor = Supervisor(
+        plans,
+        command,
+        Scheduler(app, deployment.schedules) if deployment.schedules else None,
+        grace_period=app.config.SHUTDOWN_GRACE_PERIOD,
+        burst=burst,
+        due_channels=due_channels,
+    )
+    return supervisor.run()
+
+
+def run_worker(deployment: Deployment, channel: str, *, burst: bool = False) -> int:
+    """Run one worker process of ``run_deployment`` on ``channel``, with its channel's
+    settings and the database its supervisor resolved."""
+    config = deployment.app.config
+    config.DATABASE_URL = os.environ.get(WORKER_DATABASE_URL, config.DATABASE_URL)
+    plan = deployment.plan(channel)
+    config.BATCH_SIZE = plan.batch_size or config.BATCH_SIZE
+    config.POLL_TIMEOUT = plan.poll_timeout or config.POLL_TIMEOUT
+    return deployment.app.process_tasks([channel], burst=burst)

@@ -1,0 +1,59 @@
+"""A worker's own connections: the hot path's session, and the LISTEN connection."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from .. import db
+from .notify import Listener
+from .queries import Prepared
+
+
+class WorkerConnections:
+    """The hot path runs on a connection of its own, with its statements PREPAREd on it and its
+    savepoints sent with the next statement (``db.make_hot_path_engine``); the LISTEN
+    connection is another. Both are opened together, and dropped together when either
+    breaks."""
+
+    def __init__(self, engine: Engine, channels: Iterable[str], prepared: Iterable[Prepared]):
+        self.engine = engine
+        self.channels = list(channels)
+        self.prepared = list(prepared)
+        self._hot_engine = db.make_hot_path_engine(engine.url)
+        self.session: Session | None = None
+        self.listener: Listener | None = None
+
+    def open(self) -> bool:
+        """Connect unless connected; True when this made new connections."""
+        if self.session is not None:
+            return False
+        connection = self._hot_engine.connect()
+        # planned once for this connection: the statements' parameters never change the plan
+        connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        for prepared in self.prepared:
+            prepared.prepare(connection)
+        connection.commit()
+        self.session = Session(bind=connection, expire_on_commit=False, autoflush=True)
+        self.listener = Listener(self.engine, self.channels)
+        return True
+
+    def close(self) -> None:
+        """Drop both connections (they may be broken already)."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.session is not None:
+            connection = self.session.get_bind()
+            with contextlib.suppress(Exception):  # the connection is already broken
+                self.session.close()
+                connection.invalidate()
+                connection.close()
+            self.session = None
+
+    def dispose(self) -> None:
+        self.close()
+        self._hot_engine.dispose()

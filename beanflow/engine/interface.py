@@ -1,0 +1,33 @@
+"""What the engine needs from an application, and nothing more.
+
+``BeanQueue`` provides it; so may anything else (a test, an embedding application). The
+engine never imports the app or the declarative layer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sqlalchemy.engine import Engine
+
+from ..config import Config
+from ..processors.registry import ProcessorRegistry
+
+
+class QueueApp(Protocol):
+    """The settings, models, registry and database that workers and services run with."""
+
+    config: Config
+    registry: ProcessorRegistry
+
+    @property
+    def task_model(self) -> type: ...
+
+    @property
+    def worker_model(self) -> type: ...
+
+    @property
+    def event_model(self) -> type: ...
+
+    @property
+    def engine(self) -> Engine: ...

@@ -1,0 +1,102 @@
+"""Liveness: a worker's heartbeat, the reaper that returns dead workers' tasks, and the
+summary line that shows a worker at work.
+
+Both run in every worker process, each on its own thread and pool connection, so a long task
+never delays them. Any worker reaps any other: there is no leader to lose.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+from ..models.worker import WorkerState
+from .interface import QueueApp
+from .queries import Queries
+from .service import PeriodicService
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat(PeriodicService):
+    """Records every WORKER_HEARTBEAT_PERIOD that a worker is alive. Once another worker has
+    marked it dead (its tasks were given to others), calls ``on_lost(state)`` and stops."""
+
+    name = "heartbeat"
+
+    def __init__(
+        self,
+        app: QueueApp,
+        queries: Queries,
+        worker_id: uuid.UUID,
+        stopping: threading.Event,
+        on_lost: Callable[[str], None],
+    ) -> None:
+        super().__init__(app.config.WORKER_HEARTBEAT_PERIOD, stopping)
+        self.app, self.queries, self.worker_id, self.on_lost = app, queries, worker_id, on_lost
+
+    def run_once(self) -> None:
+        with self.app.engine.begin() as connection:
+            state = connection.execute(self.queries.heartbeat, {"worker": self.worker_id}).scalar()
+        if state != WorkerState.RUNNING:
+            self.on_lost(getattr(state, "value", str(state)))
+
+
+class Reaper(PeriodicService):
+    """Finds workers silent for WORKER_HEARTBEAT_TIMEOUT, marks them NO_HEARTBEAT and returns
+    their tasks to the queue (or fails those that MAX_WORKER_CRASHES deaths have charged),
+    all in one statement (``Queries.reap``)."""
+
+    name = "reaper"
+
+    def __init__(self, app: QueueApp, queries: Queries, stopping: threading.Event) -> None:
+        super().__init__(app.config.WORKER_HEARTBEAT_PERIOD, stopping)
+        self.app, self.queries = app, queries
+
+    def run_once(self) -> tuple[int, int]:
+        """Returns (dead workers found, their tasks re-queued or failed)."""
+        config = self.app.config
+        with self.app.engine.begin() as connection:
+            workers, tasks, _ = connection.execute(
+                self.queries.reap,
+                {
+                    "timeout": timedelta(seconds=config.WORKER_HEARTBEAT_TIMEOUT),
+                    "max_crashes": config.MAX_WORKER_CRASHES,
+                },
+            ).one()
+        if workers:
+            logger.warning(
+                "found %d dead worker(s); %d task(s) re-queued or failed", workers, tasks
+            )
+        return workers, tasks
+
+
+class Summary(PeriodicService):
+    """Logs what a worker did (``take_counts()``: done, retried, failed), once a minute."""
+
+    name = "summary"
+
+    def __init__(
+        self,
+        worker_id: uuid.UUID,
+        take_counts: Callable[[], collections.Counter[str]],
+        stopping: threading.Event,
+        period: float = 60.0,
+    ) -> None:
+        super().__init__(period, stopping)
+        self.worker_id, self.take_counts = worker_id, take_counts
+
+    def run_once(self) -> None:
+        counts = self.take_counts()
+        logger.info(
+            "worker %s: in the last %ds %d done, %d retried, %d failed",
+            self.worker_id,
+            self.period,
+            counts["done"],
+            counts["retried"],
+            counts["failed"],
+        )

@@ -1,0 +1,114 @@
+"""What the statements share: state literals, the per-channel selection, event rows, NOTIFY,
+and the crash accounting of a task taken from its worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    Integer,
+    String,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    select,
+)
+from sqlalchemy.sql import Executable
+
+# Literal state names, not bind parameters: each predicate is then identical to a partial
+# index's ``state = 'PENDING'``, so the planner can prove the index applies.
+PENDING = literal_column("'PENDING'")
+PROCESSING = literal_column("'PROCESSING'")
+DONE = literal_column("'DONE'")
+FAILED = literal_column("'FAILED'")
+
+
+def channel_parameters(channels: list[str]) -> dict[str, str]:
+    """Bind parameters of the per-channel statements (``claim``, ``next_due``)."""
+    return {f"channel_{i}": channel for i, channel in enumerate(channels)}
+
+
+def notify(channel: str) -> Executable:
+    """``SELECT pg_notify(:channel, '')``: wakes the workers LISTENing on ``channel`` when the
+    transaction commits (never for a rolled-back transaction or savepoint)."""
+    return select(func.pg_notify(bindparam("channel", channel, type_=String), ""))
+
+
+class Statements:
+    """Base of the statement sets: the tables of one (task, worker, event) model set."""
+
+    def __init__(
+        self,
+        task_model: type,
+        worker_model: type,
+        event_model: type,
+        events: bool = True,
+        channel_count: int = 1,
+        batch_size: int = 1,
+    ) -> None:
+        self.task = task_model.__table__
+        self.worker = worker_model.__table__
+        self.event = event_model.__table__
+        self.events = events
+        self.channel_count = channel_count
+        self.batch_size = int(batch_size)
+
+    def _pending_of_each_channel(self, *columns: Any) -> list[Any]:
+        """One ``SELECT columns … ORDER BY scheduled_at`` of pending rows per channel.
+
+        One equality per statement, not ``channel = ANY(…)``: only an equality lets the
+        (channel, scheduled_at) index deliver rows in order, so the cost stays that of the rows
+        taken, not of every pending row to be sorted.
+        """
+        t = self.task
+        return [
+            select(*columns)
+            .where(t.c.state == PENDING, t.c.channel == bindparam(f"channel_{i}", type_=String))
+            .order_by(t.c.scheduled_at)
+            for i in range(self.channel_count)
+        ]
+
+    def _with_events(self, statement: Any, source: Any, columns: dict[str, Any]) -> Any:
+        """Add ``INSERT INTO event SELECT … FROM source`` to ``statement`` when events are on."""
+        if not self.events:
+            return statement
+        written = insert(self.event).from_select(
+            list(columns),
+            select(*[value.label(name) for name, value in columns.items()]).select_from(source),
+        )
+        return statement.add_cte(written.cte(f"{source.name}_events"))
+
+    @staticmethod
+    def _notify_channels(source: Any, channel: Any, *where: Any) -> Any:
+        """``SELECT pg_notify(channel, '')`` once per distinct channel of ``source``."""
+        channels = select(channel.label("channel")).where(*where).distinct().subquery()
+        return select(func.pg_notify(channels.c.channel, ""))
+
+    def _crash(self, charged: Any | None, reason: str, otherwise: Any) -> dict[str, Any]:
+        """The values that take a PROCESSING task from its worker and return it to PENDING.
+
+        When ``charged`` (SQL; None: always), the worker's death is charged to the task: its
+        crash count goes up, and at :max_crashes it is FAILED with the message "<reason> N
+        times while running it", so a task that kills its workers cannot stall the queue.
+        Otherwise ``otherwise`` becomes its error message.
+        """
+        t = self.task
+        if charged is None:
+            crashes = t.c.crash_count + 1
+            gives_up = crashes >= bindparam("max_crashes", type_=Integer)
+        else:
+            crashes = t.c.crash_count + case((charged, 1), else_=0)
+            gives_up = and_(charged, crashes >= bindparam("max_crashes", type_=Integer))
+        return {
+            "state": case((gives_up, FAILED), else_=PENDING),
+            "worker_id": None,
+            "crash_count": crashes,
+            "finished_at": case((gives_up, func.clock_timestamp()), else_=None),
+            "error_message": case(
+                (gives_up, func.concat(f"{reason} ", crashes, " times while running it")),
+                else_=otherwise,
+            ),
+        }

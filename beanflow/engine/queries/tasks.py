@@ -1,0 +1,237 @@
+"""A task's statements: insert, claim, complete, fail, and the due-time look-ups."""
+
+from __future__ import annotations
+
+import functools
+
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    String,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.sql import Executable
+
+from .common import DONE, FAILED, PENDING, PROCESSING, Statements
+
+
+@functools.cache
+def enqueue_many(table: Table) -> Executable:
+    """Insert one task of :task_channel/:task_module/:task_name per element of :arguments
+    (JSON texts), children of :parent_id (null for none). One array parameter for all rows:
+    the statement's size does not grow with them."""
+    columns = {
+        "channel": bindparam("task_channel", type_=String),
+        "module": bindparam("task_module", type_=String),
+        "name": bindparam("task_name", type_=String),
+        "kwargs": cast(func.unnest(bindparam("arguments", type_=ARRAY(Text))), table.c.kwargs.type),
+    }
+    if "parent_id" in table.c:
+        columns["parent_id"] = bindparam("parent_id", type_=table.c.parent_id.type)
+    rows = select(*[value.label(name) for name, value in columns.items()])
+    return insert(table).from_select(list(columns), rows, include_defaults=False)
+
+
+@functools.cache
+def enqueue_unique(table: Table) -> Executable:
+    """Insert a task unless one with the same :task_unique_key exists (any state); returns its
+    id only when inserted, and then notifies its channel. Concurrent inserters of one key:
+    exactly one wins, by the partial unique index."""
+    inserted = (
+        pg_insert(table)
+        .values(
+            id=bindparam("task_id"),
+            channel=bindparam("task_channel", type_=String),
+            module=bindparam("task_module", type_=String),
+            name=bindparam("task_name", type_=String),
+            kwargs=bindparam("task_kwargs", type_=table.c.kwargs.type),
+            scheduled_at=bindparam("task_scheduled_at", type_=DateTime(timezone=True)),
+            unique_key=bindparam("task_unique_key", type_=String),
+        )
+        .on_conflict_do_nothing(
+            index_elements=[table.c.unique_key], index_where=table.c.unique_key.is_not(None)
+        )
+        .returning(table.c.id, table.c.channel)
+        .cte("inserted")
+    )
+    return select(inserted.c.id, func.pg_notify(inserted.c.channel, ""))
+
+
+class TaskStatements(Statements):
+    @functools.cached_property
+    def claim(self) -> Executable:
+        """Claim up to batch_size due PENDING tasks of :channel_N for :worker; returns them.
+
+        The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
+        UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.
+        """
+        t = self.task
+        # The batch size is written into the statement, not bound: a prepared statement's
+        # generic plan guesses a bound LIMIT at a tenth of the table, and PostgreSQL 18 then
+        # joins the UPDATE with a sequential scan of every task.
+        limit = literal_column(str(self.batch_size))
+        due_now = t.c.scheduled_at <= func.now()
+        each = [
+            branch.where(due_now).limit(limit).with_for_update(skip_locked=True)
+            for branch in self._pending_of_each_channel(t.c.id, t.c.scheduled_at, t.c.crash_count)
+        ]
+        if len(each) == 1:
+            candidates = each[0].cte("candidates").prefix_with("MATERIALIZED")
+        else:
+            # several channels: the oldest :limit of each channel's oldest :limit (the extra
+            # rows locked here are unlocked when the claim commits)
+            branches = [
+                b.cte(f"channel_{i}").prefix_with("MATERIALIZED") for i, b in enumerate(each)
+            ]
+            union = union_all(*[select(b) for b in branches]).subquery("each_channel")
+            candidates = (
+                select(union)
+                .order_by(union.c.scheduled_at)
+                .limit(limit)
+                .cte("candidates")
+                .prefix_with("MATERIALIZED")
+            )
+        # A task whose worker died under it may be what killed it: at most one such task per
+        # claim, so that if it kills this worker too, no neighbour is taken down with it.
+        first_suspect = (
+            select(candidates.c.id)
+            .where(candidates.c.crash_count > 0)
+            .order_by(candidates.c.scheduled_at)
+            .limit(1)
+            .scalar_subquery()
+        )
+        due = (
+            select(candidates.c.id)
+            .where(or_(candidates.c.crash_count == 0, candidates.c.id == first_suspect))
+            .cte("due")
+        )
+        claimed = (
+            update(t)
+            .where(t.c.id == due.c.id)
+            .values(
+                state=PROCESSING,
+                worker_id=bindparam("worker"),
+                attempts=t.c.attempts + 1,
+                started_at=func.clock_timestamp(),
+            )
+            .returning(*t.c)
+            .cte("claimed")
+        )
+        statement = select(claimed).order_by(claimed.c.scheduled_at)
+        return self._with_events(
+            statement, claimed, {"task_id": claimed.c.id, "type": literal_column("'CLAIMED'")}
+        )
+
+    @functools.cached_property
+    def complete(self) -> Executable:
+        """Mark the tasks :task_ids DONE with their :task_results (JSON texts, in the same
+        order), only those :worker still holds; returns how many it marked. Fewer than given
+        means some were taken away (re-queued after a missed heartbeat): the caller rolls back.
+        One statement for a whole batch, so its completions cost one round trip."""
+        t = self.task
+        finished = select(
+            func.unnest(bindparam("task_ids", type_=ARRAY(t.c.id.type))).label("id"),
+            func.unnest(bindparam("task_results", type_=ARRAY(Text))).label("result"),
+        ).subquery("finished")
+        done = (
+            update(t)
+            .where(
+                t.c.id == finished.c.id,
+                t.c.worker_id == bindparam("worker"),
+                t.c.state == PROCESSING,
+            )
+            .values(
+                state=DONE,
+                result=cast(finished.c.result, t.c.result.type),
+                finished_at=func.clock_timestamp(),
+                error_message=None,
+            )
+            .returning(t.c.id)
+            .cte("done")
+        )
+        return self._with_events(
+            select(func.count()).select_from(done),
+            done,
+            {"task_id": done.c.id, "type": literal_column("'COMPLETE'")},
+        )
+
+    @functools.cached_property
+    def fail(self) -> Executable:
+        """Record a failed attempt of :task_id held by :worker: FAILED, or back to PENDING at
+        :retry_at when :retry_at is not null; returns its id, or nothing when not held."""
+        t = self.task
+        retry_at = bindparam("retry_at", type_=DateTime(timezone=True))
+        retrying = retry_at.is_not(None)
+        failed = (
+            update(t)
+            .where(
+                t.c.id == bindparam("task_id"),
+                t.c.worker_id == bindparam("worker"),
+                t.c.state == PROCESSING,
+            )
+            .values(
+                state=case((retrying, PENDING), else_=FAILED),
+                scheduled_at=func.coalesce(retry_at, t.c.scheduled_at),
+                worker_id=case((retrying, None), else_=t.c.worker_id),
+                error_message=bindparam("error", type_=Text),
+                finished_at=func.clock_timestamp(),
+            )
+            .returning(t.c.id, t.c.state)
+            .cte("failed")
+        )
+        return self._with_events(
+            select(failed.c.id),
+            failed,
+            {
+                "task_id": failed.c.id,
+                "type": case(
+                    (failed.c.state == PENDING, literal_column("'FAILED_RETRY_SCHEDULED'")),
+                    else_=literal_column("'FAILED'"),
+                ),
+                "error_message": bindparam("error", type_=Text),
+                "exception_type": bindparam("exception_type", type_=String),
+                "traceback": bindparam("traceback", type_=Text),
+                "scheduled_at": retry_at,
+            },
+        )
+
+    @functools.cached_property
+    def next_due(self) -> Executable:
+        """Seconds until the earliest PENDING task of :channel_N is due (negative when due,
+        NULL when none). Rows locked by a claim in progress are skipped, not waited for."""
+        t = self.task
+        earliest = [
+            branch.limit(1)
+            .with_for_update(read=True, key_share=True, skip_locked=True)
+            .scalar_subquery()
+            for branch in self._pending_of_each_channel(t.c.scheduled_at)
+        ]
+        soonest = earliest[0] if len(earliest) == 1 else func.least(*earliest)
+        return select(func.extract("epoch", soonest - func.clock_timestamp()))
+
+    @functools.cached_property
+    def due_channels(self) -> Executable:
+        """Which of :channels have a PENDING task due now (a burst run's "anything left?")."""
+        t = self.task
+        return (
+            select(t.c.channel)
+            .where(
+                t.c.state == PENDING,
+                t.c.channel == any_(bindparam("channels", type_=ARRAY(String))),
+                t.c.scheduled_at <= func.now(),
+            )
+            .distinct()
+        )

@@ -1,0 +1,146 @@
+"""A worker's statements: register, heartbeat, stop, and taking tasks back from it."""
+
+from __future__ import annotations
+
+import functools
+
+from sqlalchemy import (
+    ARRAY,
+    Boolean,
+    Interval,
+    and_,
+    any_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    not_,
+    select,
+    update,
+)
+from sqlalchemy.sql import Executable
+
+from .common import FAILED, PENDING, PROCESSING, Statements
+
+
+class WorkerStatements(Statements):
+    @functools.cached_property
+    def register(self) -> Executable:
+        """Insert the row of a starting worker."""
+        return insert(self.worker)
+
+    @functools.cached_property
+    def heartbeat(self) -> Executable:
+        """Record that :worker is alive; returns its state (not RUNNING once it was reaped)."""
+        w = self.worker
+        return (
+            update(w)
+            .where(w.c.id == bindparam("worker"))
+            .values(last_heartbeat=func.now())
+            .returning(w.c.state)
+        )
+
+    @functools.cached_property
+    def shut_down(self) -> Executable:
+        """Mark :worker SHUTDOWN (a clean stop), unless it was already found dead."""
+        w = self.worker
+        return (
+            update(w)
+            .where(w.c.id == bindparam("worker"), w.c.state == literal_column("'RUNNING'"))
+            .values(state=literal_column("'SHUTDOWN'"))
+        )
+
+    @functools.cached_property
+    def release(self) -> Executable:
+        """Return every task :worker still holds to PENDING (on shutdown, or after it lost its
+        connection); tasks in :unstarted get their attempt back. When :lost, the others were
+        running when the connection died: like a dead worker's, each is charged a crash (a
+        task that keeps breaking its connection, say by staying idle in its transaction past
+        the server's limit, cannot stall the queue). Notifies the channels of the tasks
+        returned to PENDING."""
+        t = self.task
+        unstarted = t.c.id == any_(bindparam("unstarted", type_=ARRAY(t.c.id.type)))
+        interrupted = and_(bindparam("lost", type_=Boolean), not_(unstarted))
+        released = (
+            update(t)
+            .where(t.c.worker_id == bindparam("worker"), t.c.state == PROCESSING)
+            .values(
+                started_at=None,
+                attempts=t.c.attempts - case((unstarted, 1), else_=0),
+                **self._crash(
+                    interrupted,
+                    "its worker died or lost its database connection",
+                    t.c.error_message,
+                ),
+            )
+            .returning(t.c.id, t.c.channel, t.c.state, t.c.error_message)
+            .cte("released")
+        )
+        statement = self._notify_channels(released, released.c.channel, released.c.state == PENDING)
+        return self._with_events(
+            statement,
+            released,
+            {
+                "task_id": released.c.id,
+                "type": case(
+                    (released.c.state == FAILED, literal_column("'FAILED'")),
+                    else_=literal_column("'REQUEUED'"),
+                ),
+                "error_message": case(
+                    (released.c.state == FAILED, released.c.error_message),
+                    else_=literal_column("'its worker stopped before finishing it'"),
+                ),
+            },
+        )
+
+    @functools.cached_property
+    def reap(self) -> Executable:
+        """Mark RUNNING workers silent for :timeout NO_HEARTBEAT and, in the same statement,
+        return their PROCESSING tasks to PENDING, each charged a crash (FAILED at
+        :max_crashes). Returns (workers, tasks, channels notified) counts."""
+        w, t = self.worker, self.task
+        dead = (
+            update(w)
+            .where(
+                w.c.state == literal_column("'RUNNING'"),
+                w.c.last_heartbeat < func.now() - bindparam("timeout", type_=Interval),
+            )
+            .values(state=literal_column("'NO_HEARTBEAT'"))
+            .returning(w.c.id)
+            .cte("dead")
+        )
+        requeued = (
+            update(t)
+            .where(t.c.worker_id == dead.c.id, t.c.state == PROCESSING)
+            .values(
+                **self._crash(
+                    None,
+                    "its worker died",
+                    func.concat("its worker ", dead.c.id, " stopped heartbeating"),
+                )
+            )
+            .returning(t.c.id, t.c.channel, t.c.state, t.c.error_message)
+            .cte("requeued")
+        )
+        notified = self._notify_channels(requeued, requeued.c.channel, requeued.c.state == PENDING)
+        counts = select(
+            select(func.count()).select_from(dead).scalar_subquery().label("workers"),
+            select(func.count()).select_from(requeued).scalar_subquery().label("tasks"),
+            select(func.count())
+            .select_from(notified.subquery())
+            .scalar_subquery()
+            .label("channels"),
+        )
+        return self._with_events(
+            counts,
+            requeued,
+            {
+                "task_id": requeued.c.id,
+                "type": case(
+                    (requeued.c.state == FAILED, literal_column("'FAILED'")),
+                    else_=literal_column("'REQUEUED'"),
+                ),
+                "error_message": requeued.c.error_message,
+            },
+        )

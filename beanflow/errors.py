@@ -1,0 +1,53 @@
+"""beanflow's errors: one base class, each subclass keeping the built-in base callers catch.
+
+The command line turns any ``BeanflowError`` into one ``Error:`` line (``cli.main``).
+"""
+
+from __future__ import annotations
+
+
+class BeanflowError(Exception):
+    """Base of every error beanflow raises on purpose; its message is meant for a person."""
+
+
+class ConfigError(BeanflowError, ValueError):
+    """A setting is invalid; the message names the setting and where it came from."""
+
+
+class ProcessorNotFound(BeanflowError, LookupError):
+    """No registered (or declared) processor answers to a name, or not on that channel."""
+
+
+class KwargsError(BeanflowError, ValueError):
+    """A task's kwargs cannot be stored, or do not fit its function; the message says why."""
+
+
+class TablesMissing(BeanflowError):
+    """beanflow's tables do not exist in the database; the message says how to create them."""
+
+    def __init__(self, config_file: object = None) -> None:
+        where = f" --config {config_file}" if config_file else ""
+        super().__init__(
+            "beanflow's tables do not exist in this database; create them with "
+            f"`beanflow create-tables{where}` (or `beanflow run --create-tables`)"
+        )
+
+
+class SpecError(BeanflowError, ValueError):
+    """A beanflow.yaml has problems; ``problems`` lists every one, each located."""
+
+    def __init__(self, problems: list) -> None:
+        self.problems = problems
+        super().__init__("\n".join(map(str, problems)))
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message, or its type's name (never raises)."""
+    try:
+        text = str(error)
+    except Exception:  # noqa: BLE001 - a user's exception whose __str__ itself fails
+        text = ""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
