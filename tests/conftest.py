@@ -34,7 +34,7 @@ def _admin(server_url: str):
     return create_engine(server_url, isolation_level="AUTOCOMMIT")
 
 
-def _database_url(server_url: str, name: str) -> str:
+def database_url(server_url: str, name: str) -> str:
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
@@ -44,7 +44,7 @@ def template_database(server_url: str) -> Iterator[str]:
     admin = _admin(server_url)
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = create_engine(_database_url(server_url, name))
+    engine = create_engine(database_url(server_url, name))
     Base.metadata.create_all(engine)
     engine.dispose()
     yield name
@@ -74,7 +74,7 @@ def drop_database(server_url: str, name: str) -> None:
 def db_url(server_url: str, template_database: str) -> Iterator[str]:
     """A fresh database with beanflow's default tables, dropped after the test."""
     name = create_database(server_url, template_database)
-    yield _database_url(server_url, name)
+    yield database_url(server_url, name)
     drop_database(server_url, name)
 
 
@@ -82,7 +82,7 @@ def db_url(server_url: str, template_database: str) -> Iterator[str]:
 def empty_db_url(server_url: str) -> Iterator[str]:
     """A fresh database without any table."""
     name = create_database(server_url)
-    yield _database_url(server_url, name)
+    yield database_url(server_url, name)
     drop_database(server_url, name)
 
 

@@ -30,13 +30,37 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:
         time.sleep(0.02)
 
 
+def environment(**env: str) -> dict[str, str]:
+    """This process's environment without BEANFLOW_* settings, the checkout on PYTHONPATH,
+    and ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
+    return clean | {"PYTHONPATH": str(ROOT)} | env
+
+
+def run_python(*arguments: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python ARGUMENTS`` to the end in a clean environment (see ``environment``)."""
+    return subprocess.run(
+        [sys.executable, *arguments],
+        cwd=cwd,
+        env=environment(**env),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def beanflow(*arguments: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the ``beanflow`` command to the end (``python -m beanflow ARGUMENTS``)."""
+    return run_python("-m", "beanflow", *arguments, **env)
+
+
 class Processes:
-    """``python -m beanflow …`` processes, each logging to a file of its own."""
+    """Long-running ``python -m beanflow …`` processes, each logging to a file of its own;
+    every test that starts beanflow processes goes through this class or ``beanflow``."""
 
     def __init__(self, folder: Path, **env: str) -> None:
         self.folder = folder
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
-        self.env |= {"PYTHONPATH": str(ROOT)} | env
+        self.env = env
         self.processes: list[subprocess.Popen] = []
 
     def start(self, *arguments: str, **env: str) -> subprocess.Popen:
@@ -44,7 +68,7 @@ class Processes:
         process = subprocess.Popen(
             [sys.executable, "-m", "beanflow", *arguments],
             cwd=ROOT,
-            env=self.env | env,
+            env=environment(**self.env, **env),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -52,15 +76,8 @@ class Processes:
         self.processes.append(process)
         return process
 
-    def run(self, *arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "beanflow", *arguments],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+    def run(self, *arguments: str, **env: str) -> subprocess.CompletedProcess:
+        return beanflow(*arguments, **self.env, **env)
 
     @staticmethod
     def output(process: subprocess.Popen) -> str:

@@ -10,18 +10,20 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
+import pytest
 from sqlalchemy import text
 
 import beanflow as bq
 
-from .helpers import ROOT, wait_for
+from .helpers import Processes, wait_for
 from .workloads import app as workloads
 from .workloads.app import UserBase
+
+# real processes: `pytest -m "not slow"` skips them in the inner loop
+pytestmark = pytest.mark.slow
 
 TASKS = int(os.environ.get("BEANFLOW_CHAOS_TASKS", "1000"))
 KILLS = int(os.environ.get("BEANFLOW_CHAOS_KILLS", "5"))
@@ -50,24 +52,8 @@ def test_chaos_run(tmp_path, own_server):
         bq.enqueue_many(session, workloads.mark, [{}] * TASKS)
         session.commit()
     (tmp_path / "beanflow.yaml").write_text(SPEC)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
-    env |= {"CHAOS_DB_URL": url, "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "run.log", "w")  # noqa: SIM115
-    supervisor = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "beanflow",
-            "--log-level",
-            "WARNING",
-            "run",
-            str(tmp_path / "beanflow.yaml"),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
+    processes = Processes(tmp_path, CHAOS_DB_URL=url)
+    supervisor = processes.start("--log-level", "WARNING", "run", str(tmp_path / "beanflow.yaml"))
 
     def sql(statement: str) -> list:
         with app.engine.connect() as connection:
@@ -122,7 +108,6 @@ def test_chaos_run(tmp_path, own_server):
     finally:
         supervisor.send_signal(signal.SIGTERM)
         status = supervisor.wait(60)
-        log.close()
 
     states = dict(sql("SELECT state, count(*) FROM beanflow_tasks GROUP BY state"))
     assert states == {"DONE": TASKS}

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
 import beanflow as bq
 
-from .helpers import ROOT
+from .helpers import beanflow
 
 
 def test_fields_come_from_arguments_then_environment_then_defaults():
@@ -62,16 +60,7 @@ def test_postgresql_url_uses_psycopg2():
 
 
 def cli(db_url: str, *arguments: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
-    env |= {"BEANFLOW_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "beanflow", "-a", "tests.workloads.app:app", *arguments],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return beanflow("-a", "tests.workloads.app:app", *arguments, BEANFLOW_DATABASE_URL=db_url)
 
 
 @pytest.mark.parametrize(

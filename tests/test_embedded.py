@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import psutil
+import pytest
 
-from .helpers import ROOT
+from .helpers import ROOT, run_python
+
+# real processes: `pytest -m "not slow"` skips them in the inner loop
+pytestmark = pytest.mark.slow
 
 
 def run_quickstart(tmp_path, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
-    environment |= {"BEANFLOW_EMBEDDED_DIR": str(tmp_path / "state")} | env
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart" / "quickstart.py")],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    script = str(ROOT / "examples" / "quickstart" / "quickstart.py")
+    return run_python(script, cwd=tmp_path, BEANFLOW_EMBEDDED_DIR=str(tmp_path / "state"), **env)
 
 
 def servers_in(folder) -> list[psutil.Process]:

@@ -16,6 +16,9 @@ from .helpers import wait_for
 from .workloads import app as workloads
 from .workloads.app import Effect, UserBase
 
+# real processes: `pytest -m "not slow"` skips them in the inner loop
+pytestmark = pytest.mark.slow
+
 # A worker that relied on polling would not find a task within the tests' 60 s waits.
 NO_POLLING = {"POLL_TIMEOUT": 3600}
 

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import Engine, create_engine, select, text
 
 from beanflow.engine.queries import Prepared, Queries, channel_parameters
 from beanflow.models import Event, Task, Worker
 
+from .conftest import create_database, database_url, drop_database
+
 PENDING_ROWS = 100_000
 
 
-@pytest.fixture
-def deep_queue(app):
-    """100,000 pending tasks on 'deep', as many done ones, and a worker row."""
+@dataclasses.dataclass
+class DeepQueue:
+    engine: Engine
+    worker: uuid.UUID
+
+
+@pytest.fixture(scope="module")
+def deep_queue(server_url, template_database):
+    """A database of this module's tests: 100,000 pending tasks on 'deep', as many done ones,
+    and a worker row. Tests that write to it roll back."""
+    name = create_database(server_url, template_database)
+    engine = create_engine(database_url(server_url, name))
     worker_id = uuid.uuid4()
-    with app.engine.begin() as connection:
+    with engine.begin() as connection:
         connection.execute(
             text(
                 "INSERT INTO beanflow_tasks (id, channel, module, name, state) "
@@ -33,9 +45,11 @@ def deep_queue(app):
             text("INSERT INTO beanflow_workers (id, name, channels) VALUES (:id, 'w', '{deep}')"),
             {"id": worker_id},
         )
-    with app.engine.begin() as connection:  # as autovacuum would, once the rows are in
+    with engine.begin() as connection:  # as autovacuum would, once the rows are in
         connection.execute(text("ANALYZE beanflow_tasks"))
-    return worker_id
+    yield DeepQueue(engine, worker_id)
+    engine.dispose()
+    drop_database(server_url, name)
 
 
 def plan(connection, statement, parameters) -> dict:
@@ -64,10 +78,10 @@ def scans_of(node: dict, table: str) -> list[tuple[str, str | None]]:
 
 
 @pytest.mark.parametrize("channels", [["deep"], ["deep", "other", "empty"]])
-def test_claim_uses_the_partial_index_in_order(app, deep_queue, channels):
+def test_claim_uses_the_partial_index_in_order(deep_queue, channels):
     queries = Queries(Task, Worker, Event, channel_count=len(channels), batch_size=10)
-    parameters = {"worker": deep_queue} | channel_parameters(channels)
-    with app.engine.begin() as connection:
+    parameters = {"worker": deep_queue.worker} | channel_parameters(channels)
+    with deep_queue.engine.begin() as connection:
         root = plan(connection, queries.claim, parameters)
     scans = scans_of(root, "beanflow_tasks")
     assert scans.count(("Index Scan", "ix_beanflow_tasks_pending")) == len(channels)
@@ -78,21 +92,21 @@ def test_claim_uses_the_partial_index_in_order(app, deep_queue, channels):
     )
 
 
-def test_next_due_uses_the_partial_index(app, deep_queue):
+def test_next_due_uses_the_partial_index(deep_queue):
     queries = Queries(Task, Worker, Event)
-    with app.engine.begin() as connection:
+    with deep_queue.engine.begin() as connection:
         root = plan(connection, queries.next_due, {"channel_0": "deep"})
     assert scans_of(root, "beanflow_tasks") == [("Index Scan", "ix_beanflow_tasks_pending")]
 
 
-def test_claim_returns_the_oldest_due_tasks(app, deep_queue):
+def test_claim_returns_the_oldest_due_tasks(deep_queue):
     queries = Queries(Task, Worker, Event, batch_size=10)
-    with app.engine.begin() as connection:
+    with deep_queue.engine.connect() as connection:  # rolled back at the end
         claimed = connection.execute(
-            queries.claim, {"worker": deep_queue, "channel_0": "deep"}
+            queries.claim, {"worker": deep_queue.worker, "channel_0": "deep"}
         ).all()
         assert len(claimed) == 10
-        assert all(row.channel == "deep" and row.worker_id == deep_queue for row in claimed)
+        assert all(row.channel == "deep" and row.worker_id == deep_queue.worker for row in claimed)
         oldest = connection.execute(
             text("SELECT max(scheduled_at) FROM beanflow_tasks WHERE state = 'PROCESSING'")
         ).scalar()
@@ -106,19 +120,19 @@ def test_claim_returns_the_oldest_due_tasks(app, deep_queue):
         assert younger == 0
 
 
-def test_reap_uses_indexes(app, deep_queue):
+def test_reap_uses_indexes(deep_queue):
     queries = Queries(Task, Worker, Event)
-    with app.engine.begin() as connection:
+    with deep_queue.engine.begin() as connection:
         root = plan(connection, queries.reap, {"timeout": timedelta(seconds=100), "max_crashes": 3})
     assert not [s for s in scans_of(root, "beanflow_tasks") if s[0] == "Seq Scan"]
 
 
 @pytest.mark.parametrize("name", ["complete", "fail", "release", "heartbeat"])
-def test_single_task_statements_use_indexes(app, deep_queue, name):
+def test_single_task_statements_use_indexes(deep_queue, name):
     queries = Queries(Task, Worker, Event)
     parameters = {
         "task_id": uuid.uuid4(),
-        "worker": deep_queue,
+        "worker": deep_queue.worker,
         "task_ids": [uuid.uuid4()],
         "task_results": [None],
         "retry_at": None,
@@ -129,31 +143,32 @@ def test_single_task_statements_use_indexes(app, deep_queue, name):
         "lost": False,
         "max_crashes": 3,
     }
-    with app.engine.begin() as connection:
+    with deep_queue.engine.begin() as connection:
         root = plan(connection, getattr(queries, name), parameters)
     for table in ("beanflow_tasks", "beanflow_workers"):
         assert not [s for s in scans_of(root, table) if s[0] == "Seq Scan"], (name, table)
 
 
 @pytest.mark.parametrize("channels", [["deep"], ["deep", "other"]])
-def test_prepared_claim_generic_plan_uses_the_partial_index(app, deep_queue, channels):
+def test_prepared_claim_generic_plan_uses_the_partial_index(deep_queue, channels):
     """Workers run the claim PREPAREd, with one generic plan for all parameters: that plan
     must use the index as well."""
     queries = Queries(Task, Worker, Event, channel_count=len(channels), batch_size=10)
     prepared = Prepared("claim_under_test", queries.claim, *queries.task.c)
-    with app.engine.connect() as connection:
+    with deep_queue.engine.connect() as connection:
         connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         prepared.prepare(connection)
-        parameters = {"worker": deep_queue} | channel_parameters(channels)
+        parameters = {"worker": deep_queue.worker} | channel_parameters(channels)
         root = plan(connection, prepared.execute, parameters)
         connection.rollback()
+        connection.exec_driver_sql("DEALLOCATE claim_under_test")
     scans = scans_of(root, "beanflow_tasks")
     assert scans.count(("Index Scan", "ix_beanflow_tasks_pending")) == len(channels)
     assert not [s for s in scans if s[0] == "Seq Scan"]
 
 
-def test_children_and_events_of_a_task_are_found_by_index(app, deep_queue):
-    with app.engine.begin() as connection:
+def test_children_and_events_of_a_task_are_found_by_index(deep_queue):
+    with deep_queue.engine.connect() as connection:  # rolled back at the end
         connection.execute(
             text(
                 "INSERT INTO beanflow_events (task_id, type) SELECT id, 'CLAIMED' "

@@ -4,7 +4,6 @@ and ``beanflow`` on the command line."""
 from __future__ import annotations
 
 import datetime
-import os
 import subprocess
 import sys
 import typing
@@ -16,6 +15,7 @@ from sqlalchemy.orm import Session
 import beanflow as bq
 from beanflow.models import TaskState
 
+from . import helpers
 from .helpers import ROOT
 
 PACKAGES = ROOT / "tests" / "reference_pkgs"
@@ -26,15 +26,8 @@ from my_pkgs.processors import resize_image  # noqa: E402
 
 
 def beanflow(db_url: str, *arguments: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("BEANFLOW_")}
-    environment |= {"BEANFLOW_DATABASE_URL": db_url, "PYTHONPATH": str(PACKAGES)} | env
-    return subprocess.run(
-        [sys.executable, "-m", "beanflow", *arguments],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return helpers.beanflow(
+        *arguments, BEANFLOW_DATABASE_URL=db_url, PYTHONPATH=str(PACKAGES), **env
     )
 
 

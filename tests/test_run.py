@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,9 +15,12 @@ from sqlalchemy import func, select, text
 import beanflow as bq
 from beanflow.models import TaskState
 
-from .helpers import ROOT, Processes, wait_for
+from .helpers import Processes, run_python, wait_for
 from .workloads import app as workloads
 from .workloads.app import UserBase
+
+# real processes: `pytest -m "not slow"` skips them in the inner loop
+pytestmark = pytest.mark.slow
 
 SPEC = """\
 version: 1
@@ -87,32 +89,15 @@ def enqueue(session, processor, **kwargs):
 def test_burst_runs_a_pipeline_to_the_end_and_logs_json(runs, session, db_url):
     """The orders example: a charge enqueues a receipt on another channel; --burst exits only
     when nothing is due on any channel."""
-    env = runs.env | {"SHOP_DATABASE_URL": db_url}
-    placed = subprocess.run(
-        [sys.executable, "examples/orders/place_orders.py"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    placed = run_python("examples/orders/place_orders.py", **runs.env, SHOP_DATABASE_URL=db_url)
     assert placed.returncode == 0, placed.stderr
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "beanflow",
-            "--log-format",
-            "json",
-            "run",
-            "examples/orders/beanflow.yaml",
-            "--burst",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = runs.run(
+        "--log-format",
+        "json",
+        "run",
+        "examples/orders/beanflow.yaml",
+        "--burst",
+        SHOP_DATABASE_URL=db_url,
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stderr.splitlines()]

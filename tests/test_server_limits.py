@@ -14,6 +14,9 @@ from .helpers import Workers, wait_for
 from .workloads import app as workloads
 from .workloads.app import Effect, UserBase
 
+# real processes: `pytest -m "not slow"` skips them in the inner loop
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def limited_server(own_server):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from datetime import timedelta
 
@@ -14,7 +11,7 @@ import beanflow as bq
 from beanflow import spec
 from beanflow.config import parse_duration
 
-from .helpers import ROOT
+from .helpers import ROOT, beanflow
 
 VALID = """\
 version: 1
@@ -123,16 +120,7 @@ def test_interpolation_types_plain_scalars_and_keeps_quoted_ones(tmp_path, monke
 
 def test_validate_prints_a_summary_without_the_password(tmp_path):
     path = write(tmp_path, VALID)
-    env = dict(
-        os.environ, TEST_DB_URL="postgresql://u:secret@db.example/shop", PYTHONPATH=str(ROOT)
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "beanflow", "validate", str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = beanflow("validate", str(path), TEST_DB_URL="postgresql://u:secret@db.example/shop")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(
         f"{path} is valid. It declares 2 processor(s) (echo, "
@@ -318,13 +306,7 @@ def test_validate_reports_every_problem_at_once_and_exits_1(tmp_path):
           s: {processor: p, cron: 'every day', timezone: Nowhere/City}
         """,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "beanflow", "validate", str(path)],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = beanflow("validate", str(path))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[-1] == f"{path}: {len(lines) - 1} problem(s)"

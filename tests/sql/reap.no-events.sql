@@ -1,0 +1,43 @@
+-- Mark RUNNING workers silent for :timeout NO_HEARTBEAT and, in the same statement,
+-- return their PROCESSING tasks to PENDING, each charged a crash (FAILED at
+-- :max_crashes). Returns (workers, tasks, channels notified) counts.
+WITH dead AS
+  (UPDATE beanflow_workers
+   SET state='NO_HEARTBEAT'
+   WHERE beanflow_workers.state = 'RUNNING'
+     AND beanflow_workers.last_heartbeat < now() - :timeout RETURNING beanflow_workers.id),
+     requeued AS
+  (UPDATE beanflow_tasks
+   SET state=CASE
+                 WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN 'FAILED'
+                 ELSE 'PENDING'
+             END,
+             error_message=CASE
+                               WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN concat(:concat_1, beanflow_tasks.crash_count + :crash_count_1, :concat_2)
+                               ELSE concat(:concat_3, dead.id, :concat_4)
+                           END,
+                           crash_count=(beanflow_tasks.crash_count + :crash_count_1),
+                           finished_at=CASE
+                                           WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN clock_timestamp()
+                                       END,
+                                       worker_id=:param_1::UUID
+   FROM dead
+   WHERE beanflow_tasks.worker_id = dead.id
+     AND beanflow_tasks.state = 'PROCESSING' RETURNING beanflow_tasks.id,
+                                                       beanflow_tasks.channel,
+                                                       beanflow_tasks.state,
+                                                       beanflow_tasks.error_message)
+SELECT
+  (SELECT count(*) AS count_1
+   FROM dead) AS workers,
+
+  (SELECT count(*) AS count_2
+   FROM requeued) AS tasks,
+
+  (SELECT count(*) AS count_3
+   FROM
+     (SELECT pg_notify(anon_2.channel, :pg_notify_2) AS pg_notify_1
+      FROM
+        (SELECT DISTINCT requeued.channel AS channel
+         FROM requeued
+         WHERE requeued.state = 'PENDING') AS anon_2) AS anon_1) AS channels;

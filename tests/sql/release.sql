@@ -1,0 +1,73 @@
+-- Return every task :worker still holds to PENDING (on shutdown, or after it lost its
+-- connection); tasks in :unstarted get their attempt back. When :lost, the others were
+-- running when the connection died: like a dead worker's, each is charged a crash (a
+-- task that keeps breaking its connection, say by staying idle in its transaction past
+-- the server's limit, cannot stall the queue). Notifies the channels of the tasks
+-- returned to PENDING.
+WITH released AS
+  (UPDATE beanflow_tasks
+   SET state=CASE
+                 WHEN (:lost
+                       AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))
+                       AND beanflow_tasks.crash_count + CASE
+                                                            WHEN (:lost
+                                                                  AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                            ELSE :param_2
+                                                        END >= :max_crashes) THEN 'FAILED'
+                 ELSE 'PENDING'
+             END,
+             error_message=CASE
+                               WHEN (:lost
+                                     AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))
+                                     AND beanflow_tasks.crash_count + CASE
+                                                                          WHEN (:lost
+                                                                                AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                                          ELSE :param_2
+                                                                      END >= :max_crashes) THEN concat(:concat_1, beanflow_tasks.crash_count + CASE
+                                                                                                                                                   WHEN (:lost
+                                                                                                                                                         AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                                                                                                                   ELSE :param_2
+                                                                                                                                               END, :concat_2)
+                               ELSE beanflow_tasks.error_message
+                           END,
+                           attempts=(beanflow_tasks.attempts - CASE
+                                                                   WHEN (beanflow_tasks.id = ANY (:unstarted::UUID[])) THEN :param_3
+                                                                   ELSE :param_4
+                                                               END),
+                           crash_count=(beanflow_tasks.crash_count + CASE
+                                                                         WHEN (:lost
+                                                                               AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                                         ELSE :param_2
+                                                                     END),
+                           started_at=:param_5,
+                           finished_at=CASE
+                                           WHEN (:lost
+                                                 AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))
+                                                 AND beanflow_tasks.crash_count + CASE
+                                                                                      WHEN (:lost
+                                                                                            AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                                                      ELSE :param_2
+                                                                                  END >= :max_crashes) THEN clock_timestamp()
+                                       END,
+                                       worker_id=:param_6::UUID
+   WHERE beanflow_tasks.worker_id = :worker::UUID
+     AND beanflow_tasks.state = 'PROCESSING' RETURNING beanflow_tasks.id,
+                                                       beanflow_tasks.channel,
+                                                       beanflow_tasks.state,
+                                                       beanflow_tasks.error_message),
+     released_events AS
+  (INSERT INTO beanflow_events (task_id, TYPE, error_message) SELECT released.id AS task_id,
+                                                                     CASE
+                                                                         WHEN (released.state = 'FAILED') THEN 'FAILED'
+                                                                         ELSE 'REQUEUED'
+                                                                     END AS TYPE,
+                                                                     CASE
+                                                                         WHEN (released.state = 'FAILED') THEN released.error_message
+                                                                         ELSE 'its worker stopped before finishing it'
+                                                                     END AS error_message
+   FROM released)
+SELECT pg_notify(anon_1.channel, :pg_notify_2) AS pg_notify_1
+FROM
+  (SELECT DISTINCT released.channel AS channel
+   FROM released
+   WHERE released.state = 'PENDING') AS anon_1;
