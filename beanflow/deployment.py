@@ -132,7 +132,7 @@ def run_deployment(
     compile the same file and run ``run_worker``."""
     app = deployment.app
     # resolved once (this may start the embedded server), then handed to the workers
-    app.config.DATABASE_URL = os.environ[WORKER_DATABASE_URL] = db.database_url(app.config)
+    app.config.DATABASE_URL = db.database_url(app.config)
     if create_tables:
         app.create_tables()
     elif not inspect(app.engine).has_table(app.task_model.__tablename__):
@@ -160,6 +160,7 @@ def run_deployment(
         grace_period=app.config.SHUTDOWN_GRACE_PERIOD,
         burst=burst,
         due_channels=due_channels,
+        env=os.environ | {WORKER_DATABASE_URL: app.config.DATABASE_URL},
     )
     return supervisor.run()
 

@@ -13,9 +13,10 @@ import pytest
 from sqlalchemy import func, select, text
 
 import beanflow as bq
-from beanflow.models import TaskState
+import beanflow.errors
+from beanflow.models import TaskState, WorkerState
 
-from .helpers import Processes, run_python, wait_for
+from .helpers import ROOT, Processes, run_python, wait_for
 from .workloads import app as workloads
 from .workloads.app import UserBase
 
@@ -84,6 +85,24 @@ def enqueue(session, processor, **kwargs):
     task = bq.enqueue(session, processor, **kwargs)
     session.commit()
     return task.id
+
+
+def test_run_deployment_supervises_workers_without_the_command_line(
+    runs, session, monkeypatch, empty_db_url
+):
+    """The library runs what a file declares; the CLI only parses and reports."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("TEST_DB_URL", empty_db_url)
+    with pytest.raises(bq.errors.TablesMissing, match="beanflow create-tables --config"):
+        bq.run_deployment(bq.load(runs.spec()), burst=True)
+
+    monkeypatch.setenv("TEST_DB_URL", runs.env["TEST_DB_URL"])
+    deployment = bq.load(runs.spec())
+    ids = [enqueue(session, workloads.echo, value=n) for n in range(5)]
+    assert bq.run_deployment(deployment, burst=True) == 0
+    assert {state_of(session, task_id) for task_id in ids} == {TaskState.DONE}
+    workers = session.scalars(select(bq.Worker.state)).all()
+    assert workers == [WorkerState.SHUTDOWN]  # one worker process, stopped cleanly
 
 
 def test_burst_runs_a_pipeline_to_the_end_and_logs_json(runs, session, db_url):

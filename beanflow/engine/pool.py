@@ -63,6 +63,7 @@ class Supervisor:
         grace_period: float = 30.0,
         burst: bool = False,
         due_channels: Callable[[], set[str]] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.slots = [_Slot(plan, i) for plan in plans for i in range(plan.workers)]
         self.command = command
@@ -72,6 +73,7 @@ class Supervisor:
         # burst: which channels still have due tasks once every worker has exited (a task
         # may have enqueued children on a channel whose worker had already finished)
         self.due_channels = due_channels
+        self.env = env  # the workers' environment (None: this process's)
         self.signals = 0
         self._wake_read, self._wake_write = os.pipe()
 
@@ -80,7 +82,7 @@ class Supervisor:
         failed)."""
         previous = {n: signal.signal(n, self._on_signal) for n in (signal.SIGTERM, signal.SIGINT)}
         scheduling = self.scheduler is not None and not self.burst
-        if scheduling:
+        if self.scheduler is not None and scheduling:
             self.scheduler.start()
         for slot in self.slots:
             self._start(slot)
@@ -167,7 +169,7 @@ class Supervisor:
                 self._start(slot)
 
     def _start(self, slot: _Slot) -> None:
-        slot.process = subprocess.Popen(self.command(slot.plan))
+        slot.process = subprocess.Popen(self.command(slot.plan), env=self.env)
         slot.started = time.monotonic()
         slot.restart_at = None
 

@@ -58,6 +58,6 @@ class PeriodicService:
             try:
                 self.run_once()
             except exc.DBAPIError as error:
-                logger.warning("%s failed: %s", self.name, first_line(error))
+                logger.warning("%s failed: %s", self.name, first_line(error.orig or error))
             except Exception:
                 logger.exception("%s failed", self.name)

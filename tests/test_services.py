@@ -1,0 +1,203 @@
+"""The services beside a worker's loop, each on its own: deadlines, the periodic-service shape,
+the heartbeat, the reaper, the summary and the scheduler."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import exc, select, text, update
+
+import beanflow as bq
+from beanflow.engine.deadlines import Deadlines, GraceExceeded, TaskTimeout
+from beanflow.engine.liveness import Heartbeat, Reaper, Summary
+from beanflow.engine.queries import Queries
+from beanflow.engine.schedules import Schedule, Scheduler
+from beanflow.engine.service import PeriodicService
+from beanflow.models import TaskState, WorkerState
+
+from .workloads.app import echo
+
+
+def spin(seconds: float) -> None:
+    """Busy Python code, which a signal interrupts (the deadline under test ends it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+@pytest.fixture
+def deadlines():
+    stops: list[int] = []
+    deadlines = Deadlines()
+    deadlines.install(stops.append)
+    deadlines.stops = stops  # type: ignore[attr-defined]
+    yield deadlines
+    deadlines.restore()
+
+
+def test_a_task_past_its_timeout_is_interrupted(deadlines):
+    with pytest.raises(TaskTimeout, match="ran past its timeout of 0.05s"), deadlines.task(0.05):
+        spin(30)
+    assert not deadlines.running
+
+
+def test_the_grace_period_interrupts_the_running_task_only(deadlines):
+    deadlines.start_grace(0.0)  # between tasks: nothing to interrupt
+    with deadlines.task(None):
+        spin(0.01)
+    with pytest.raises(GraceExceeded), deadlines.task(None):
+        deadlines.start_grace(0.05)
+        spin(30)
+    with pytest.raises(GraceExceeded), deadlines.task(None):
+        deadlines.end_grace()  # a second signal: at once
+
+
+def test_stop_signals_reach_the_handler_and_the_old_handlers_come_back(deadlines):
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert deadlines.stops == [signal.SIGTERM, signal.SIGINT]
+    deadlines.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_deadlines_do_nothing_outside_the_main_thread():
+    outcome = {}
+
+    def body() -> None:
+        deadlines = Deadlines()
+        deadlines.install(lambda number: None)
+        with deadlines.task(0.001):
+            time.sleep(0.01)  # no alarm outside the main thread
+        outcome["enabled"] = deadlines.enabled
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert outcome == {"enabled": False}
+
+
+def test_a_periodic_service_survives_database_errors(caplog):
+    rounds = []
+    done = threading.Event()
+
+    class Flaky(PeriodicService):
+        name = "flaky"
+
+        def run_once(self) -> None:
+            rounds.append(len(rounds))
+            if len(rounds) == 1:
+                raise exc.OperationalError("SELECT 1", {}, Exception("server closed"))
+            if len(rounds) == 2:
+                raise RuntimeError("a bug")
+            done.set()
+            self.stop()
+
+    service = Flaky(0.0, threading.Event())
+    with caplog.at_level(logging.WARNING):
+        service.start()
+        assert done.wait(30)
+        service.join()
+    assert rounds == [0, 1, 2]
+    assert "flaky failed: server closed" in caplog.text
+    assert "flaky failed" in caplog.text and "RuntimeError: a bug" in caplog.text
+
+
+def _queries(app: bq.BeanQueue) -> Queries:
+    return Queries(app.task_model, app.worker_model, app.event_model)
+
+
+def _worker_row(app: bq.BeanQueue, heartbeat_age: timedelta = timedelta(0)) -> uuid.UUID:
+    worker_id = uuid.uuid4()
+    with app.engine.begin() as connection:
+        connection.execute(
+            _queries(app).register, {"id": worker_id, "name": "test", "channels": ["work"]}
+        )
+        connection.execute(
+            update(bq.Worker)
+            .where(bq.Worker.id == worker_id)
+            .values(last_heartbeat=bq.Worker.last_heartbeat - heartbeat_age)
+        )
+    return worker_id
+
+
+def test_heartbeat_records_life_and_reports_a_worker_found_dead(app, session):
+    worker_id = _worker_row(app, heartbeat_age=timedelta(minutes=5))
+    lost: list[str] = []
+    heartbeat = Heartbeat(app, _queries(app), worker_id, threading.Event(), lost.append)
+    heartbeat.run_once()
+    age = session.scalar(text("SELECT now() - last_heartbeat FROM beanflow_workers"))
+    assert age < timedelta(minutes=1) and lost == []
+
+    session.execute(update(bq.Worker).values(state=WorkerState.NO_HEARTBEAT))
+    session.commit()
+    heartbeat.run_once()
+    assert lost == ["NO_HEARTBEAT"]
+
+
+def test_reaper_requeues_a_dead_workers_task_and_fails_one_that_keeps_killing(app, session):
+    app.config.MAX_WORKER_CRASHES = 2
+    silent = _worker_row(app, heartbeat_age=timedelta(seconds=app.config.WORKER_HEARTBEAT_TIMEOUT))
+    alive = _worker_row(app)
+    victim = bq.enqueue(session, echo, value=1)
+    killer = bq.enqueue(session, echo, value=2)
+    healthy = bq.enqueue(session, echo, value=3)
+    session.flush()
+    for task, worker, crashes in ((victim, silent, 0), (killer, silent, 1), (healthy, alive, 0)):
+        task.state, task.worker_id, task.crash_count = TaskState.PROCESSING, worker, crashes
+    session.commit()
+
+    reaper = Reaper(app, _queries(app), threading.Event())
+    assert reaper.run_once() == (1, 2)
+    assert reaper.run_once() == (0, 0)  # once is enough
+
+    session.expire_all()
+    assert (victim.state, victim.crash_count, victim.worker_id) == (TaskState.PENDING, 1, None)
+    assert (killer.state, killer.crash_count) == (TaskState.FAILED, 2)
+    assert killer.error_message == "its worker died 2 times while running it"
+    assert (healthy.state, healthy.worker_id) == (TaskState.PROCESSING, alive)
+    states = dict(session.execute(select(bq.Worker.id, bq.Worker.state)).all())
+    assert states == {silent: WorkerState.NO_HEARTBEAT, alive: WorkerState.RUNNING}
+
+
+def test_summary_logs_and_resets_the_counts(caplog):
+    counts = collections.Counter(done=3, failed=1)
+
+    def take() -> collections.Counter[str]:
+        nonlocal counts
+        taken, counts = counts, collections.Counter()
+        return taken
+
+    summary = Summary(uuid.UUID(int=7), take, threading.Event(), period=60)
+    with caplog.at_level(logging.INFO):
+        summary.run_once()
+    assert "in the last 60s 3 done, 0 retried, 1 failed" in caplog.text
+    assert counts == collections.Counter()
+
+
+def test_scheduler_catches_up_once_then_enqueues_each_tick_once(app, session):
+    every_second = Schedule("tick", echo, "* * * * * *", kwargs={"value": "tick"}, catch_up=2)
+    first, second = Scheduler(app, [every_second]), Scheduler(app, [every_second])
+    assert first.next_wait() == 0  # it catches up at once
+    first.run_once()
+    second.run_once()  # a second scheduler of the same file inserts nothing twice
+    keys = session.scalars(select(bq.Task.unique_key).order_by(bq.Task.scheduled_at)).all()
+    assert len(keys) == len(set(keys)) == 2
+    assert 0 <= first.next_wait() <= 1.0
+
+    upcoming = first.upcoming["tick"]
+    while datetime.now(timezone.utc).timestamp() + first.LEAD_SECONDS < upcoming.timestamp():
+        time.sleep(0.01)  # the clock has to reach the tick's lead time
+    first.run_once()
+    second.run_once()
+    session.expire_all()
+    keys = session.scalars(select(bq.Task.unique_key)).all()
+    assert len(keys) == len(set(keys)) == 3
+    assert f"schedule:tick:{upcoming.isoformat()}" in keys
