@@ -76,7 +76,13 @@ class BeanQueue:
 
     def load_processors(self) -> ProcessorRegistry:
         """Scan ``PROCESSOR_PACKAGES`` (each once); returns the registry."""
-        self.registry.scan(self.config.PROCESSOR_PACKAGES)
+        try:
+            self.registry.scan(self.config.PROCESSOR_PACKAGES)
+        except Exception as error:  # noqa: BLE001 - the user's package failed to import
+            raise ConfigError(
+                f"PROCESSOR_PACKAGES: cannot import {self.config.PROCESSOR_PACKAGES}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
         for found in self.registry.processors.values():
             found.task_model = found.task_model or self.task_model
         return self.registry

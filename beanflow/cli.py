@@ -48,9 +48,18 @@ class Commands(click.Group):
         except exc.ProgrammingError as error:
             if not isinstance(error.orig, pg_errors.UndefinedTable):
                 raise
-            fail(str(TablesMissing(context.meta.get("config_file"))), 1)
+            fail(str(TablesMissing(_create_tables_command(context))), 1)
         except exc.OperationalError as error:
             fail(f"cannot use the database: {first_line(error.orig or error)}", 1)
+
+
+def _create_tables_command(context: click.Context) -> str:
+    """The command that creates the tables where this one looked for them."""
+    if context.meta.get("config_file"):
+        return f"beanflow create-tables --config {context.meta['config_file']}"
+    if context.params.get("app_path"):
+        return f"beanflow -a {context.params['app_path']} create-tables"
+    return "beanflow create-tables"
 
 
 def load_app(path: str | None) -> BeanQueue:

@@ -136,7 +136,7 @@ def run_deployment(
     if create_tables:
         app.create_tables()
     elif not inspect(app.engine).has_table(app.task_model.__tablename__):
-        raise TablesMissing(deployment.path)
+        raise TablesMissing(f"beanflow create-tables --config {deployment.path}")
     plans = [plan for plan in deployment.channels if plan.workers > 0]
     queries = Queries(app.task_model, app.worker_model, app.event_model)
 

@@ -25,11 +25,10 @@ class KwargsError(BeanflowError, ValueError):
 class TablesMissing(BeanflowError):
     """beanflow's tables do not exist in the database; the message says how to create them."""
 
-    def __init__(self, config_file: object = None) -> None:
-        where = f" --config {config_file}" if config_file else ""
+    def __init__(self, create_tables: str = "beanflow create-tables") -> None:
         super().__init__(
             "beanflow's tables do not exist in this database; create them with "
-            f"`beanflow create-tables{where}` (or `beanflow run --create-tables`)"
+            f"`{create_tables}` (or `beanflow run FILE --create-tables`)"
         )
 
 

@@ -99,3 +99,63 @@ def test_unreachable_database_is_a_message_without_the_password():
     assert result.returncode == 1
     assert result.stderr.startswith("Error: cannot use the database: ")
     assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["process", "work", "--burst"], ["submit", "work", "echo", "-k", '{"value": 1}']],
+)
+def test_missing_tables_are_one_line_naming_the_command_that_creates_them(empty_db_url, arguments):
+    result = cli(empty_db_url, *arguments)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: beanflow's tables do not exist in this database; create them with "
+        "`beanflow -a tests.workloads.app:app create-tables` "
+        "(or `beanflow run FILE --create-tables`)\n"
+    )
+
+
+def test_submit_with_config_and_missing_tables_names_the_file(empty_db_url, tmp_path):
+    path = tmp_path / "beanflow.yaml"
+    path.write_text(
+        "version: 1\ndatabase: ${TEST_DB_URL}\n"
+        "processors:\n  echo: {function: 'tests.workloads.app:echo', channel: work}\n"
+    )
+    result = beanflow(
+        "submit",
+        "work",
+        "echo",
+        "-k",
+        '{"value": 1}',
+        "--config",
+        str(path),
+        TEST_DB_URL=empty_db_url,
+    )
+    assert result.returncode == 1
+    assert f"`beanflow create-tables --config {path}`" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_package_that_cannot_be_imported_is_one_line(db_url):
+    result = beanflow(
+        "process", "work", BEANFLOW_DATABASE_URL=db_url, BEANFLOW_PROCESSOR_PACKAGES="nowhere"
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "Error: PROCESSOR_PACKAGES: cannot import ['nowhere']: "
+        "ModuleNotFoundError: No module named 'nowhere'\n"
+    )
+
+
+def test_every_setting_has_one_syntax_whichever_way_it_arrives():
+    assert bq.Config(env={"BEANFLOW_POLL_TIMEOUT": "5m"}).POLL_TIMEOUT == 300
+    assert bq.Config(env={}, POLL_TIMEOUT="250ms").POLL_TIMEOUT == 0.25
+    for bad in ({"BEANFLOW_POLL_TIMEOUT": "0"}, {"BEANFLOW_BATCH_WINDOW": "NaN"}):
+        with pytest.raises(bq.ConfigError, match=next(iter(bad))):
+            bq.Config(env=bad)
+    with pytest.raises(bq.ConfigError, match="must be longer than WORKER_HEARTBEAT_PERIOD"):
+        bq.Config(env={"BEANFLOW_WORKER_HEARTBEAT_TIMEOUT": "5s"})
+    with pytest.raises(bq.ConfigError, match="DATABASE_URL: beanflow needs PostgreSQL"):
+        bq.Config(env={}, DATABASE_URL="mysql://root@localhost/shop")
+    with pytest.raises(bq.ConfigError, match="'notaurl' is not a database URL"):
+        bq.Config(env={}, DATABASE_URL="notaurl")

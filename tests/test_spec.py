@@ -265,6 +265,22 @@ def test_validate_prints_a_summary_without_the_password(tmp_path):
             ],
         ),
         (
+            "worker:\n  heartbeat_period: 1s\n  heartbeat_timeout: 0\n",
+            ["3:3: worker.heartbeat_timeout: must be > 0, got 0"],
+        ),
+        (
+            "worker:\n  heartbeat_period: 10s\n  heartbeat_timeout: 5s\n",
+            [
+                "3:3: worker.heartbeat_timeout: WORKER_HEARTBEAT_TIMEOUT (5s) must be longer "
+                "than WORKER_HEARTBEAT_PERIOD (10s), or live workers would find each other dead"
+            ],
+        ),
+        (
+            "processors:\n  p: {function: 'tests.workloads.app:echo', channel: work}\n"
+            "channels:\n  work: {poll_timeout: 0}\n",
+            ["4:10: channels.work.poll_timeout: must be > 0, got 0"],
+        ),
+        (
             "a: 1\na: 2\nversion: 1\n",
             [
                 "2:1: a: duplicate key (it is already set above)",
