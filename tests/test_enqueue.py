@@ -96,7 +96,7 @@ def test_run_returns_an_unsaved_task(session, resize):
 def test_bad_kwargs_are_refused_before_anything_is_written(session, resize):
     with pytest.raises(ValueError, match="do not fit resize_image"):
         resize.run(width=1)
-    with pytest.raises(ValueError, match="not JSON-serialisable"):
+    with pytest.raises(ValueError, match="cannot be stored as JSON"):
         resize.run(width=object(), height=1)
 
 

@@ -139,8 +139,8 @@ def test_single_task_statements_use_indexes(deep_queue, name):
         "error": "e",
         "exception_type": "E",
         "traceback": "t",
-        "unstarted": [],
-        "lost": False,
+        "innocent": [],
+        "charged": [],
         "max_crashes": 3,
     }
     with deep_queue.engine.begin() as connection:

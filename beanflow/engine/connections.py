@@ -41,6 +41,21 @@ class WorkerConnections:
         self.listener = Listener(self.engine, self.channels)
         return True
 
+    def broken(self) -> bool:
+        """Whether the hot-path connection is gone (the server dropped it, or it was closed,
+        by a task for instance): what ran in its transaction is lost."""
+        if self.session is None:
+            return True
+        connection = self.session.get_bind()
+        try:
+            return bool(
+                connection.invalidated
+                or connection.closed
+                or connection.connection.dbapi_connection.closed  # type: ignore[union-attr]
+            )
+        except Exception:  # noqa: BLE001 - asking a dead connection may raise too
+            return True
+
     def close(self) -> None:
         """Drop both connections (they may be broken already)."""
         if self.listener is not None:

@@ -4,7 +4,6 @@ returned, or its failure, with the retry its processor's policy decides."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import traceback
 import uuid
@@ -14,20 +13,54 @@ from sqlalchemy import exc, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
+from ..models.jsonb import jsonb_text, storable_text
 from ..processors.processor import Processor
 from .queries import Queries
 
 logger = logging.getLogger(__name__)
 
 
+# what is stored of a task's outcome: a result bigger than this fails the task (keep bulk data
+# in your own tables); an error message and a traceback are cut to these lengths
+MAX_RESULT_CHARS = 10_000_000
+MAX_ERROR_CHARS = 10_000
+MAX_TRACEBACK_CHARS = 100_000
+
+
+class ResultNotStorable(ValueError):
+    """A task returned a value that cannot be stored as its JSON result."""
+
+
 def result_json(result: Any) -> str | None:
-    """The result as JSON text (None stays NULL); raises TypeError if it is not JSON."""
+    """The result as JSON text (None stays NULL); raises ResultNotStorable saying why not."""
     if result is None:
         return None
     try:
-        return json.dumps(result)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"the task's result is not JSON-serialisable: {error}") from None
+        text = jsonb_text(result, "result")
+    except ValueError as error:
+        raise ResultNotStorable(f"the task's result cannot be stored as JSON: {error}") from None
+    if len(text) > MAX_RESULT_CHARS:
+        raise ResultNotStorable(
+            f"the task's result is {len(text):,} characters of JSON; the limit is "
+            f"{MAX_RESULT_CHARS:,} (keep large data in your own tables)"
+        )
+    return text
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` of an exception, even one whose ``str()`` raises."""
+    try:
+        message = str(error)
+    except Exception as failure:  # noqa: BLE001 - the user's __str__ is code too
+        message = f"<its message could not be read: str() raised {type(failure).__name__}>"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _traceback(error: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(error))
+    except Exception as failure:  # noqa: BLE001
+        return f"<the traceback could not be formatted: {type(failure).__name__}>"
 
 
 def undo(savepoint: Any) -> None:
@@ -57,7 +90,8 @@ def record_failure(
         except Exception as policy_error:  # noqa: BLE001
             logger.error("retry policy of %s failed: %s", processor, policy_error)
             retry_at = None
-    message = f"{type(error).__name__}: {error}"
+    message = storable_text(describe(error), MAX_ERROR_CHARS)
+    kind = type(error)
     session.execute(
         queries.fail,
         {
@@ -65,8 +99,8 @@ def record_failure(
             "worker": worker_id,
             "retry_at": retry_at,
             "error": message,
-            "exception_type": f"{type(error).__module__}.{type(error).__qualname__}",
-            "traceback": "".join(traceback.format_exception(error)),
+            "exception_type": storable_text(f"{kind.__module__}.{kind.__qualname__}", 1000),
+            "traceback": storable_text(_traceback(error), MAX_TRACEBACK_CHARS),
         },
     )
     where = f"task {task.id} {task.module}.{task.name}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg2
 from sqlalchemy import Integer, column, exc, select
@@ -36,13 +37,40 @@ from .service import PeriodicService
 
 logger = logging.getLogger(__name__)
 
+
+class ConnectionLost(Exception):
+    """The hot-path connection died while a task ran or its outcome was being recorded."""
+
+
+class BatchAborted(Exception):
+    """The open transaction was rolled back because a task's outcome could not be recorded;
+    the tasks of the batch have been dealt with (failed, or returned to the queue)."""
+
+
 # Connection-level failures the worker survives by reconnecting (server restart, network).
 CONNECTION_ERRORS = (
+    ConnectionLost,
     exc.OperationalError,
     exc.InterfaceError,
     psycopg2.OperationalError,  # from the LISTEN connection, which SQLAlchemy does not wrap
     psycopg2.InterfaceError,
 )
+
+
+class OutcomeNotRecorded(Exception):
+    """A task's completion could not be written (the database refused it)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"its outcome could not be recorded: {first_line(error)}")
+
+
+@dataclasses.dataclass
+class Finished:
+    """A task that returned in the open transaction, completed at its commit."""
+
+    task: Any
+    processor: Processor
+    result: str | None  # JSON text
 
 
 class TaskWorker:
@@ -84,8 +112,8 @@ class TaskWorker:
         self.deadlines = Deadlines()
         self.counts: collections.Counter[str] = collections.Counter()
         self.unstarted: list[Any] = []  # claimed tasks not yet started
-        # (id, JSON result) of tasks finished in the open transaction, completed at its commit
-        self._finished: list[tuple[Any, str | None]] = []
+        self._finished: list[Finished] = []
+        self._started: list[Any] = []  # ids of the tasks run in the open transaction
         self._wake_read, self._wake_write = os.pipe()
         self.connections = WorkerConnections(app.engine, self.channels, self._prepared.values())
         self._lost_connection = False
@@ -162,24 +190,34 @@ class TaskWorker:
                 else:
                     self._sleep()
                 backoff = 0.0
-            except CONNECTION_ERRORS as error:
+            except Exception as error:  # noqa: BLE001 - nothing a task does may kill the worker
                 tasks = []  # returned to the queue by _connect's release
                 self._lost_connection = True
                 backoff = min(max(backoff * 2, 0.1), 5.0)
-                logger.warning(
-                    "worker %s lost its database connection (%s); reconnecting in %.1fs",
-                    self.id,
-                    first_line(error),
-                    backoff,
-                )
+                if isinstance(error, CONNECTION_ERRORS):
+                    logger.warning(
+                        "worker %s lost its database connection (%s); reconnecting in %.1fs",
+                        self.id,
+                        first_line(error),
+                        backoff,
+                    )
+                else:
+                    logger.exception(
+                        "worker %s: unexpected error; it reconnects in %.1fs and returns its "
+                        "tasks to the queue (the running one charged a crash)",
+                        self.id,
+                        backoff,
+                    )
                 self._disconnect()
                 self.stopping.wait(backoff)
 
     def _connect(self) -> None:
         if self.connections.open():
-            # whatever this worker held when its connection broke was rolled back with it
-            self._release(lost=self._lost_connection)
+            # whatever this worker held when its connection broke was rolled back with it;
+            # the tasks that ran in the transaction that died are charged a crash
+            self._release(charged=self._started if self._lost_connection else [])
             self._lost_connection = False
+            self._started = []
 
     def _disconnect(self) -> None:
         self._finished = []
@@ -201,16 +239,17 @@ class TaskWorker:
         finally:
             self._disconnect()
 
-    def _release(self, lost: bool = False) -> None:
-        """Return what this worker holds to the queue; ``lost``: its connection died, and the
-        started ones count a crash (see Queries.release)."""
+    def _release(self, charged: list[Any] = (), innocent: list[Any] = ()) -> None:
+        """Return what this worker holds to the queue: the unstarted tasks (and the task ids
+        ``innocent``) with their attempt given back, the task ids ``charged`` charged a crash
+        (see Queries.release)."""
         with self.engine.begin() as connection:
             connection.execute(
                 self.queries.release,
                 {
                     "worker": self.id,
-                    "unstarted": [task.id for task in self.unstarted],
-                    "lost": lost,
+                    "innocent": [task.id for task in self.unstarted] + list(innocent),
+                    "charged": list(charged),
                     "max_crashes": self.config.MAX_WORKER_CRASHES,
                 },
             )
@@ -283,6 +322,8 @@ class TaskWorker:
                 claimed = self._commit(session, claim_next=index == len(groups) - 1)
         except GraceExceeded:
             self._commit(session)  # the neighbours that finished keep their results
+        except BatchAborted:
+            return []
         if self.stopping.is_set():
             self._release()
             return []
@@ -306,6 +347,7 @@ class TaskWorker:
             "task %s %s.%s started (attempt %d)", task.id, task.module, task.name, task.attempts
         )
         started = time.monotonic()
+        self._started.append(task.id)
         savepoint = session.begin_nested() if processor.uses_session else None
         try:
             with self.deadlines.task(processor.timeout):
@@ -319,6 +361,8 @@ class TaskWorker:
             )
             raise
         except BaseException as error:  # noqa: BLE001 - a task's failure is data, not a crash
+            if self.connections.broken():
+                raise ConnectionLost(f"task {task.id} lost it: {first_line(error)}") from None
             undo(savepoint)
             self._record_failure(session, task, processor, error)
             return
@@ -326,7 +370,7 @@ class TaskWorker:
         if savepoint is not None and savepoint.is_active:
             savepoint.commit()
         if processor.auto_complete:
-            self._finished.append((task.id, result))
+            self._finished.append(Finished(task, processor, result))
         logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
 
     def _commit(self, session: Session, claim_next: bool = False) -> list[Any]:
@@ -337,14 +381,7 @@ class TaskWorker:
         Returns the tasks claimed."""
         finished, self._finished = self._finished, []
         if finished:
-            done = session.execute(
-                self._prepared["complete"].execute,
-                {
-                    "task_ids": [task_id for task_id, _ in finished],
-                    "task_results": [result for _, result in finished],
-                    "worker": self.id,
-                },
-            ).scalar()
+            done = self._complete(session, finished)
             if done != len(finished):
                 session.rollback()
                 logger.error(
@@ -359,15 +396,89 @@ class TaskWorker:
         session.expunge_all()  # the session keeps no task objects from batch to batch
         claimed = self._claim_in(session) if claim_next and not self.stopping.is_set() else []
         session.commit()
+        self._started = []
         self.counts["done"] += len(finished)
         self.unstarted.extend(claimed)
         return claimed
 
+    def _complete(self, session: Session, finished: list[Finished]) -> int:
+        """Mark ``finished`` DONE with one statement (in a savepoint, which costs no round trip
+        here); returns how many this worker still held. If recording fails, find the tasks
+        whose completion cannot be recorded, roll the transaction back, fail those, and
+        return the others to the queue (raises BatchAborted)."""
+        try:
+            with session.begin_nested():
+                return self._complete_statement(session, finished)
+        except exc.DBAPIError as error:
+            if self.connections.broken():
+                raise ConnectionLost(first_line(error)) from None
+        done, culprits = 0, []
+        for entry in finished:
+            try:
+                with session.begin_nested():
+                    done += self._complete_statement(session, [entry])
+            except exc.DBAPIError as error:
+                if self.connections.broken():
+                    raise ConnectionLost(first_line(error)) from None
+                culprits.append((entry, error))
+        if not culprits:  # recorded one by one after all
+            return done
+        failed = [entry for entry, _ in culprits]
+        self._abort(
+            session,
+            [(entry.task, entry.processor, OutcomeNotRecorded(error)) for entry, error in culprits],
+            [entry.task for entry in finished if not any(entry is f for f in failed)],
+        )
+
+    def _complete_statement(self, session: Session, finished: list[Finished]) -> int:
+        return session.execute(
+            self._prepared["complete"].execute,
+            {
+                "task_ids": [entry.task.id for entry in finished],
+                "task_results": [entry.result for entry in finished],
+                "worker": self.id,
+            },
+        ).scalar()
+
     def _record_failure(
         self, session: Session, task: Any, processor: Processor | None, error: BaseException
     ) -> None:
-        retried = record_failure(session, self.queries, self.id, task, processor, error)
+        """Record a failed attempt in a savepoint; if even that cannot be recorded, abort."""
+        try:
+            with session.begin_nested():
+                retried = record_failure(session, self.queries, self.id, task, processor, error)
+        except exc.DBAPIError as recording_error:
+            if self.connections.broken():
+                raise ConnectionLost(first_line(recording_error)) from None
+            logger.error(
+                "task %s: its failure could not be recorded (%s); it is charged a crash",
+                task.id,
+                first_line(recording_error),
+            )
+            self._abort(session, [], [entry.task for entry in self._finished], charged=[task.id])
         self.counts["retried" if retried else "failed"] += 1
+
+    def _abort(
+        self,
+        session: Session,
+        failures: list[tuple[Any, Processor | None, BaseException]],
+        innocent: list[Any],
+        charged: list[Any] = (),
+    ) -> NoReturn:
+        """Roll the open transaction (every task's changes in it) back, record ``failures``,
+        and return the rest of what this worker holds to the queue, ``innocent`` ones with
+        their attempt given back (their run left no trace) and ``charged`` charged a crash."""
+        held = [task.id for task in [*self.unstarted, *innocent]]
+        session.rollback()
+        self._finished, self._started = [], []
+        for task, processor, error in failures:
+            record_failure(session, self.queries, self.id, task, processor, error)
+            self.counts["failed"] += 1
+        session.commit()
+        session.expunge_all()
+        self.unstarted = []
+        self._release(charged=charged, innocent=held)
+        raise BatchAborted()
 
     def _sleep(self) -> None:
         """Wait for a notify, the next scheduled task, a signal or POLL_TIMEOUT."""

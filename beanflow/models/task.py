@@ -35,7 +35,9 @@ from sqlalchemy.orm import (
 )
 
 from ..engine.queries import notify
+from ..errors import KwargsError
 from .base import Base
+from .jsonb import jsonb_text
 
 if TYPE_CHECKING:
     from .event import Event
@@ -145,9 +147,24 @@ class TaskModelMixin:
             ),
         )
 
+    def __init__(self, **values: Any) -> None:
+        # the id is known at once (not at the first flush), so it can be referenced right away
+        values.setdefault("id", uuid.uuid4())
+        super().__init__(**values)
+
     @validates("channel")
     def _check_channel(self, key: str, channel: str) -> str:
         return check_channel(channel)
+
+    @validates("kwargs")
+    def _check_kwargs(self, key: str, kwargs: Any) -> Any:
+        if not isinstance(kwargs, dict):
+            raise KwargsError(f"kwargs must be a JSON object, got {type(kwargs).__name__}")
+        try:
+            jsonb_text(kwargs, "kwargs")
+        except ValueError as error:
+            raise KwargsError(f"kwargs cannot be stored as JSON: {error}") from None
+        return kwargs
 
     def __repr__(self) -> str:
         return (

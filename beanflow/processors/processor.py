@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import KwargsError
+from ..models.jsonb import jsonb_text
 from ..models.task import Task, check_channel, current_task
 from .retry import RetryPolicy
 
@@ -74,9 +74,9 @@ class Processor:
         if not isinstance(kwargs, dict):
             raise KwargsError(f"kwargs must be a JSON object, got {type(kwargs).__name__}")
         try:
-            text = json.dumps(kwargs)
-        except (TypeError, ValueError) as error:
-            raise KwargsError(f"kwargs are not JSON-serialisable: {error}") from None
+            text = jsonb_text(kwargs, "kwargs")
+        except ValueError as error:
+            raise KwargsError(f"kwargs cannot be stored as JSON: {error}") from None
         if len(text) > MAX_KWARGS_CHARS:
             raise KwargsError(
                 f"kwargs are {len(text):,} characters of JSON; the limit is "

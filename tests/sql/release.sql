@@ -1,51 +1,44 @@
--- Return every task :worker still holds to PENDING (on shutdown, or after it lost its
--- connection); tasks in :unstarted get their attempt back. When :lost, the others were
--- running when the connection died: like a dead worker's, each is charged a crash (a
--- task that keeps breaking its connection, say by staying idle in its transaction past
--- the server's limit, cannot stall the queue). Notifies the channels of the tasks
--- returned to PENDING.
+-- Return every task :worker still holds to PENDING: on shutdown, after it lost its
+-- connection, or after a batch it could not record. Tasks in :innocent get their attempt
+-- back (they did not run, or their run left no trace). Tasks in :charged ran in a
+-- transaction that died with the connection: like a dead worker's tasks, each is charged
+-- a crash (a task that keeps breaking its connection, say by staying idle in its
+-- transaction past the server's limit, cannot stall the queue). Notifies the channels of
+-- the tasks returned to PENDING.
 WITH released AS
   (UPDATE beanflow_tasks
    SET state=CASE
-                 WHEN (:lost
-                       AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))
+                 WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
                        AND beanflow_tasks.crash_count + CASE
-                                                            WHEN (:lost
-                                                                  AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                            WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
                                                             ELSE :param_2
                                                         END >= :max_crashes) THEN 'FAILED'
                  ELSE 'PENDING'
              END,
              error_message=CASE
-                               WHEN (:lost
-                                     AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))
+                               WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
                                      AND beanflow_tasks.crash_count + CASE
-                                                                          WHEN (:lost
-                                                                                AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                                          WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
                                                                           ELSE :param_2
                                                                       END >= :max_crashes) THEN concat(:concat_1, beanflow_tasks.crash_count + CASE
-                                                                                                                                                   WHEN (:lost
-                                                                                                                                                         AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                                                                                                                   WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
                                                                                                                                                    ELSE :param_2
                                                                                                                                                END, :concat_2)
                                ELSE beanflow_tasks.error_message
                            END,
                            attempts=(beanflow_tasks.attempts - CASE
-                                                                   WHEN (beanflow_tasks.id = ANY (:unstarted::UUID[])) THEN :param_3
+                                                                   WHEN (beanflow_tasks.id = ANY (:innocent::UUID[])) THEN :param_3
                                                                    ELSE :param_4
                                                                END),
                            crash_count=(beanflow_tasks.crash_count + CASE
-                                                                         WHEN (:lost
-                                                                               AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                                         WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
                                                                          ELSE :param_2
                                                                      END),
                            started_at=:param_5,
                            finished_at=CASE
-                                           WHEN (:lost
-                                                 AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))
+                                           WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
                                                  AND beanflow_tasks.crash_count + CASE
-                                                                                      WHEN (:lost
-                                                                                            AND NOT (beanflow_tasks.id = ANY (:unstarted::UUID[]))) THEN :param_1
+                                                                                      WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
                                                                                       ELSE :param_2
                                                                                   END >= :max_crashes) THEN clock_timestamp()
                                        END,

@@ -6,16 +6,13 @@ import functools
 
 from sqlalchemy import (
     ARRAY,
-    Boolean,
     Interval,
-    and_,
     any_,
     bindparam,
     case,
     func,
     insert,
     literal_column,
-    not_,
     select,
     update,
 )
@@ -53,23 +50,24 @@ class WorkerStatements(Statements):
 
     @functools.cached_property
     def release(self) -> Executable:
-        """Return every task :worker still holds to PENDING (on shutdown, or after it lost its
-        connection); tasks in :unstarted get their attempt back. When :lost, the others were
-        running when the connection died: like a dead worker's, each is charged a crash (a
-        task that keeps breaking its connection, say by staying idle in its transaction past
-        the server's limit, cannot stall the queue). Notifies the channels of the tasks
-        returned to PENDING."""
+        """Return every task :worker still holds to PENDING: on shutdown, after it lost its
+        connection, or after a batch it could not record. Tasks in :innocent get their attempt
+        back (they did not run, or their run left no trace). Tasks in :charged ran in a
+        transaction that died with the connection: like a dead worker's tasks, each is charged
+        a crash (a task that keeps breaking its connection, say by staying idle in its
+        transaction past the server's limit, cannot stall the queue). Notifies the channels of
+        the tasks returned to PENDING."""
         t = self.task
-        unstarted = t.c.id == any_(bindparam("unstarted", type_=ARRAY(t.c.id.type)))
-        interrupted = and_(bindparam("lost", type_=Boolean), not_(unstarted))
+        innocent = t.c.id == any_(bindparam("innocent", type_=ARRAY(t.c.id.type)))
+        charged = t.c.id == any_(bindparam("charged", type_=ARRAY(t.c.id.type)))
         released = (
             update(t)
             .where(t.c.worker_id == bindparam("worker"), t.c.state == PROCESSING)
             .values(
                 started_at=None,
-                attempts=t.c.attempts - case((unstarted, 1), else_=0),
+                attempts=t.c.attempts - case((innocent, 1), else_=0),
                 **self._crash(
-                    interrupted,
+                    charged,
                     "its worker died or lost its database connection",
                     t.c.error_message,
                 ),

@@ -1,0 +1,182 @@
+"""Nothing a task or a row does stalls the queue or kills its worker: every failure is charged
+to the task that caused it, and its neighbours in the batch complete."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select, text
+
+import beanflow as bq
+from beanflow.models import TaskState
+
+from .workloads.app import Effect, UserBase
+
+BATCH = 10
+
+
+class StrRaises(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+BAD_RESULTS = {
+    "nan": (float("nan"), "result: nan is not a JSON number"),
+    "infinity": ([1, float("inf")], "result[1]: inf is not a JSON number"),
+    "minus infinity": ({"x": float("-inf")}, "result['x']: -inf is not a JSON number"),
+    "NUL": ({"text": "a\x00b"}, "result['text']: the NUL character"),
+    "NUL in a key": ({"a\x00": 1}, "the NUL character"),
+    "lone surrogate": (["\ud800"], "result[0]: a lone surrogate"),
+    "not JSON": ({"when": object()}, "result['when']: a object is not JSON"),
+    "contains itself": (
+        __import__("functools").reduce(lambda a, _: a.append(a) or a, [0], []),
+        "nested too deeply (or it contains itself)",
+    ),
+}
+
+BAD_EXCEPTIONS = {
+    "str raises": (StrRaises(), "StrRaises: <its message could not be read"),
+    "1 MB message": (ValueError("x" * 1_000_000), "more characters not stored)"),
+    "NUL in the message": (ValueError("bad\x00byte"), "ValueError: bad\\x00byte"),
+    "lone surrogate in the message": (ValueError("bad \udc80 byte"), "ValueError: bad ? byte"),
+}
+
+
+@pytest.fixture
+def effects(app):
+    UserBase.metadata.create_all(app.engine)
+    return Effect
+
+
+def run_batch_with_one_bad(app, session, effects, outcome) -> tuple[list, object]:
+    """Enqueue a batch of 10 writing tasks, the 5th of which ends with ``outcome`` (a value it
+    returns, or an exception it raises); drain it as one batch; return (good, bad)."""
+    app.config.BATCH_SIZE = BATCH
+
+    @app.processor(channel="default")
+    def batch_member(db, key: str, bad: bool) -> object:
+        db.add(effects(key=key))
+        if not bad:
+            return key
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    tasks = [bq.enqueue(session, batch_member, key=f"k{n}", bad=n == 4) for n in range(BATCH)]
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0  # the worker lived to the end
+    session.expire_all()
+    bad = tasks.pop(4)
+    return tasks, bad
+
+
+def assert_only_the_bad_one_failed(session, good, bad, message: str) -> None:
+    assert [task.state for task in good] == [TaskState.DONE] * (BATCH - 1)
+    assert [task.attempts for task in good] == [1] * (BATCH - 1)
+    assert bad.state == TaskState.FAILED
+    assert message in bad.error_message
+    keys = session.scalars(select(Effect.key).order_by(Effect.key)).all()
+    assert keys == sorted(f"k{n}" for n in range(BATCH) if n != 4)  # its writes rolled back
+    pending = session.scalar(text("SELECT count(*) FROM beanflow_tasks WHERE state = 'PENDING'"))
+    assert pending == 0
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RESULTS))
+def test_a_result_postgresql_cannot_store_fails_only_its_task(app, session, effects, case):
+    value, message = BAD_RESULTS[case]
+    good, bad = run_batch_with_one_bad(app, session, effects, value)
+    assert_only_the_bad_one_failed(session, good, bad, message)
+    assert bad.error_message.startswith("ResultNotStorable: the task's result cannot be stored")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EXCEPTIONS))
+def test_an_exception_that_is_hard_to_record_fails_only_its_task(app, session, effects, case):
+    error, message = BAD_EXCEPTIONS[case]
+    good, bad = run_batch_with_one_bad(app, session, effects, error)
+    assert_only_the_bad_one_failed(session, good, bad, message)
+    assert len(bad.error_message) < 11_000
+    [failed] = [e for e in bad.events if e.type == bq.EventType.FAILED]
+    assert len(failed.traceback) < 101_000 and "Traceback" in failed.traceback
+
+
+def test_a_completion_the_database_refuses_fails_only_its_task(app, session, effects):
+    """The database itself refuses one task's DONE (a trigger of the user's here): the others
+    are returned and completed, that one is FAILED saying why, nothing is left behind."""
+    session.execute(
+        text(
+            """
+            CREATE FUNCTION refuse_done() RETURNS trigger AS $$
+            BEGIN
+                IF NEW.state = 'DONE' AND NEW.result = '"refused"' THEN
+                    RAISE EXCEPTION 'results saying refused are refused';
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER refuse_done BEFORE UPDATE ON beanflow_tasks
+                FOR EACH ROW EXECUTE FUNCTION refuse_done();
+            """
+        )
+    )
+    session.commit()
+    good, bad = run_batch_with_one_bad(app, session, effects, "refused")
+    assert [task.state for task in good] == [TaskState.DONE] * (BATCH - 1)
+    assert bad.state == TaskState.FAILED
+    assert bad.error_message.startswith(
+        "OutcomeNotRecorded: its outcome could not be recorded: "
+        "(psycopg2.errors.RaiseException) results saying refused are refused"
+    )
+    keys = session.scalars(select(Effect.key)).all()
+    assert sorted(keys) == sorted(f"k{n}" for n in range(BATCH) if n != 4)
+    # the innocent ones ran again (their first run was rolled back with the batch, and their
+    # attempt given back)
+    assert {task.attempts for task in good} == {1}
+
+
+def test_a_failure_the_database_refuses_to_record_is_charged_until_it_fails(app, session, effects):
+    """Even the failure row is refused (a trigger on FAILED): the task is charged a crash each
+    time, and MAX_WORKER_CRASHES ends it; its neighbours complete."""
+    session.execute(
+        text(
+            """
+            CREATE FUNCTION refuse_failed() RETURNS trigger AS $$
+            BEGIN
+                IF NEW.state = 'FAILED' AND NEW.error_message LIKE 'ValueError: unrecordable%'
+                THEN RAISE EXCEPTION 'this failure is refused';
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER refuse_failed BEFORE UPDATE ON beanflow_tasks
+                FOR EACH ROW EXECUTE FUNCTION refuse_failed();
+            """
+        )
+    )
+    session.commit()
+    app.config.MAX_WORKER_CRASHES = 2
+    good, bad = run_batch_with_one_bad(app, session, effects, ValueError("unrecordable"))
+    assert [task.state for task in good] == [TaskState.DONE] * (BATCH - 1)
+    assert (bad.state, bad.crash_count) == (TaskState.FAILED, 2)
+    assert bad.error_message == (
+        "its worker died or lost its database connection 2 times while running it"
+    )
+
+
+def test_a_task_that_kills_its_own_connection_is_charged_and_the_worker_goes_on(
+    app, session, effects
+):
+    app.config.MAX_WORKER_CRASHES = 2
+
+    @app.processor(channel="default")
+    def hang_up(db) -> None:
+        db.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    @app.processor(channel="default")
+    def fine(db, key: str) -> str:
+        db.add(effects(key=key))
+        return key
+
+    culprit = bq.enqueue(session, hang_up)
+    others = [bq.enqueue(session, fine, key=f"k{n}") for n in range(3)]
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    assert (culprit.state, culprit.crash_count) == (TaskState.FAILED, 2)
+    assert [task.state for task in others] == [TaskState.DONE] * 3
