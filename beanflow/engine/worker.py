@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any, NoReturn
+from typing import Any
 
 import psycopg2
 from sqlalchemy import Integer, column, exc, select
@@ -25,26 +24,17 @@ from sqlalchemy.orm import Session
 
 from .. import db
 from ..errors import ProcessorNotFound, first_line
-from ..processors.processor import Processor
+from .batch import Batch, BatchAborted, ConnectionLost, Finished
 from .connections import WorkerConnections
 from .deadlines import Deadlines, GraceExceeded
 from .interface import QueueApp
 from .liveness import Heartbeat, Reaper, Summary
 from .notify import drain_pipe
-from .outcomes import record_failure, result_json, undo
+from .outcomes import result_json, undo
 from .queries import Prepared, Queries, channel_parameters
 from .service import PeriodicService
 
 logger = logging.getLogger(__name__)
-
-
-class ConnectionLost(Exception):
-    """The hot-path connection died while a task ran or its outcome was being recorded."""
-
-
-class BatchAborted(Exception):
-    """The open transaction was rolled back because a task's outcome could not be recorded;
-    the tasks of the batch have been dealt with (failed, or returned to the queue)."""
 
 
 # Connection-level failures the worker survives by reconnecting (server restart, network).
@@ -55,22 +45,6 @@ CONNECTION_ERRORS = (
     psycopg2.OperationalError,  # from the LISTEN connection, which SQLAlchemy does not wrap
     psycopg2.InterfaceError,
 )
-
-
-class OutcomeNotRecorded(Exception):
-    """A task's completion could not be written (the database refused it)."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(f"its outcome could not be recorded: {first_line(error)}")
-
-
-@dataclasses.dataclass
-class Finished:
-    """A task that returned in the open transaction, completed at its commit."""
-
-    task: Any
-    processor: Processor
-    result: str | None  # JSON text
 
 
 class TaskWorker:
@@ -111,11 +85,17 @@ class TaskWorker:
         self.found_dead = False
         self.deadlines = Deadlines()
         self.counts: collections.Counter[str] = collections.Counter()
-        self.unstarted: list[Any] = []  # claimed tasks not yet started
-        self._finished: list[Finished] = []
-        self._started: list[Any] = []  # ids of the tasks run in the open transaction
+        self.unstarted: list[Any] = []  # ids of the claimed tasks not yet started
         self._wake_read, self._wake_write = os.pipe()
         self.connections = WorkerConnections(app.engine, self.channels, self._prepared.values())
+        self.batch = Batch(
+            self.queries,
+            self._prepared["complete"],
+            self.id,
+            self.connections,
+            self._release,
+            self.counts,
+        )
         self._lost_connection = False
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -150,7 +130,8 @@ class TaskWorker:
         ]
 
     def _take_counts(self) -> collections.Counter[str]:
-        counts, self.counts = self.counts, collections.Counter()
+        counts = collections.Counter(self.counts)
+        self.counts.clear()
         return counts
 
     def _on_lost(self, state: str) -> None:
@@ -215,12 +196,12 @@ class TaskWorker:
         if self.connections.open():
             # whatever this worker held when its connection broke was rolled back with it;
             # the tasks that ran in the transaction that died are charged a crash
-            self._release(charged=self._started if self._lost_connection else [])
+            self._release(charged=self.batch.started if self._lost_connection else [])
             self._lost_connection = False
-            self._started = []
+            self.batch.reset()
 
     def _disconnect(self) -> None:
-        self._finished = []
+        self.batch.finished = []
         self.connections.close()
 
     def _shut_down(self) -> None:
@@ -248,7 +229,7 @@ class TaskWorker:
                 self.queries.release,
                 {
                     "worker": self.id,
-                    "innocent": [task.id for task in self.unstarted] + list(innocent),
+                    "innocent": [*self.unstarted, *innocent],
                     "charged": list(charged),
                     "max_crashes": self.config.MAX_WORKER_CRASHES,
                 },
@@ -288,7 +269,7 @@ class TaskWorker:
         db.send_with_next_statement(session.connection(), "SET LOCAL synchronous_commit TO OFF")
         tasks = self._claim_in(session)
         session.commit()
-        self.unstarted = tasks
+        self.unstarted = [task.id for task in tasks]
         return tasks
 
     def _claim_in(self, session: Session) -> list[Any]:
@@ -302,7 +283,7 @@ class TaskWorker:
         A task that a dead worker held before may be what killed it (the claim takes at most
         one): it runs last, in its own transaction, after the others have committed, so it
         cannot take them down with it."""
-        self.unstarted = list(tasks)
+        self.unstarted = [task.id for task in tasks]
         innocent = [task for task in tasks if task.crash_count == 0]
         groups = [innocent] + [[task] for task in tasks if task.crash_count > 0]
         session = self.connections.session
@@ -314,7 +295,7 @@ class TaskWorker:
                 for task in group:
                     if self.stopping.is_set():
                         break
-                    self.unstarted.remove(task)
+                    self.unstarted.remove(task.id)
                     self._run(session, task)
                     if time.monotonic() - opened > self.config.BATCH_WINDOW:
                         self._commit(session)
@@ -333,7 +314,7 @@ class TaskWorker:
         """Run one task inside a savepoint and record its outcome in the same transaction."""
         processor = self.app.registry.get(task.channel, task.module, task.name)
         if processor is None:
-            self._record_failure(
+            self.batch.record_failure(
                 session,
                 task,
                 None,
@@ -347,7 +328,7 @@ class TaskWorker:
             "task %s %s.%s started (attempt %d)", task.id, task.module, task.name, task.attempts
         )
         started = time.monotonic()
-        self._started.append(task.id)
+        self.batch.started.append(task.id)
         savepoint = session.begin_nested() if processor.uses_session else None
         try:
             with self.deadlines.task(processor.timeout):
@@ -364,13 +345,13 @@ class TaskWorker:
             if self.connections.broken():
                 raise ConnectionLost(f"task {task.id} lost it: {first_line(error)}") from None
             undo(savepoint)
-            self._record_failure(session, task, processor, error)
+            self.batch.record_failure(session, task, processor, error)
             return
         duration = time.monotonic() - started
         if savepoint is not None and savepoint.is_active:
             savepoint.commit()
         if processor.auto_complete:
-            self._finished.append(Finished(task, processor, result))
+            self.batch.finished.append(Finished(task, processor, result))
         logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
 
     def _commit(self, session: Session, claim_next: bool = False) -> list[Any]:
@@ -379,16 +360,16 @@ class TaskWorker:
         disk flush, for both). If any task was taken from this worker meanwhile (it was found
         dead), roll the whole transaction back instead, and stop: no task is completed twice.
         Returns the tasks claimed."""
-        finished, self._finished = self._finished, []
+        finished = len(self.batch.finished)
         if finished:
-            done = self._complete(session, finished)
-            if done != len(finished):
+            done = self.batch.complete(session)
+            if done != finished:
                 session.rollback()
                 logger.error(
                     "worker %s: %d task(s) were taken from it while it ran them (it was found "
                     "dead); the results and changes of this transaction were rolled back",
                     self.id,
-                    len(finished) - done,
+                    finished - done,
                 )
                 self.found_dead = True
                 self.stop()
@@ -396,89 +377,10 @@ class TaskWorker:
         session.expunge_all()  # the session keeps no task objects from batch to batch
         claimed = self._claim_in(session) if claim_next and not self.stopping.is_set() else []
         session.commit()
-        self._started = []
-        self.counts["done"] += len(finished)
-        self.unstarted.extend(claimed)
+        self.batch.reset()
+        self.counts["done"] += finished
+        self.unstarted.extend(task.id for task in claimed)
         return claimed
-
-    def _complete(self, session: Session, finished: list[Finished]) -> int:
-        """Mark ``finished`` DONE with one statement (in a savepoint, which costs no round trip
-        here); returns how many this worker still held. If recording fails, find the tasks
-        whose completion cannot be recorded, roll the transaction back, fail those, and
-        return the others to the queue (raises BatchAborted)."""
-        try:
-            with session.begin_nested():
-                return self._complete_statement(session, finished)
-        except exc.DBAPIError as error:
-            if self.connections.broken():
-                raise ConnectionLost(first_line(error)) from None
-        done, culprits = 0, []
-        for entry in finished:
-            try:
-                with session.begin_nested():
-                    done += self._complete_statement(session, [entry])
-            except exc.DBAPIError as error:
-                if self.connections.broken():
-                    raise ConnectionLost(first_line(error)) from None
-                culprits.append((entry, error))
-        if not culprits:  # recorded one by one after all
-            return done
-        failed = [entry for entry, _ in culprits]
-        self._abort(
-            session,
-            [(entry.task, entry.processor, OutcomeNotRecorded(error)) for entry, error in culprits],
-            [entry.task for entry in finished if not any(entry is f for f in failed)],
-        )
-
-    def _complete_statement(self, session: Session, finished: list[Finished]) -> int:
-        return session.execute(
-            self._prepared["complete"].execute,
-            {
-                "task_ids": [entry.task.id for entry in finished],
-                "task_results": [entry.result for entry in finished],
-                "worker": self.id,
-            },
-        ).scalar()
-
-    def _record_failure(
-        self, session: Session, task: Any, processor: Processor | None, error: BaseException
-    ) -> None:
-        """Record a failed attempt in a savepoint; if even that cannot be recorded, abort."""
-        try:
-            with session.begin_nested():
-                retried = record_failure(session, self.queries, self.id, task, processor, error)
-        except exc.DBAPIError as recording_error:
-            if self.connections.broken():
-                raise ConnectionLost(first_line(recording_error)) from None
-            logger.error(
-                "task %s: its failure could not be recorded (%s); it is charged a crash",
-                task.id,
-                first_line(recording_error),
-            )
-            self._abort(session, [], [entry.task for entry in self._finished], charged=[task.id])
-        self.counts["retried" if retried else "failed"] += 1
-
-    def _abort(
-        self,
-        session: Session,
-        failures: list[tuple[Any, Processor | None, BaseException]],
-        innocent: list[Any],
-        charged: list[Any] = (),
-    ) -> NoReturn:
-        """Roll the open transaction (every task's changes in it) back, record ``failures``,
-        and return the rest of what this worker holds to the queue, ``innocent`` ones with
-        their attempt given back (their run left no trace) and ``charged`` charged a crash."""
-        held = [task.id for task in [*self.unstarted, *innocent]]
-        session.rollback()
-        self._finished, self._started = [], []
-        for task, processor, error in failures:
-            record_failure(session, self.queries, self.id, task, processor, error)
-            self.counts["failed"] += 1
-        session.commit()
-        session.expunge_all()
-        self.unstarted = []
-        self._release(charged=charged, innocent=held)
-        raise BatchAborted()
 
     def _sleep(self) -> None:
         """Wait for a notify, the next scheduled task, a signal or POLL_TIMEOUT."""
