@@ -108,10 +108,13 @@ class BeanQueue:
 
     # ---- enqueue and work ------------------------------------------------------------------
 
-    def process_tasks(self, channels: Iterable[str], *, burst: bool = False) -> int:
+    def process_tasks(
+        self, channels: Iterable[str], *, burst: bool = False, supervisor: int | None = None
+    ) -> int:
         """Run a worker on ``channels`` in this process until SIGTERM/SIGINT (or, with
         ``burst``, until no task is due). Returns the exit status: 0, or 1 if this worker was
-        found dead by another one."""
+        found dead by another one. ``supervisor``: the pid of the process that supervises
+        this one (the worker stops if it dies, and drains once however many signals come)."""
         from .engine.worker import TaskWorker
 
         channels = list(channels)
@@ -123,7 +126,7 @@ class BeanQueue:
                 f"registered channels: {', '.join(sorted(registered)) or 'none'} "
                 f"(PROCESSOR_PACKAGES={self.config.PROCESSOR_PACKAGES})"
             )
-        return TaskWorker(self, channels, burst=burst).run()
+        return TaskWorker(self, channels, burst=burst, supervisor=supervisor).run()
 
 
 def _model(path: str, setting: str) -> type:

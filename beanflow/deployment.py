@@ -173,4 +173,4 @@ def run_worker(deployment: Deployment, channel: str, *, burst: bool = False) -> 
     plan = deployment.plan(channel)
     config.BATCH_SIZE = plan.batch_size or config.BATCH_SIZE
     config.POLL_TIMEOUT = plan.poll_timeout or config.POLL_TIMEOUT
-    return deployment.app.process_tasks([channel], burst=burst)
+    return deployment.app.process_tasks([channel], burst=burst, supervisor=os.getppid())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -71,6 +72,9 @@ class Processes:
             env=environment(**self.env, **env),
             stdout=log,
             stderr=subprocess.STDOUT,
+            # a process group of its own: a test can signal it as a terminal would (the whole
+            # group), and kill_all ends the workers a supervisor started too
+            start_new_session=True,
         )
         process.log_path = log.name  # type: ignore[attr-defined]
         self.processes.append(process)
@@ -85,9 +89,9 @@ class Processes:
 
     def kill_all(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 class Workers(Processes):

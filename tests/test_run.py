@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import func, select, text
 
@@ -61,11 +61,6 @@ class Runs(Processes):
         path = self.folder / "beanflow.yaml"
         path.write_text(textwrap.dedent(text_))
         return path
-
-    def kill_all(self) -> None:
-        super().kill_all()
-        # the supervisors' workers
-        subprocess.run(["pkill", "-9", "-f", f"run {self.folder}"], check=False)
 
 
 @pytest.fixture
@@ -157,6 +152,39 @@ def test_sigterm_drains_the_running_task(runs, session, tmp_path):
     assert supervisor.wait(60) == 0
     assert state_of(session, task_id) == TaskState.DONE
     assert "all workers stopped" in runs.output(supervisor)
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_one_signal_to_the_whole_group_is_one_drain(runs, session, tmp_path, number):
+    """Ctrl-C in a terminal (SIGINT to the process group), or systemd's KillMode=control-group
+    (SIGTERM to every process): each worker gets the signal from the terminal and again from
+    its supervisor, and still drains once, its task finishing within the grace period."""
+    flag = tmp_path / "started"
+    task_id = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=1.0)
+    supervisor = runs.start("run", str(runs.spec()))
+    wait_for(flag.exists, "the task to start")
+    os.killpg(supervisor.pid, number)
+    assert supervisor.wait(60) == 0
+    assert state_of(session, task_id) == TaskState.DONE
+    log = runs.output(supervisor)
+    assert "stopping now" not in log and "grace period exceeded" not in log
+
+
+def test_workers_stop_when_their_supervisor_is_killed(runs, session):
+    supervisor = runs.start("run", str(runs.spec()))
+    [pid] = wait_for(lambda: session.scalars(select(bq.Worker.pid)).all(), "the worker")
+    supervisor.send_signal(signal.SIGKILL)
+    supervisor.wait()
+
+    def stopped() -> bool:
+        session.expire_all()
+        return session.scalar(select(bq.Worker.state)) == WorkerState.SHUTDOWN
+
+    wait_for(stopped, "the orphaned worker to stop")
+    wait_for(
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie",
+        "the worker process to exit",
+    )
 
 
 def test_second_signal_stops_at_once(runs, session, tmp_path):

@@ -16,6 +16,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 
+# SIGTERM and SIGINT ask a worker to drain; SIGUSR1 to stop now (a supervisor's second signal)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class GraceExceeded(BaseException):
     """Raised inside a running task when a stopping worker's grace period has run out."""
 
@@ -36,16 +40,15 @@ class Deadlines:
         self._grace_deadline: float | None = None  # monotonic
 
     def install(self, on_stop: Callable[[int], None]) -> None:
-        """Call ``on_stop(signal number)`` on SIGTERM and SIGINT, and enforce deadlines; does
-        nothing outside the main thread, where Python cannot handle signals."""
+        """Call ``on_stop(signal number)`` on SIGTERM, SIGINT and SIGUSR1, and enforce
+        deadlines; does nothing outside the main thread, where Python cannot handle signals."""
         if threading.current_thread() is not threading.main_thread():
             return
         self.enabled = True
-        handlers = {
-            signal.SIGTERM: lambda number, frame: on_stop(number),
-            signal.SIGINT: lambda number, frame: on_stop(number),
-            signal.SIGALRM: self._on_alarm,
+        handlers: dict[int, Any] = {
+            number: lambda number, frame: on_stop(number) for number in STOP_SIGNALS
         }
+        handlers[signal.SIGALRM] = self._on_alarm
         self._previous = {number: signal.signal(number, h) for number, h in handlers.items()}
 
     def restore(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -100,3 +101,26 @@ class Summary(PeriodicService):
             counts["retried"],
             counts["failed"],
         )
+
+
+class ParentWatch(PeriodicService):
+    """Stops a supervised worker whose supervisor has died (kill -9, a crash): otherwise a
+    restarted supervisor would start a second pool beside the orphans. It drains, as on
+    SIGTERM."""
+
+    name = "parent-watch"
+
+    def __init__(
+        self,
+        supervisor: int,
+        stopping: threading.Event,
+        stop: Callable[[], None],
+        period: float = 0.5,
+    ) -> None:
+        super().__init__(period, stopping)
+        self.supervisor, self.stop_worker = supervisor, stop
+
+    def run_once(self) -> None:
+        if os.getppid() != self.supervisor:
+            logger.error("supervisor %d is gone; this worker stops", self.supervisor)
+            self.stop_worker()

@@ -121,9 +121,10 @@ class Supervisor:
                     )
                     if self.scheduler is not None:
                         self.scheduler.stop()
+                    self._signal_all(signal.SIGTERM)
                 else:
                     logger.warning("supervisor: second signal, stopping now")
-                self._signal_all(signal.SIGTERM)
+                    self._signal_all(signal.SIGUSR1)
             if draining_since is not None:
                 if all(s.process is None or s.process.poll() is not None for s in self.slots):
                     logger.info("supervisor: all workers stopped")

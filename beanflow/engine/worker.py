@@ -28,7 +28,7 @@ from .batch import Batch, BatchAborted, ConnectionLost, Finished
 from .connections import WorkerConnections
 from .deadlines import Deadlines, GraceExceeded
 from .interface import QueueApp
-from .liveness import Heartbeat, Reaper, Summary
+from .liveness import Heartbeat, ParentWatch, Reaper, Summary
 from .notify import drain_pipe
 from .outcomes import result_json, undo
 from .queries import Prepared, Queries, channel_parameters
@@ -54,8 +54,17 @@ class TaskWorker:
     their own, so a long task never delays them.
     """
 
-    def __init__(self, app: QueueApp, channels: Iterable[str], *, burst: bool = False) -> None:
+    def __init__(
+        self,
+        app: QueueApp,
+        channels: Iterable[str],
+        *,
+        burst: bool = False,
+        supervisor: int | None = None,
+    ) -> None:
         self.app = app
+        # the pid of the supervisor that started this worker: it stops when that one dies
+        self.supervisor = supervisor
         self.config = app.config
         self.channels = list(channels)
         if not self.channels:
@@ -127,6 +136,7 @@ class TaskWorker:
             Heartbeat(self.app, self.queries, self.id, self.stopping, self._on_lost),
             Reaper(self.app, self.queries, self.stopping),
             Summary(self.id, self._take_counts, self.stopping),
+            *([ParentWatch(self.supervisor, self.stopping, self.stop)] if self.supervisor else []),
         ]
 
     def _take_counts(self) -> collections.Counter[str]:
@@ -239,9 +249,16 @@ class TaskWorker:
     # ---- signals ---------------------------------------------------------------------------
 
     def _on_stop_signal(self, number: int) -> None:
-        if self.stopping.is_set():
-            logger.warning("worker %s: second signal, stopping now", self.id)
+        """SIGTERM or SIGINT: drain. Again, or SIGUSR1: stop now. A supervised worker drains
+        once however many signals it gets (a Ctrl-C reaches the whole process group, and its
+        supervisor forwards it too): only SIGUSR1, its supervisor's word, stops it now."""
+        again = self.stopping.is_set() and self.supervisor is None
+        if number == signal.SIGUSR1 or again:
+            logger.warning("worker %s: %s, stopping now", self.id, _signal_name(number, again))
+            self.stop()
             self.deadlines.end_grace()
+            return
+        if self.stopping.is_set():
             return
         logger.info(
             "worker %s: %s received, stopping (grace period %ss)",
@@ -395,3 +412,8 @@ class TaskWorker:
             return
         listener.wait(timeout, self._wake_read)
         drain_pipe(self._wake_read)
+
+
+def _signal_name(number: int, again: bool) -> str:
+    name = signal.Signals(number).name
+    return f"second {name}" if again else f"{name} from its supervisor"
