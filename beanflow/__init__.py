@@ -27,6 +27,8 @@ from .processors import (
     LimitAttempt,
     Processor,
     ProcessorRegistry,
+    complete,
+    fail,
     processor,
 )
 from .spec import load
@@ -59,8 +61,10 @@ __all__ = [
     "WorkerModelMixin",
     "WorkerRefMixin",
     "WorkerState",
+    "complete",
     "enqueue",
     "enqueue_many",
+    "fail",
     "load",
     "models",
     "processor",

@@ -32,6 +32,14 @@ class TablesMissing(BeanflowError):
         )
 
 
+class TaskFailed(BeanflowError):
+    """A task failed as its processor said with ``beanflow.fail(task, message)``."""
+
+
+class NotCompleted(BeanflowError):
+    """A processor with ``auto_complete`` off returned without completing or failing its task."""
+
+
 class SpecError(BeanflowError, ValueError):
     """A beanflow.yaml has problems; ``problems`` lists every one, each located."""
 

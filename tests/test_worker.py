@@ -377,3 +377,47 @@ def test_a_failed_flush_fails_only_its_task(app, session, effects):
     assert bad.state == TaskState.FAILED and "IntegrityError" in bad.error_message
     assert good.state == TaskState.DONE
     assert session.scalars(select(effects.key)).all() == ["ok"]
+
+
+def test_a_processor_without_auto_complete_decides_its_outcome(app, session, effects):
+    @app.processor(channel="default", auto_complete=False)
+    def decides(db, task, key: str, verdict: str) -> str:
+        db.add(effects(key=key))
+        if verdict == "done":
+            bq.complete(task, {"key": key})
+        elif verdict == "failed":
+            bq.fail(task, "the upstream said no")
+        return "ignored: the processor decides"
+
+    done = bq.enqueue(session, decides, key="a", verdict="done")
+    failed = bq.enqueue(session, decides, key="b", verdict="failed")
+    forgot = bq.enqueue(session, decides, key="c", verdict="nothing")
+    session.commit()
+    drain(app)  # a burst ends: nothing is left PROCESSING or re-queued for ever
+
+    session.expire_all()
+    assert (done.state, done.result) == (TaskState.DONE, {"key": "a"})
+    assert done.finished_at is not None and done.worker_id is not None
+    assert (failed.state, failed.error_message) == (
+        TaskState.FAILED,
+        "TaskFailed: the upstream said no",
+    )
+    assert forgot.state == TaskState.FAILED
+    assert forgot.error_message.startswith(
+        "NotCompleted: decides returned without completing its task: with auto_complete off, "
+        "call beanflow.complete(task, result) or beanflow.fail(task, message) first"
+    )
+    assert session.scalars(select(effects.key)).all() == ["a"]  # the others rolled back
+
+
+def test_complete_overrides_the_return_value(app, session):
+    @app.processor(channel="default")
+    def overrides(task) -> str:
+        bq.complete(task, "from complete()")
+        return "from return"
+
+    task = bq.enqueue(session, overrides)
+    session.commit()
+    drain(app)
+    session.refresh(task)
+    assert (task.state, task.result) == (TaskState.DONE, "from complete()")

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-
 # SIGTERM and SIGINT ask a worker to drain; SIGUSR1 to stop now (a supervisor's second signal)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 

@@ -349,9 +349,7 @@ class TaskWorker:
         savepoint = session.begin_nested() if processor.uses_session else None
         try:
             with self.deadlines.task(processor.timeout):
-                result = processor.call(session, task, savepoint)
-            if processor.auto_complete:
-                result = result_json(result)
+                result = result_json(processor.call(session, task, savepoint))
         except GraceExceeded:
             undo(savepoint)
             logger.warning(
@@ -367,8 +365,7 @@ class TaskWorker:
         duration = time.monotonic() - started
         if savepoint is not None and savepoint.is_active:
             savepoint.commit()
-        if processor.auto_complete:
-            self.batch.finished.append(Finished(task, processor, result))
+        self.batch.finished.append(Finished(task, processor, result))
         logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
 
     def _commit(self, session: Session, claim_next: bool = False) -> list[Any]:

@@ -1,6 +1,6 @@
 """Processors: registered functions, their registry, and retry policies."""
 
-from .processor import Processor
+from .processor import Processor, complete, fail
 from .registry import ProcessorRegistry, processor
 from .retry import DelayRetry, ExponentialBackoffRetry, LimitAttempt, RetryPolicy
 
@@ -11,5 +11,7 @@ __all__ = [
     "Processor",
     "ProcessorRegistry",
     "RetryPolicy",
+    "complete",
+    "fail",
     "processor",
 ]

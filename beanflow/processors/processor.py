@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import KwargsError
+from ..errors import KwargsError, NotCompleted, TaskFailed
 from ..models.jsonb import jsonb_text
 from ..models.task import Task, check_channel, current_task
 from .retry import RetryPolicy
@@ -109,8 +110,10 @@ class Processor:
         return self.task_model or Task
 
     def call(self, db: Any, task: Any, savepoint: Any) -> Any:
-        """Call the function for ``task`` and flush its changes to ``db``; tasks it enqueued
-        become its children."""
+        """Call the function for ``task`` and flush its changes to ``db`` (tasks it enqueued
+        become its children); returns the result to store. The function may decide the outcome
+        itself with ``complete(task, result)`` or ``fail(task, message)``; with
+        ``auto_complete`` off it must."""
         available = {"db": db, "task": task, "savepoint": savepoint}
         arguments = {name: available[name] for name in self._injected}
         token = current_task.set(task)
@@ -118,9 +121,19 @@ class Processor:
             result = self.func(**task.kwargs, **arguments)
             if self.uses_session:
                 db.flush()  # while it is the current task, so new tasks become its children
-            return result
         finally:
             current_task.reset(token)
+        outcome = task.__dict__.pop(_OUTCOME, None)
+        if isinstance(outcome, TaskFailed):
+            raise outcome
+        if outcome is not None:
+            return outcome.result
+        if not self.auto_complete:
+            raise NotCompleted(
+                f"{self.name} returned without completing its task: with auto_complete off, "
+                "call beanflow.complete(task, result) or beanflow.fail(task, message) first"
+            )
+        return result
 
     def retry_at(self, task: Any, error: BaseException) -> Any:
         """When to retry ``task`` after ``error`` (a datetime or SQL expression), or None."""
@@ -129,3 +142,25 @@ class Processor:
         if self.retry_exceptions is not None and not isinstance(error, self.retry_exceptions):
             return None
         return self.retry_policy(task)
+
+
+# where complete() and fail() leave a task's outcome for its worker
+_OUTCOME = "_beanflow_outcome"
+
+
+@dataclasses.dataclass
+class _Completed:
+    result: Any
+
+
+def complete(task: Any, result: Any = None) -> None:
+    """Decide that ``task`` is DONE with ``result`` once its processor returns (what its
+    return value would say otherwise). Its completion commits, as always, with the task's own
+    changes; for a processor with ``auto_complete`` off, this (or ``fail``) is how it ends."""
+    task.__dict__[_OUTCOME] = _Completed(result)
+
+
+def fail(task: Any, message: str) -> None:
+    """Decide that ``task`` failed with ``message`` once its processor returns, as if it had
+    raised: its changes are rolled back and its retry policy decides what comes next."""
+    task.__dict__[_OUTCOME] = TaskFailed(message)
