@@ -78,7 +78,9 @@ class BeanQueue:
         """Scan ``PROCESSOR_PACKAGES`` (each once); returns the registry."""
         try:
             self.registry.scan(self.config.PROCESSOR_PACKAGES)
-        except Exception as error:  # noqa: BLE001 - the user's package failed to import
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # noqa: BLE001 - the user's package failed to import
             raise ConfigError(
                 f"PROCESSOR_PACKAGES: cannot import {self.config.PROCESSOR_PACKAGES}: "
                 f"{type(error).__name__}: {error}"

@@ -210,7 +210,9 @@ def import_object(path: str) -> Any:
         value: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise ImportError(f"cannot import {module_name!r}: {error}") from None
-    except Exception as error:  # noqa: BLE001 - the user's module failed while importing
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - the user's module failed (sys.exit() too)
         message = f"importing {module_name!r} failed: {type(error).__name__}: {error}"
         raise ImportError(message) from None
     for part in attribute.split("."):

@@ -58,6 +58,9 @@ worker:
 """
 
 
+CJK = "通道" * 13  # 26 characters, 78 bytes: under the schema's 63 characters, over 63 bytes
+
+
 def write(tmp_path, text: str, name: str = "beanflow.yaml"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -281,6 +284,73 @@ def test_validate_prints_a_summary_without_the_password(tmp_path):
             ["4:10: channels.work.poll_timeout: must be > 0, got 0"],
         ),
         (
+            "processors:\n  p: {function: 'tests.workloads.app:Effect', channel: work}\n"
+            "  e: {function: 'builtins:ValueError', channel: work}\n",
+            [
+                "2:7: processors.p.function: 'tests.workloads.app:Effect' is a class; a "
+                "processor is a function",
+                "3:7: processors.e.function: 'builtins:ValueError' is a class; a processor is "
+                "a function",
+            ],
+        ),
+        (
+            "database: notaurl\n",
+            [
+                "1:1: database: 'notaurl' is not a database URL such as "
+                "postgresql://user@host:5432/name"
+            ],
+        ),
+        (
+            "database: mysql://root:pw@localhost/shop\n",
+            [
+                "1:1: database: beanflow needs PostgreSQL; 'mysql' URLs are not supported "
+                "(mysql://root:***@localhost/shop)"
+            ],
+        ),
+        (
+            "retry_policies:\n  a: {kind: exponential, jitter: .nan}\n",
+            [
+                "2:26: retry_policies.a.jitter: nan is not a number (NaN and infinity are not "
+                "allowed)"
+            ],
+        ),
+        (
+            "processors:\n  p: {function: 'tests.workloads.app:echo', channel: work, timeout: 0}\n",
+            ["2:60: processors.p.timeout: must be > 0, got 0"],
+        ),
+        (
+            f"processors:\n  p: {{function: 'tests.workloads.app:echo', channel: {CJK}}}\n",
+            [
+                f"2:45: processors.p.channel: channel name {CJK[:20]!r}… is 78 bytes long; "
+                "PostgreSQL allows at most 63 bytes (NOTIFY channels are identifiers)"
+            ],
+        ),
+        (
+            "processors:\n  'bad name!': {function: 'tests.workloads.app:echo', channel: w}\n",
+            [
+                (
+                    '2:3: processors.bad name!: "bad name!" is not valid: expected a name that '
+                    "starts with a letter or '_', then letters, digits, '_', '.' or '-'"
+                )
+            ],
+        ),
+        (
+            "processors:\n  p: {function: 'tests.workloads.app:echo'}\nchannels:\n  mail: {}\n",
+            [
+                "2:3: processors.p: 'channel' is required",
+                "4:3: channels.mail: no processor runs on channel 'mail'; processors' channels: "
+                "none",
+            ],
+        ),
+        (
+            "a: " + "[" * 5000 + "]" * 5000 + "\n",
+            ["1:1: nested more than 64 levels deep"],
+        ),
+        (
+            "version: 1\nretry_policies: &x {a: *x}\n",
+            ["2:17: retry_policies.a: an alias that contains itself"],
+        ),
+        (
             "a: 1\na: 2\nversion: 1\n",
             [
                 "2:1: a: duplicate key (it is already set above)",
@@ -407,3 +477,74 @@ def test_schedule_ticks_fall_on_the_cron_boundaries():
     on_the_hour = datetime(2026, 1, 1, 11, 0, 0, tzinfo=timezone.utc)
     assert hourly_paris.recent_ticks(on_the_hour, 1)[0] == on_the_hour
     assert hourly_paris.recent_ticks(on_the_hour, 0) == []
+
+
+def test_merge_keys_work_and_a_key_set_beside_them_wins(tmp_path):
+    deployment, problems = spec.check(
+        write(
+            tmp_path,
+            """\
+            version: 1
+            processors:
+              p: &base {function: 'tests.workloads.app:echo', channel: work, timeout: 5s}
+              q: {<<: *base, channel: other}
+            """,
+        )
+    )
+    assert problems == []
+    p, q = deployment.processors["p"], deployment.processors["q"]
+    assert (p.channel, q.channel, q.timeout) == ("work", "other", 5.0)
+
+
+def test_an_alias_bomb_is_refused_in_bounded_time(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]" for n in range(1, 10)]
+    text = "\n".join(lines) + "\n"
+    assert len(text) < 1500
+    [problem] = problems_of(tmp_path, text)
+    assert problem.endswith(": the document expands to more than 100,000 values (aliases?)")
+
+
+def test_a_module_that_exits_at_import_is_a_located_problem(tmp_path):
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(0)\n")
+    (tmp_path / "interrupts.py").write_text("raise KeyboardInterrupt\n")
+    problems = problems_of(
+        tmp_path,
+        "processors:\n  p: {function: 'exits_at_import:f', channel: work}\n"
+        "packages: [exits_at_import]\n",
+    )
+    assert problems == [
+        "2:7: processors.p.function: importing 'exits_at_import' failed: SystemExit: 0",
+        "3:12: packages[0]: cannot import 'exits_at_import': SystemExit: 0",
+    ]
+
+
+def test_variables_follow_the_shells_rules_in_values_keys_and_flow_mappings(tmp_path):
+    env = {"EMPTY": "", "N": "3", "QUEUE": "mail"}
+    path = write(
+        tmp_path,
+        """\
+        a: ${EMPTY:-fallback}
+        b: ${EMPTY-fallback}
+        c: ${UNSET-fallback}
+        d: {workers: ${N:-2}, other: ${UNSET:-4}}
+        ${QUEUE}: x-${N}
+        """,
+    )
+    document, problems = spec.load_document(path, env)
+    assert problems == []
+    assert document.data == {
+        "a": "fallback",
+        "b": None,  # set but empty: an empty plain value, YAML's null
+        "c": "fallback",
+        "d": {"workers": 3, "other": 4},
+        "mail": "x-3",
+    }
+    assert document.where(("d", "other")) == (4, 23)  # columns are where they were written
+
+
+def test_a_byte_that_is_not_utf8_is_located(tmp_path):
+    path = tmp_path / "beanflow.yaml"
+    path.write_bytes(b"version: 1\nprocessors:\n  p\xe9: {}\n")
+    _, problems = spec.check(path)
+    assert [str(p) for p in problems] == [f"{path}:3:4: byte 0xe9 is not UTF-8 text"]

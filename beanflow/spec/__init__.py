@@ -9,7 +9,7 @@ from pathlib import Path
 from ..deployment import Deployment, set_default
 from ..errors import SpecError
 from .compile import compile_document, describe
-from .load import Problem
+from .load import Document, Problem
 from .load import load as load_document
 from .validate import validate
 
@@ -28,6 +28,8 @@ def check(path: str | os.PathLike[str]) -> tuple[Deployment | None, list[Problem
     problems += validate(document)
     deployment, compile_problems = compile_document(document)
     problems = sorted(set(problems + compile_problems), key=lambda p: (p.line, p.column, p.path))
+    if deployment is not None:
+        problems += _left_out(document, deployment, problems)
     if deployment is None or problems:
         return None, problems
     deployment.path = Path(path)
@@ -46,3 +48,23 @@ def load(path: str | os.PathLike[str] = "beanflow.yaml", *, default: bool = True
     if default:
         set_default(deployment)
     return deployment
+
+
+def _left_out(document: Document, deployment: Deployment, problems: list[Problem]) -> list[Problem]:
+    """A problem for each processor or schedule declared but not compiled, unless a problem
+    already says why: nothing declared is ever dropped in silence."""
+    reported = {p.path for p in problems}
+    compiled = {
+        "processors": set(deployment.processors),
+        "schedules": {schedule.name for schedule in deployment.schedules},
+    }
+    left_out = []
+    for section, names in compiled.items():
+        declared = document.data.get(section)
+        for name in declared if isinstance(declared, dict) else {}:
+            where = f"{section}.{name}"
+            if name not in names and not any(
+                path == where or path.startswith((f"{where}.", f"{where}[")) for path in reported
+            ):
+                left_out.append(document.problem((section, name), "could not be compiled"))
+    return left_out

@@ -8,6 +8,7 @@ problem it finds rather than stopping at the first.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from datetime import timedelta
@@ -18,10 +19,18 @@ from croniter import croniter
 from sqlalchemy.engine import make_url
 
 from ..app import BeanQueue
-from ..config import Config, ConfigError, import_object, parse_duration, parse_setting
+from ..config import (
+    Config,
+    ConfigError,
+    duration,
+    import_object,
+    parse_duration,
+    parse_setting,
+)
 from ..deployment import Deployment
 from ..engine.pool import ChannelPlan
 from ..engine.schedules import Schedule
+from ..models.task import check_channel
 from ..processors.processor import Processor
 from ..processors.retry import DelayRetry, ExponentialBackoffRetry, LimitAttempt, RetryPolicy
 from .load import Document, Path_, Problem
@@ -35,6 +44,8 @@ _WORKER_SETTINGS = {
     "max_worker_crashes": "MAX_WORKER_CRASHES",
     "events": "EVENTS",
 }
+_BAD = object()  # a value that has a problem
+
 # channels.NAME: key → Config field
 _CHANNEL_SETTINGS = {"batch_size": "BATCH_SIZE", "poll_timeout": "POLL_TIMEOUT"}
 
@@ -108,7 +119,9 @@ class _Compiler:
         for index, package in enumerate(app.config.PROCESSOR_PACKAGES):
             try:
                 app.registry.scan([package])
-            except Exception as error:  # noqa: BLE001 - any failure of the user's import
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # noqa: BLE001 - any failure of the user's import
                 self.problem(
                     ("packages", index),
                     f"cannot import {package!r}: {type(error).__name__}: {error}",
@@ -192,32 +205,20 @@ class _Compiler:
                 compiled = self.policy(spec["retry_policy"], (*path, "retry_policy"))
                 if compiled is not None:
                     policy, exceptions = compiled[0], compiled[1] or None
-            try:
-                function = import_object(spec["function"])
-            except ImportError as error:
-                self.problem((*path, "function"), str(error))
+            function = self.function(spec["function"], (*path, "function"))
+            channel = self.channel(spec.get("channel"), (*path, "channel"))
+            timeout = self.timeout(spec, (*path, "timeout"))
+            if function is None or channel is None or timeout is _BAD:
                 continue
-            if isinstance(function, Processor):
-                function = function.func
-            if not callable(function):
-                self.problem((*path, "function"), f"{spec['function']!r} is not callable")
-                continue
-            try:
-                timeout = parse_duration(spec["timeout"]) if "timeout" in spec else None
-            except ValueError:
-                timeout = None  # the schema has reported it
-            try:
-                processor = Processor(
-                    function,
-                    str(spec.get("channel")),
-                    retry_policy=policy,
-                    retry_exceptions=exceptions,
-                    auto_complete=spec.get("auto_complete", True),
-                    timeout=timeout,
-                    task_model=app.task_model,
-                )
-            except (TypeError, ValueError):
-                continue  # the schema has reported the shape
+            processor = Processor(
+                function,
+                channel,
+                retry_policy=policy,
+                retry_exceptions=exceptions,
+                auto_complete=spec.get("auto_complete", True) is not False,
+                timeout=timeout,
+                task_model=app.task_model,
+            )
             other = deployment.processors.get(name)
             if other is not None and other.func is not processor.func:
                 self.problem(
@@ -238,13 +239,50 @@ class _Compiler:
             app.registry.processors[key] = processor
             deployment.processors[name] = processor
 
+    def function(self, written: str, path: Path_) -> Any:
+        """The function an import path names, or None (and a problem at ``path``)."""
+        try:
+            function = import_object(written)
+        except ImportError as error:
+            self.problem(path, str(error))
+            return None
+        if isinstance(function, Processor):
+            function = function.func
+        if inspect.isclass(function):
+            self.problem(path, f"{written!r} is a class; a processor is a function")
+            return None
+        if not callable(function):
+            self.problem(path, f"{written!r} is not callable")
+            return None
+        return function
+
+    def timeout(self, spec: dict[str, Any], path: Path_) -> Any:
+        """A processor's timeout in seconds (None: none), or _BAD (and a problem)."""
+        if "timeout" not in spec:
+            return None
+        try:
+            return duration()(spec["timeout"])
+        except ValueError as error:
+            self.problem(path, str(error))
+            return _BAD
+
+    def channel(self, name: Any, path: Path_) -> str | None:
+        """A channel name, or None (and a problem at ``path``, unless the schema's)."""
+        if not isinstance(name, str):
+            return None  # the schema has reported it
+        try:
+            return check_channel(name)
+        except ValueError as error:
+            self.problem(path, str(error))
+            return None
+
     def declared_processors(self) -> dict[str, str]:
         """Declared processor names → their channel, including those that failed to compile
         (so that what refers to them is not reported again)."""
         return {
-            name: str(spec.get("channel"))
+            name: spec["channel"]
             for name, spec in self.section("processors").items()
-            if isinstance(spec, dict)
+            if isinstance(spec, dict) and isinstance(spec.get("channel"), str)
         }
 
     def channels(self, deployment: Deployment) -> None:
@@ -254,6 +292,8 @@ class _Compiler:
             if not isinstance(spec, dict):
                 continue
             path: Path_ = ("channels", channel)
+            if self.channel(channel, path) is None:
+                continue
             if channel not in served:
                 self.problem(
                     path,

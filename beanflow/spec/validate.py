@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,32 @@ def schema() -> dict[str, Any]:
 
 
 def validate(document: Document) -> list[Problem]:
-    """Every place where the document breaks the schema."""
+    """Every place where the document breaks the schema, or holds a number that is not
+    finite (NaN passes every minimum and maximum of a schema)."""
     validator = jsonschema.Draft202012Validator(schema())
-    problems = []
+    problems = [
+        document.problem(path, f"{value!r} is not a number (NaN and infinity are not allowed)")
+        for path, value in _non_finite(document.data, ())
+    ]
     for error in validator.iter_errors(document.data):
         problems.extend(_explain(document, error))
     return sorted(set(problems))
 
 
+def _non_finite(value: Any, path: tuple) -> list[tuple[tuple, float]]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in _non_finite(v, (*path, k))]
+    if isinstance(value, list):
+        return [found for i, v in enumerate(value) for found in _non_finite(v, (*path, i))]
+    return []
+
+
 def _explain(document: Document, error: jsonschema.ValidationError) -> list[Problem]:
     path = tuple(error.absolute_path)
+    if "propertyNames" in error.relative_schema_path and isinstance(error.instance, str):
+        path = (*path, error.instance)  # a bad name is located at the name itself
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = list(error.schema.get("properties", {}))
         unexpected = [k for k in error.instance if k not in allowed]
