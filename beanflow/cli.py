@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -125,6 +126,9 @@ def main(context: click.Context, app_path: str | None, log_level: str, log_forma
         else logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     )
     logging.basicConfig(level=log_level.upper(), handlers=[handler])
+    # as `python -m` does: the project in the current folder is importable (`-a`, packages)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     context.obj = lambda: load_app(app_path)
     context.meta["log"] = ["--log-level", log_level, "--log-format", log_format]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +82,45 @@ def default() -> Deployment:
     return _default
 
 
-def _processor(processor: Processor | str) -> Processor:
-    return default().resolve(None, processor) if isinstance(processor, str) else processor
+def _processor(processor: Processor | str | Callable[..., Any]) -> Processor:
+    """One rule for every spelling: a Processor; the name of one in the default deployment;
+    or a plain function that the default deployment declares."""
+    if isinstance(processor, Processor):
+        return processor
+    if isinstance(processor, str):
+        return default().resolve(None, processor)
+    known = _default.processors.values() if _default is not None else []
+    declared = [p for p in known if p.func is processor]
+    if len(declared) == 1:
+        return declared[0]
+    name = getattr(processor, "__qualname__", repr(processor))
+    if declared:
+        names = ", ".join(sorted(p.name for p in declared))
+        raise ProcessorNotFound(f"{name} is declared several times ({names}): enqueue it by name")
+    raise ProcessorNotFound(
+        f"{name} is not a processor: decorate it with @processor, or declare it in "
+        "beanflow.yaml and load the file"
+    )
 
 
-def enqueue(session: Session, processor: Processor | str, /, **kwargs: Any) -> Any:
+def enqueue(
+    session: Session, processor: Processor | str | Callable[..., Any], /, **kwargs: Any
+) -> Any:
     """Add a task running ``processor(**kwargs)`` to ``session`` and return it; the caller
     commits (the task becomes visible, and workers are notified, on commit).
 
-    ``processor`` is a Processor, or the name of one in the default deployment (the file
-    ``beanflow.load()`` loaded)."""
+    ``processor`` is a Processor, the name of one in the default deployment (the file
+    ``beanflow.load()`` loaded), or a function that deployment declares."""
     task = _processor(processor).run(**kwargs)
     session.add(task)
     return task
 
 
 def enqueue_many(
-    session: Session, processor: Processor | str, kwargs_list: Sequence[dict[str, Any]], /
+    session: Session,
+    processor: Processor | str | Callable[..., Any],
+    kwargs_list: Sequence[dict[str, Any]],
+    /,
 ) -> int:
     """Insert one task per kwargs with a single statement, in ``session``'s transaction (the
     caller commits); returns the number of tasks. Like ``enqueue``, it notifies on commit."""

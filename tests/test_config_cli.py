@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import beanflow as bq
 
-from .helpers import beanflow
+from .helpers import beanflow, environment
 
 
 def test_fields_come_from_arguments_then_environment_then_defaults():
@@ -159,3 +161,24 @@ def test_every_setting_has_one_syntax_whichever_way_it_arrives():
         bq.Config(env={}, DATABASE_URL="mysql://root@localhost/shop")
     with pytest.raises(bq.ConfigError, match="'notaurl' is not a database URL"):
         bq.Config(env={}, DATABASE_URL="notaurl")
+
+
+def test_the_beanflow_command_imports_from_the_current_folder(db_url, tmp_path):
+    """As the README's worker example does: `-a` names a module of the current folder."""
+    (tmp_path / "mytasks.py").write_text(
+        "import beanflow as bq\n"
+        "app = bq.BeanQueue()\n"
+        "@app.processor(channel='here')\n"
+        "def hello() -> str:\n"
+        "    return 'hi'\n"
+    )
+    command = str(Path(sys.executable).parent / "beanflow")
+    result = subprocess.run(
+        [command, "-a", "mytasks:app", "process", "here", "--burst"],
+        cwd=tmp_path,
+        env=environment(BEANFLOW_DATABASE_URL=db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr

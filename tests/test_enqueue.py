@@ -167,3 +167,12 @@ def test_channel_names_cannot_inject_sql(app, session, listening):
     session.commit()
     assert listening.received() == [channel]
     assert count_tasks(app) == 1
+
+
+def test_a_task_has_its_id_before_any_flush(session, resize):
+    task = bq.enqueue(session, resize, width=1, height=2)
+    assert task.id is not None  # a reference can be stored at once
+    built = bq.Task(channel="images", module="m", name="n")
+    assert built.id is not None and built.id != task.id
+    session.commit()
+    assert session.get(bq.Task, task.id) is task

@@ -548,3 +548,28 @@ def test_a_byte_that_is_not_utf8_is_located(tmp_path):
     path.write_bytes(b"version: 1\nprocessors:\n  p\xe9: {}\n")
     _, problems = spec.check(path)
     assert [str(p) for p in problems] == [f"{path}:3:4: byte 0xe9 is not UTF-8 text"]
+
+
+def test_one_resolution_rule_for_every_spelling(tmp_path, session):
+    from .workloads.app import echo
+
+    deployment = bq.load(write(tmp_path, VALID))
+    plain = deployment.processors["effect"].func  # declared in the file, not decorated
+    by_function = bq.enqueue(session, plain, key="k")
+    assert (by_function.name, by_function.id is not None) == ("write_effect", True)
+    assert bq.enqueue_many(session, plain, [{"key": "a"}]) == 1
+    assert bq.enqueue(session, echo, value=1).channel == "work"  # a decorated one
+    with pytest.raises(bq.ProcessorNotFound, match="len is not a processor: decorate it"):
+        bq.enqueue(session, len)
+
+
+def test_the_embedded_server_lives_beside_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("BEANFLOW_EMBEDDED_DIR", raising=False)
+    (tmp_path / "sub").mkdir()
+    deployment, _ = spec.check(write(tmp_path / "sub", "version: 1\n"))
+    assert str((tmp_path / "sub" / ".beanflow").resolve()) == deployment.app.config.EMBEDDED_DIR
+    deployment, _ = spec.check(write(tmp_path / "sub", "version: 1\nembedded_dir: state\n"))
+    assert str((tmp_path / "sub" / "state").resolve()) == deployment.app.config.EMBEDDED_DIR
+    monkeypatch.setenv("BEANFLOW_EMBEDDED_DIR", "/somewhere/else")
+    deployment, _ = spec.check(write(tmp_path / "sub", "version: 1\n"))
+    assert deployment.app.config.EMBEDDED_DIR == "/somewhere/else"

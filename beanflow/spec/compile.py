@@ -12,6 +12,7 @@ import inspect
 import os
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -20,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 from ..app import BeanQueue
 from ..config import (
+    ENV_PREFIX,
     Config,
     ConfigError,
     duration,
@@ -97,9 +99,18 @@ class _Compiler:
         database = self.data.get("database")
         if database is not None and not (isinstance(database, str) and not database.strip()):
             values["DATABASE_URL"] = (("database",), database)  # empty: the embedded server
-        for key, field in (("embedded_dir", "EMBEDDED_DIR"), ("packages", "PROCESSOR_PACKAGES")):
-            if key in self.data:
-                values[field] = ((key,), self.data[key])
+        if "packages" in self.data:
+            values["PROCESSOR_PACKAGES"] = (("packages",), self.data["packages"])
+        # the embedded server's folder is the file's, not the current directory's: every
+        # command given this file finds the same server
+        folder = Path(self.document.file).resolve().parent
+        embedded = self.data.get("embedded_dir")
+        if isinstance(embedded, str) and embedded.strip():
+            values["EMBEDDED_DIR"] = (("embedded_dir",), str(folder / embedded))
+        elif "embedded_dir" in self.data:
+            values["EMBEDDED_DIR"] = (("embedded_dir",), embedded)
+        elif ENV_PREFIX + "EMBEDDED_DIR" not in self.env:
+            values["EMBEDDED_DIR"] = ((), str(folder / ".beanflow"))
         for key, value in self.section("worker").items():
             if key in _WORKER_SETTINGS:
                 values[_WORKER_SETTINGS[key]] = (("worker", key), value)
