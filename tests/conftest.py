@@ -118,3 +118,5 @@ def own_server(tmp_path) -> Iterator[OwnServer]:
     server = OwnServer(tmp_path / "own-server")
     yield server
     server.stop()
+    # a test run leaves nothing behind, even after the test restarted or crashed its server
+    assert server.running_processes() == []

