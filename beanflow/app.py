@@ -12,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from . import db
 from .config import Config, import_object
 from .errors import ConfigError, ProcessorNotFound
+from .models.schedule import ScheduleState
 from .processors.processor import ExceptionTypes, Processor
 from .processors.registry import ProcessorRegistry, processor
 from .processors.retry import RetryPolicy
@@ -47,10 +48,15 @@ class BeanQueue:
     def session_factory(self) -> sessionmaker:
         return sessionmaker(bind=self.engine)
 
+    @property
+    def models(self) -> list[type]:
+        """The models whose tables beanflow uses."""
+        return [self.worker_model, self.task_model, self.event_model, ScheduleState]
+
     def create_tables(self) -> None:
-        """Create the task, worker and event tables (and their indexes) if missing."""
-        tables = [m.__table__ for m in (self.worker_model, self.task_model, self.event_model)]
-        tables[0].metadata.create_all(self.engine, tables=tables)
+        """Create beanflow's tables (and their indexes) if missing."""
+        for model in self.models:
+            model.metadata.create_all(self.engine, tables=[model.__table__])
 
     # ---- processors ------------------------------------------------------------------------
 

@@ -157,7 +157,7 @@ def run_deployment(
     app.config.DATABASE_URL = db.database_url(app.config)
     if create_tables:
         app.create_tables()
-    elif not inspect(app.engine).has_table(app.task_model.__tablename__):
+    elif not all(inspect(app.engine).has_table(m.__tablename__) for m in app.models):
         raise TablesMissing(f"beanflow create-tables --config {deployment.path}")
     plans = [plan for plan in deployment.channels if plan.workers > 0]
     queries = Queries(app.task_model, app.worker_model, app.event_model)

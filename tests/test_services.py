@@ -182,8 +182,24 @@ def test_summary_logs_and_resets_the_counts(caplog):
     assert counts == collections.Counter()
 
 
+def test_a_new_schedule_does_not_fire_for_its_past(app, session):
+    """A daily 03:00 job first deployed at noon runs at 03:00, not at deploy time."""
+    daily = Schedule("daily", echo, "0 3 * * *", kwargs={"value": "tick"}, catch_up=1)
+    Scheduler(app, [daily]).run_once()
+    assert session.scalars(select(bq.Task)).all() == []
+    seen = session.get(bq.models.ScheduleState, "daily")
+    assert seen.first_seen is not None and seen.last_tick is None
+
+
 def test_scheduler_catches_up_once_then_enqueues_each_tick_once(app, session):
     every_second = Schedule("tick", echo, "* * * * * *", kwargs={"value": "tick"}, catch_up=2)
+    # a schedule that has been deployed for a while, then was down
+    session.add(
+        bq.models.ScheduleState(
+            name="tick", first_seen=datetime.now(timezone.utc) - timedelta(hours=1)
+        )
+    )
+    session.commit()
     first, second = Scheduler(app, [every_second]), Scheduler(app, [every_second])
     assert first.next_wait() == 0  # it catches up at once
     first.run_once()
@@ -201,3 +217,6 @@ def test_scheduler_catches_up_once_then_enqueues_each_tick_once(app, session):
     keys = session.scalars(select(bq.Task.unique_key)).all()
     assert len(keys) == len(set(keys)) == 3
     assert f"schedule:tick:{upcoming.isoformat()}" in keys
+    state = session.get(bq.models.ScheduleState, "tick")
+    assert state.last_tick == upcoming
+    assert session.get(bq.Task, state.last_task_id).unique_key.endswith(upcoming.isoformat())

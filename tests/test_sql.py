@@ -17,8 +17,15 @@ import pytest
 import sqlparse
 from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 
-from beanflow.engine.queries import Queries, enqueue_many, enqueue_unique, notify
-from beanflow.models import Event, Task, Worker
+from beanflow.engine.queries import (
+    Queries,
+    enqueue_many,
+    enqueue_unique,
+    notify,
+    schedule_seen,
+    schedule_ticked,
+)
+from beanflow.models import Event, ScheduleState, Task, Worker
 
 FOLDER = Path(__file__).resolve().parent / "sql"
 _NAMED = PGDialect_psycopg2(paramstyle="named")
@@ -50,6 +57,8 @@ def _variants() -> dict[str, tuple[object, str]]:
     found["enqueue_many"] = (enqueue_many(Task.__table__), inspect.getdoc(enqueue_many))
     found["enqueue_unique"] = (enqueue_unique(Task.__table__), inspect.getdoc(enqueue_unique))
     found["notify"] = (notify("a channel"), inspect.getdoc(notify))
+    for function in (schedule_seen, schedule_ticked):
+        found[function.__name__] = (function(ScheduleState.__table__), inspect.getdoc(function))
     return found
 
 

@@ -19,9 +19,10 @@ from croniter import croniter
 from sqlalchemy import exc
 
 from ..errors import first_line
+from ..models.schedule import ScheduleState
 from ..processors.processor import Processor
 from .interface import QueueApp
-from .queries import enqueue_unique
+from .queries import enqueue_unique, schedule_seen, schedule_ticked
 from .service import PeriodicService
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class Schedule:
     cron: str
     timezone: str = "UTC"
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # after downtime, enqueue at most this many of the most recent missed ticks
+    # after downtime, enqueue at most this many of the most recent missed ticks (never one
+    # from before the schedule was first seen)
     catch_up: int = 1
 
     def next_tick(self, after: datetime) -> datetime:
@@ -70,6 +72,8 @@ class Scheduler(PeriodicService):
         self.app = app
         self.schedules = {schedule.name: schedule for schedule in schedules}
         self.statement = enqueue_unique(app.task_model.__table__)
+        self.seen = schedule_seen(ScheduleState.__table__)
+        self.ticked = schedule_ticked(ScheduleState.__table__)
         self.upcoming: dict[str, datetime] | None = None  # None until it has caught up
 
     def next_wait(self) -> float:
@@ -85,8 +89,10 @@ class Scheduler(PeriodicService):
         now = datetime.now(timezone.utc)
         if self.upcoming is None:
             for schedule in self.schedules.values():
+                first_seen = self.first_seen(schedule)
                 for tick in schedule.recent_ticks(now, schedule.catch_up):
-                    self.enqueue(schedule, tick)
+                    if tick >= first_seen:  # a new schedule does not fire for its past
+                        self.enqueue(schedule, tick)
             self.upcoming = {s.name: s.next_tick(now) for s in self.schedules.values()}
             return
         horizon = now.timestamp() + self.LEAD_SECONDS
@@ -94,6 +100,11 @@ class Scheduler(PeriodicService):
             if tick.timestamp() <= horizon:
                 self.enqueue(self.schedules[name], tick)
                 self.upcoming[name] = self.schedules[name].next_tick(tick)
+
+    def first_seen(self, schedule: Schedule) -> datetime:
+        """When any scheduler first saw ``schedule`` (now, for a new one)."""
+        with self.app.engine.begin() as connection:
+            return connection.execute(self.seen, {"schedule": schedule.name}).scalar_one()
 
     def enqueue(self, schedule: Schedule, tick: datetime) -> bool:
         """Insert the task of ``tick`` unless some scheduler already did; True if this one
@@ -113,6 +124,10 @@ class Scheduler(PeriodicService):
                         "task_unique_key": schedule.unique_key(tick),
                     },
                 ).first()
+                if inserted is not None:
+                    connection.execute(
+                        self.ticked, {"schedule": schedule.name, "tick": tick, "task": inserted.id}
+                    )
         except exc.DBAPIError as error:
             logger.error(
                 "schedule %s: could not enqueue the tick of %s: %s",

@@ -1,7 +1,8 @@
-"""SQLAlchemy models and mixins of tasks, workers and events."""
+"""SQLAlchemy models and mixins of tasks, workers and events; the schedules' state."""
 
 from .base import Base
 from .event import Event, EventModelMixin, EventModelRefTaskMixin, EventType
+from .schedule import ScheduleState
 from .task import (
     Task,
     TaskModelMixin,
@@ -19,6 +20,7 @@ __all__ = [
     "EventModelMixin",
     "EventModelRefTaskMixin",
     "EventType",
+    "ScheduleState",
     "Task",
     "TaskModelMixin",
     "TaskModelRefEventMixin",

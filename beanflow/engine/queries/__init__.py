@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .common import channel_parameters, notify
 from .prepared import Prepared
+from .schedules import schedule_seen, schedule_ticked
 from .tasks import TaskStatements, enqueue_many, enqueue_unique
 from .workers import WorkerStatements
 
@@ -27,4 +28,6 @@ __all__ = [
     "enqueue_many",
     "enqueue_unique",
     "notify",
+    "schedule_seen",
+    "schedule_ticked",
 ]
