@@ -80,6 +80,14 @@ def cli(db_url: str, *arguments: str) -> subprocess.CompletedProcess:
             "kwargs do not fit echo(value): missing a required argument: 'value'",
         ),
         (["submit", "work", "a", "b", "c"], "expected [MODULE] NAME after the channel"),
+        (
+            ["submit", "work", "echo", "-k", '{"value": [1, NaN]}'],
+            "kwargs cannot be stored as JSON: kwargs['value'][1]: nan is not a JSON number",
+        ),
+        (
+            ["submit", "work", "echo", "-k", '{"value": "a\\u0000b"}'],
+            "kwargs cannot be stored as JSON: kwargs['value']: the NUL character",
+        ),
     ],
 )
 def test_submit_errors_are_one_line_with_status_2(db_url, arguments, message):

@@ -5,24 +5,28 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
+from sqlalchemy import Integer, column, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from .. import db
 from .notify import Listener
-from .queries import Prepared
+from .queries import Prepared, Queries
 
 
 class WorkerConnections:
-    """The hot path runs on a connection of its own, with its statements PREPAREd on it and its
-    savepoints sent with the next statement (``db.make_hot_path_engine``); the LISTEN
-    connection is another. Both are opened together, and dropped together when either
-    breaks."""
+    """The hot path runs on a connection of its own, with its statements (claim, complete)
+    PREPAREd on it and its savepoints sent with the next statement
+    (``db.make_hot_path_engine``); the LISTEN connection is another. Both are opened
+    together, and dropped together when either breaks."""
 
-    def __init__(self, engine: Engine, channels: Iterable[str], prepared: Iterable[Prepared]):
+    def __init__(self, engine: Engine, channels: Iterable[str], queries: Queries, model: type):
         self.engine = engine
         self.channels = list(channels)
-        self.prepared = list(prepared)
+        self.claim = Prepared("beanflow_claim", queries.claim, *queries.task.c)
+        self.complete = Prepared("beanflow_complete", queries.complete, column("count", Integer))
+        # the claim, read back as the task model's objects
+        self.claimed = select(model).from_statement(self.claim.execute)
         self._hot_engine = db.make_hot_path_engine(engine.url)
         self.session: Session | None = None
         self.listener: Listener | None = None
@@ -34,7 +38,7 @@ class WorkerConnections:
         connection = self._hot_engine.connect()
         # planned once for this connection: the statements' parameters never change the plan
         connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        for prepared in self.prepared:
+        for prepared in (self.claim, self.complete):
             prepared.prepare(connection)
         connection.commit()
         self.session = Session(bind=connection, expire_on_commit=False, autoflush=True)

@@ -1,5 +1,5 @@
-"""Liveness: a worker's heartbeat, the reaper that returns dead workers' tasks, and the
-summary line that shows a worker at work.
+"""Liveness: a worker's row, its heartbeat, the reaper that returns dead workers' tasks, the
+watch on its supervisor, and the summary line that shows a worker at work.
 
 Both run in every worker process, each on its own thread and pool connection, so a long task
 never delays them. Any worker reaps any other: there is no leader to lose.
@@ -10,10 +10,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from ..models.worker import WorkerState
 from .interface import QueueApp
@@ -21,6 +23,44 @@ from .queries import Queries
 from .service import PeriodicService
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerRecord:
+    """A worker's row, and the tasks it holds: registered when it starts; at the end (or
+    when its connection broke) what it holds is returned, and the row marked SHUTDOWN."""
+
+    def __init__(self, app: QueueApp, queries: Queries, worker_id: uuid.UUID) -> None:
+        self.app, self.queries, self.worker_id = app, queries, worker_id
+
+    def register(self, channels: list[str]) -> None:
+        with self.app.engine.begin() as connection:
+            connection.execute(
+                self.queries.register,
+                {
+                    "id": self.worker_id,
+                    "name": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "channels": channels,
+                },
+            )
+
+    def release(self, innocent: list[Any], charged: list[Any]) -> None:
+        """Return what the worker holds to the queue: task ids ``innocent`` with their attempt
+        given back, ``charged`` charged a crash (see Queries.release)."""
+        with self.app.engine.begin() as connection:
+            connection.execute(
+                self.queries.release,
+                {
+                    "worker": self.worker_id,
+                    "innocent": list(innocent),
+                    "charged": list(charged),
+                    "max_crashes": self.app.config.MAX_WORKER_CRASHES,
+                },
+            )
+
+    def shut_down(self) -> None:
+        with self.app.engine.begin() as connection:
+            connection.execute(self.queries.shut_down, {"worker": self.worker_id})
 
 
 class Heartbeat(PeriodicService):

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -19,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import psycopg2
-from sqlalchemy import Integer, column, exc, select
+from sqlalchemy import exc
 from sqlalchemy.orm import Session
 
 from .. import db
@@ -28,10 +27,10 @@ from .batch import Batch, BatchAborted, ConnectionLost, Finished
 from .connections import WorkerConnections
 from .deadlines import Deadlines, GraceExceeded
 from .interface import QueueApp
-from .liveness import Heartbeat, ParentWatch, Reaper, Summary
+from .liveness import Heartbeat, ParentWatch, Reaper, Summary, WorkerRecord
 from .notify import drain_pipe
 from .outcomes import result_json, undo
-from .queries import Prepared, Queries, channel_parameters
+from .queries import Queries, channel_parameters
 from .service import PeriodicService
 
 logger = logging.getLogger(__name__)
@@ -81,25 +80,19 @@ class TaskWorker:
         )
         self.engine = app.engine
         self._channel_parameters = channel_parameters(self.channels)
-        self._prepared = {
-            "claim": Prepared("beanflow_claim", self.queries.claim, *self.queries.task.c),
-            "complete": Prepared(
-                "beanflow_complete", self.queries.complete, column("count", Integer)
-            ),
-        }
-        self._claim_statement = select(app.task_model).from_statement(
-            self._prepared["claim"].execute
-        )
         self.stopping = threading.Event()
         self.found_dead = False
         self.deadlines = Deadlines()
         self.counts: collections.Counter[str] = collections.Counter()
         self.unstarted: list[Any] = []  # ids of the claimed tasks not yet started
         self._wake_read, self._wake_write = os.pipe()
-        self.connections = WorkerConnections(app.engine, self.channels, self._prepared.values())
+        self.connections = WorkerConnections(
+            app.engine, self.channels, self.queries, app.task_model
+        )
+        self.record = WorkerRecord(app, self.queries, self.id)
         self.batch = Batch(
             self.queries,
-            self._prepared["complete"],
+            self.connections.complete,
             self.id,
             self.connections,
             self._release,
@@ -150,16 +143,7 @@ class TaskWorker:
         self.stop()
 
     def _register(self) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(
-                self.queries.register,
-                {
-                    "id": self.id,
-                    "name": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "channels": self.channels,
-                },
-            )
+        self.record.register(self.channels)
         logger.info(
             "worker %s started on channels %s (batch %d)",
             self.id,
@@ -220,8 +204,7 @@ class TaskWorker:
             if self.connections.session is not None:
                 self.connections.session.rollback()
             self._release()
-            with self.engine.begin() as connection:
-                connection.execute(self.queries.shut_down, {"worker": self.id})
+            self.record.shut_down()
             logger.info("worker %s stopped", self.id)
         except exc.DBAPIError as error:
             logger.warning(
@@ -231,19 +214,9 @@ class TaskWorker:
             self._disconnect()
 
     def _release(self, charged: list[Any] = (), innocent: list[Any] = ()) -> None:
-        """Return what this worker holds to the queue: the unstarted tasks (and the task ids
-        ``innocent``) with their attempt given back, the task ids ``charged`` charged a crash
-        (see Queries.release)."""
-        with self.engine.begin() as connection:
-            connection.execute(
-                self.queries.release,
-                {
-                    "worker": self.id,
-                    "innocent": [*self.unstarted, *innocent],
-                    "charged": list(charged),
-                    "max_crashes": self.config.MAX_WORKER_CRASHES,
-                },
-            )
+        """Return what this worker holds: the unstarted tasks and the task ids ``innocent``
+        with their attempt given back, the task ids ``charged`` charged a crash."""
+        self.record.release([*self.unstarted, *innocent], charged)
         self.unstarted = []
 
     # ---- signals ---------------------------------------------------------------------------
@@ -291,7 +264,7 @@ class TaskWorker:
 
     def _claim_in(self, session: Session) -> list[Any]:
         parameters = {"worker": self.id} | self._channel_parameters
-        return list(session.scalars(self._claim_statement, parameters))
+        return list(session.scalars(self.connections.claimed, parameters))
 
     def _process(self, tasks: list[Any]) -> list[Any]:
         """Run claimed tasks; returns the next batch, claimed by the same commit as the last of

@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,7 +25,6 @@ from ..config import (
     ConfigError,
     duration,
     import_object,
-    parse_duration,
     parse_setting,
 )
 from ..deployment import Deployment
@@ -34,8 +32,8 @@ from ..engine.pool import ChannelPlan
 from ..engine.schedules import Schedule
 from ..models.task import check_channel
 from ..processors.processor import Processor
-from ..processors.retry import DelayRetry, ExponentialBackoffRetry, LimitAttempt, RetryPolicy
 from .load import Document, Path_, Problem
+from .policies import PolicyCompiler
 
 # worker: key → Config field
 _WORKER_SETTINGS = {
@@ -58,7 +56,6 @@ class _Compiler:
         self.data = document.data
         self.env = env
         self.problems: list[Problem] = []
-        self.policies: dict[str, tuple[RetryPolicy, tuple[type[BaseException], ...]] | None] = {}
         self.declared: dict[tuple[str, str, str], str] = {}  # registry key → processors' name
         self.deployment: Deployment | None = None
 
@@ -75,8 +72,8 @@ class _Compiler:
             return None
         self.deployment = deployment = Deployment(BeanQueue(config))
         self.scan(deployment)
-        for name in self.section("retry_policies"):
-            self.named_policy(name, ())
+        self.policies = PolicyCompiler(self.section("retry_policies"), self.problem)
+        self.policies.compile_all()
         self.processors(deployment)
         self.channels(deployment)
         self.schedules(deployment)
@@ -141,70 +138,6 @@ class _Compiler:
             for processor in app.load_processors().processors.values():
                 deployment.processors.setdefault(processor.name, processor)
 
-    def named_policy(
-        self, name: str, chain: tuple[str, ...]
-    ) -> tuple[RetryPolicy, tuple[type[BaseException], ...]] | None:
-        if name in chain:
-            cycle = " → ".join((*chain[chain.index(name) :], name))
-            self.problem(
-                ("retry_policies", chain[-1]),
-                f"retry policies refer to each other in a cycle: {cycle}",
-            )
-            return None
-        if name not in self.policies:
-            spec = self.section("retry_policies")[name]
-            self.policies[name] = self.policy(spec, ("retry_policies", name), (*chain, name))
-        return self.policies[name]
-
-    def policy(
-        self, spec: Any, path: Path_, chain: tuple[str, ...] = ()
-    ) -> tuple[RetryPolicy, tuple[type[BaseException], ...]] | None:
-        """A policy written inline or named; None when it has problems (already reported)."""
-        if isinstance(spec, str):
-            if spec not in self.section("retry_policies"):
-                declared = ", ".join(self.section("retry_policies")) or "none"
-                self.problem(path, f"no retry policy named {spec!r}; declared: {declared}")
-                return None
-            return self.named_policy(spec, chain)
-        if not isinstance(spec, dict):
-            return None
-        exceptions = self.exceptions(spec.get("exceptions"), (*path, "exceptions"))
-        try:
-            kind = spec.get("kind")
-            if kind == "delay":
-                return DelayRetry(timedelta(seconds=parse_duration(spec["delay"]))), exceptions
-            if kind == "exponential":
-                max_delay = spec.get("max_delay", "1h")
-                return ExponentialBackoffRetry(
-                    base=spec.get("base", 2.0),
-                    exponent_offset=spec.get("exponent_offset", 0.0),
-                    exponent_scalar=spec.get("exponent_scalar", 1.0),
-                    max_delay=timedelta(seconds=parse_duration(max_delay)),
-                    jitter=spec.get("jitter", 0.0),
-                ), exceptions
-            if kind == "limit":
-                inner = self.policy(spec.get("retry_policy"), (*path, "retry_policy"), chain)
-                if inner is None:
-                    return None
-                return LimitAttempt(spec["maximum_attempt"], inner[0]), exceptions or inner[1]
-        except (KeyError, TypeError, ValueError):
-            pass  # the schema has reported the shape
-        return None
-
-    def exceptions(self, paths: Any, where: Path_) -> tuple[type[BaseException], ...]:
-        found = []
-        for index, path in enumerate(paths if isinstance(paths, list) else []):
-            try:
-                value = import_object(str(path))
-            except ImportError as error:
-                self.problem((*where, index), str(error))
-                continue
-            if isinstance(value, type) and issubclass(value, BaseException):
-                found.append(value)
-            else:
-                self.problem((*where, index), f"{path!r} is not an exception class")
-        return tuple(found)
-
     def processors(self, deployment: Deployment) -> None:
         app = deployment.app
         for name, spec in self.section("processors").items():
@@ -213,7 +146,7 @@ class _Compiler:
             path: Path_ = ("processors", name)
             policy = exceptions = None
             if "retry_policy" in spec:
-                compiled = self.policy(spec["retry_policy"], (*path, "retry_policy"))
+                compiled = self.policies.policy(spec["retry_policy"], (*path, "retry_policy"))
                 if compiled is not None:
                     policy, exceptions = compiled[0], compiled[1] or None
             function = self.function(spec["function"], (*path, "function"))
