@@ -240,3 +240,16 @@ def test_task_past_its_timeout_is_interrupted_and_failed(session, workers):
     assert stuck.error_message == "TaskTimeout: the task ran past its timeout of 0.5s"
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
+
+
+def test_a_task_that_drops_its_connection_does_not_kill_a_standalone_worker(session, workers):
+    culprit = enqueue(session, workloads.hang_up)
+    process = workers.start("work", MAX_WORKER_CRASHES=2, **NO_POLLING)
+    wait_for(lambda: state_of(session, culprit) == TaskState.FAILED, "the culprit to fail")
+    after = enqueue(session, workloads.echo, value="still here")
+    wait_for(lambda: state_of(session, after) == TaskState.DONE, "the next task")
+    assert process.poll() is None  # the same worker process, alive
+    session.refresh(culprit)
+    assert culprit.crash_count == 2
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0

@@ -13,11 +13,13 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, NoReturn
+from functools import partial
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import exc
 from sqlalchemy.orm import Session
 
+from .. import db
 from ..errors import first_line
 from ..processors.processor import Processor
 from .connections import WorkerConnections
@@ -25,6 +27,9 @@ from .outcomes import record_failure
 from .queries import Prepared, Queries
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_SAVEPOINT = "beanflow_outcome"
 
 
 class ConnectionLost(Exception):
@@ -74,41 +79,54 @@ class Batch:
         self.finished, self.started = [], []
 
     def complete(self, session: Session) -> int:
-        """Mark the finished tasks DONE with one statement (in a savepoint, which costs no
-        round trip here); returns how many this worker still held. If the database refuses,
-        find the tasks whose completion it refuses, roll the transaction back, fail those, and
-        return the others to the queue (raises BatchAborted)."""
+        """Mark the finished tasks DONE with one statement; returns how many this worker still
+        held. If the database refuses, roll back, find the tasks whose DONE it refuses, fail
+        those, and return the others to the queue to run again (raises BatchAborted)."""
         finished, self.finished = self.finished, []
         try:
-            with session.begin_nested():
-                return self._complete(session, finished)
+            return self._complete(session, finished)
         except exc.DBAPIError as error:
             self._unless_lost(error)
-        done, culprits = 0, []
-        for entry in finished:
-            try:
-                with session.begin_nested():
-                    done += self._complete(session, [entry])
-            except exc.DBAPIError as error:
-                self._unless_lost(error)
-                culprits.append((entry, error))
-        if not culprits:  # recorded one by one after all
-            return done
-        self.abort(
-            session,
-            [(entry.task, entry.processor, OutcomeNotRecorded(error)) for entry, error in culprits],
-            [entry.task.id for entry in finished if all(entry is not c for c, _ in culprits)],
+            refused = error
+        ids = [entry.task.id for entry in finished]
+        session.rollback()
+        culprits = (
+            {ids[0]: refused}
+            if len(finished) == 1
+            else self._probe(session, ids, [entry.result for entry in finished])
         )
+        if not culprits:
+            # refused only together with the tasks' own writes (their run is rolled back):
+            # each is charged, so that it runs again alone, and the culprit ends by its crashes
+            self.abort(session, [], [], charged=ids)
+        failures = [
+            (entry.task, entry.processor, OutcomeNotRecorded(culprits[task_id]))
+            for entry, task_id in zip(finished, ids, strict=True)
+            if task_id in culprits
+        ]
+        self.abort(session, failures, [task_id for task_id in ids if task_id not in culprits])
+
+    def _probe(
+        self, session: Session, ids: list[Any], results: list[str | None]
+    ) -> dict[Any, BaseException]:
+        """Which of the tasks ``ids`` the database refuses to mark DONE with their ``results``,
+        each tried alone in a transaction that is rolled back."""
+        refused = {}
+        for task_id, result in zip(ids, results, strict=True):
+            try:
+                self._guarded(session, partial(self._execute, session, [task_id], [result]))
+            except exc.DBAPIError as error:
+                refused[task_id] = error
+        session.rollback()
+        return refused
 
     def _complete(self, session: Session, finished: list[Finished]) -> int:
-        return session.execute(
-            self.complete_statement.execute,
-            {
-                "task_ids": [entry.task.id for entry in finished],
-                "task_results": [entry.result for entry in finished],
-                "worker": self.worker_id,
-            },
-        ).scalar()
+        ids = [entry.task.id for entry in finished]
+        return self._execute(session, ids, [entry.result for entry in finished])
+
+    def _execute(self, session: Session, ids: list[Any], results: list[str | None]) -> int:
+        parameters = {"task_ids": ids, "task_results": results, "worker": self.worker_id}
+        return session.execute(self.complete_statement.execute, parameters).scalar()
 
     def record_failure(
         self, session: Session, task: Any, processor: Processor | None, error: BaseException
@@ -116,12 +134,13 @@ class Batch:
         """Record a failed attempt in a savepoint; if even that is refused, abort the batch
         and charge the task a crash (MAX_WORKER_CRASHES ends it)."""
         try:
-            with session.begin_nested():
-                retried = record_failure(
+            retried = self._guarded(
+                session,
+                lambda: record_failure(
                     session, self.queries, self.worker_id, task, processor, error
-                )
+                ),
+            )
         except exc.DBAPIError as refused:
-            self._unless_lost(refused)
             logger.error(
                 "task %s: its failure could not be recorded (%s); it is charged a crash",
                 task.id,
@@ -150,6 +169,20 @@ class Batch:
         session.expunge_all()
         self.release(list(charged), innocent)
         raise BatchAborted()
+
+    def _guarded(self, session: Session, write: Callable[[], T]) -> T:
+        """``write()`` in a savepoint that costs no round trip (it travels with the write's
+        first statement, and needs no release: the commit ends it). If the database refuses
+        the write, roll back to the savepoint, which leaves the transaction usable, and re-raise;
+        a lost connection becomes ConnectionLost."""
+        connection = session.connection()
+        db.send_with_next_statement(connection, f"SAVEPOINT {_SAVEPOINT}")
+        try:
+            return write()
+        except exc.DBAPIError as error:
+            self._unless_lost(error)
+            connection.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            raise
 
     def _unless_lost(self, error: BaseException) -> None:
         if self.connections.broken():

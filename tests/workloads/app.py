@@ -102,3 +102,9 @@ def slow_query(db: Session, seconds: float) -> None:
 @app.processor(channel="limits")
 def quick(value: int) -> int:
     return value
+
+
+@app.processor(channel="work")
+def hang_up(db: Session) -> None:
+    """Has the server drop its own connection, mid-statement."""
+    db.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
