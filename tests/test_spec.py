@@ -438,16 +438,13 @@ def test_load_raises_with_every_problem(tmp_path):
     assert len(raised.value.problems) == 2
 
 
-def test_durations():
-    assert [parse_duration(v) for v in ("250ms", "30s", "5m", "1h", "1d", 2, 0.5)] == [
-        0.25,
-        30,
-        300,
-        3600,
-        86400,
-        2,
-        0.5,
-    ]
+def test_one_duration_syntax_everywhere():
+    """The file, BEANFLOW_* variables and `submit --in` all read durations this way."""
+    written = ("250ms", "30s", "5m", "1h", "1d", 2, 0.5, "30", "1.5 m")
+    assert [parse_duration(v) for v in written] == [0.25, 30, 300, 3600, 86400, 2, 0.5, 30, 90]
+    for wrong in ("soon", "", float("nan"), float("inf"), True, None, "5 minutes"):
+        with pytest.raises(ValueError, match="is not a duration such as"):
+            parse_duration(wrong)
 
 
 def test_shipped_examples_are_valid():
