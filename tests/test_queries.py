@@ -181,3 +181,102 @@ def test_children_and_events_of_a_task_are_found_by_index(deep_queue):
         events = plan(connection, select(Event.id).where(Event.task_id == task_id), {})
     assert "ix_beanflow_tasks_parent" in [n.get("Index Name") for n in nodes(children)]
     assert "ix_beanflow_events_task_id" in [n.get("Index Name") for n in nodes(events)]
+
+
+DEAD_ROWS = 500_000
+
+
+@pytest.fixture(scope="module")
+def stale_queue(server_url, template_database):
+    """A task table as a fresh deployment has it after a long run: never analyzed, autovacuum
+    behind (off), 1,000,000 dead tuples (500,000 tasks claimed, then completed), and as many
+    dead entries in the partial index of PROCESSING rows."""
+    name = create_database(server_url, template_database)
+    engine = create_engine(database_url(server_url, name))
+    worker_id = uuid.uuid4()
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE beanflow_tasks SET (autovacuum_enabled = false)"))
+        connection.execute(
+            text("INSERT INTO beanflow_workers (id, name, channels) VALUES (:id, 'w', '{c}')"),
+            {"id": worker_id},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO beanflow_tasks (id, channel, module, name) "
+                "SELECT gen_random_uuid(), 'c', 'm', 'f' FROM generate_series(1, :n)"
+            ),
+            {"n": DEAD_ROWS + 1_000},
+        )
+        connection.execute(
+            text(
+                "UPDATE beanflow_tasks SET state = 'PROCESSING', worker_id = :worker "
+                "WHERE id IN (SELECT id FROM beanflow_tasks ORDER BY scheduled_at LIMIT :n)"
+            ),
+            {"worker": worker_id, "n": DEAD_ROWS},
+        )
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE beanflow_tasks SET state = 'DONE' WHERE state = 'PROCESSING'")
+        )
+        never_analyzed = connection.execute(
+            text(
+                "SELECT last_analyze IS NULL AND last_autoanalyze IS NULL "
+                "FROM pg_stat_user_tables WHERE relname = 'beanflow_tasks'"
+            )
+        ).scalar()
+    assert never_analyzed
+    yield DeepQueue(engine, worker_id)
+    engine.dispose()
+    drop_database(server_url, name)
+
+
+def generic_plan(connection, name: str, statement, parameters: dict, *columns) -> dict:
+    """The plan a worker runs: the statement PREPAREd, with plan_cache_mode generic."""
+    prepared = Prepared(name, statement, *columns)
+    connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+    prepared.prepare(connection)
+    try:
+        return plan(connection, prepared.execute, parameters)
+    finally:
+        connection.rollback()
+        connection.exec_driver_sql(f"DEALLOCATE {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["complete", "fail"])
+def test_completion_finds_tasks_by_key_on_a_stale_table(stale_queue, name):
+    """Neither statistics nor dead tuples change how a task is found: by its primary key,
+    never through the partial index full of completed tasks' dead entries."""
+    queries = Queries(Task, Worker, Event)
+    parameters = {
+        "task_id": uuid.uuid4(),
+        "task_ids": [uuid.uuid4(), uuid.uuid4()],
+        "task_results": [None, None],
+        "worker": stale_queue.worker,
+        "retry_at": None,
+        "error": "e",
+        "exception_type": "E",
+        "traceback": "t",
+    }
+    statement = getattr(queries, name)
+    with stale_queue.engine.connect() as connection:
+        if name == "complete":  # PREPAREd by workers
+            root = generic_plan(connection, "stale_complete", statement, parameters)
+        else:
+            root = plan(connection, statement, parameters)
+    scans = [s for s in scans_of(root, "beanflow_tasks") if s[0] != "ModifyTable"]
+    assert scans == [("Index Scan", "beanflow_tasks_pkey")], scans
+
+
+@pytest.mark.slow
+def test_claim_walks_the_pending_index_on_a_stale_table(stale_queue):
+    """An index scan, not a bitmap scan: index scans mark the dead entries they pass, so the
+    claimed tasks' entries are skipped cheaply ever after."""
+    queries = Queries(Task, Worker, Event, batch_size=10)
+    parameters = {"worker": stale_queue.worker, "channel_0": "c"}
+    with stale_queue.engine.connect() as connection:
+        root = generic_plan(connection, "stale_claim", queries.claim, parameters, *queries.task.c)
+        due = plan(connection, queries.next_due, {"channel_0": "c"})
+    assert scans_of(root, "beanflow_tasks").count(("Index Scan", "ix_beanflow_tasks_pending")) == 1
+    assert not [s for s in scans_of(root, "beanflow_tasks") if s[0].startswith("Bitmap")]
+    assert scans_of(due, "beanflow_tasks") == [("Index Scan", "ix_beanflow_tasks_pending")]

@@ -12,7 +12,6 @@ WITH done AS
      (SELECT unnest(:task_ids::UUID[]) AS id,
              unnest(:task_results::TEXT[]) AS RESULT) AS finished
    WHERE beanflow_tasks.id = finished.id
-     AND beanflow_tasks.worker_id = :worker::UUID
-     AND beanflow_tasks.state = 'PROCESSING' RETURNING beanflow_tasks.id)
+     AND beanflow_tasks.worker_id = :worker::UUID RETURNING beanflow_tasks.id)
 SELECT count(*) AS count_1
 FROM done;

@@ -12,8 +12,7 @@ WITH done AS
      (SELECT unnest(:task_ids::UUID[]) AS id,
              unnest(:task_results::TEXT[]) AS RESULT) AS finished
    WHERE beanflow_tasks.id = finished.id
-     AND beanflow_tasks.worker_id = :worker::UUID
-     AND beanflow_tasks.state = 'PROCESSING' RETURNING beanflow_tasks.id),
+     AND beanflow_tasks.worker_id = :worker::UUID RETURNING beanflow_tasks.id),
      done_events AS
   (INSERT INTO beanflow_events (task_id, TYPE) SELECT done.id AS task_id,
                                                       'COMPLETE' AS TYPE

@@ -14,8 +14,7 @@ WITH failed AS
                            ELSE beanflow_tasks.worker_id
                        END
    WHERE beanflow_tasks.id = :task_id::UUID
-     AND beanflow_tasks.worker_id = :worker::UUID
-     AND beanflow_tasks.state = 'PROCESSING' RETURNING beanflow_tasks.id,
-                                                       beanflow_tasks.state)
+     AND beanflow_tasks.worker_id = :worker::UUID RETURNING beanflow_tasks.id,
+                                                            beanflow_tasks.state)
 SELECT failed.id
 FROM failed;

@@ -14,9 +14,8 @@ WITH failed AS
                            ELSE beanflow_tasks.worker_id
                        END
    WHERE beanflow_tasks.id = :task_id::UUID
-     AND beanflow_tasks.worker_id = :worker::UUID
-     AND beanflow_tasks.state = 'PROCESSING' RETURNING beanflow_tasks.id,
-                                                       beanflow_tasks.state),
+     AND beanflow_tasks.worker_id = :worker::UUID RETURNING beanflow_tasks.id,
+                                                            beanflow_tasks.state),
      failed_events AS
   (INSERT INTO beanflow_events (task_id, TYPE, error_message, exception_type, traceback, scheduled_at) SELECT failed.id AS task_id,
                                                                                                               CASE

@@ -146,13 +146,16 @@ class TaskStatements(Statements):
             func.unnest(bindparam("task_ids", type_=ARRAY(t.c.id.type))).label("id"),
             func.unnest(bindparam("task_results", type_=ARRAY(Text))).label("result"),
         ).subquery("finished")
+        # Found by primary key, never through the partial index of PROCESSING rows: that
+        # index keeps the entries of every task completed since the last VACUUM, and a bitmap
+        # scan of it (what a generic plan without statistics picks) reads them all, so each
+        # completion would cost more than the last. Without ``state = 'PROCESSING'`` here the
+        # planner cannot use that index. The fence needs no state: a task this worker still
+        # holds has its worker_id, and one taken from it (re-queued, or claimed by another)
+        # has not; a task this worker completed or failed is never in its batches again.
         done = (
             update(t)
-            .where(
-                t.c.id == finished.c.id,
-                t.c.worker_id == bindparam("worker"),
-                t.c.state == PROCESSING,
-            )
+            .where(t.c.id == finished.c.id, t.c.worker_id == bindparam("worker"))
             .values(
                 state=DONE,
                 result=cast(finished.c.result, t.c.result.type),
@@ -177,11 +180,8 @@ class TaskStatements(Statements):
         retrying = retry_at.is_not(None)
         failed = (
             update(t)
-            .where(
-                t.c.id == bindparam("task_id"),
-                t.c.worker_id == bindparam("worker"),
-                t.c.state == PROCESSING,
-            )
+            # by primary key, as ``complete`` (see there)
+            .where(t.c.id == bindparam("task_id"), t.c.worker_id == bindparam("worker"))
             .values(
                 state=case((retrying, PENDING), else_=FAILED),
                 scheduled_at=func.coalesce(retry_at, t.c.scheduled_at),
