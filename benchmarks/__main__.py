@@ -47,6 +47,7 @@ class Sizes:
     deep: int
     deep_drain: int
     end_to_end: int
+    stale: int
 
 
 FULL = Sizes(
@@ -59,6 +60,7 @@ FULL = Sizes(
     deep=1_000_000,
     deep_drain=20_000,
     end_to_end=20_000,
+    stale=200_000,
 )
 QUICK = Sizes(
     repeats=1,
@@ -70,6 +72,7 @@ QUICK = Sizes(
     deep=100_000,
     deep_drain=2_000,
     end_to_end=1_000,
+    stale=20_000,
 )
 
 
@@ -201,6 +204,38 @@ class Bench:
         stop(processes)
         return self.done_rate()
 
+    def stale_rates(self) -> tuple[float, float]:
+        """Drain rates (first 10 %, last 10 %) of ``sizes.stale`` tasks inserted in bulk and
+        drained at once by one worker at batch 10, on a table never analyzed nor vacuumed in
+        between (a fresh deployment, autovacuum behind): a statement whose cost grew with the
+        dead tuples of finished tasks would show here as a decay."""
+        self.reset()
+        self.sql("ALTER TABLE beanflow_tasks SET (autovacuum_enabled = false)")
+        self.sql(
+            "INSERT INTO beanflow_tasks (id, channel, module, name) SELECT "
+            "gen_random_uuid(), 'bench', 'benchmarks.processors', 'noop' "
+            "FROM generate_series(1, :n)",
+            n=self.sizes.stale,
+        )
+        for process in self.workers(1, burst=True, BATCH_SIZE=10):
+            process.wait()
+        self.sql("ALTER TABLE beanflow_tasks RESET (autovacuum_enabled)")
+        with self.app.engine.connect() as connection:
+            times = (
+                connection.execute(
+                    text(
+                        "SELECT extract(epoch FROM finished_at) FROM beanflow_tasks "
+                        "WHERE state = 'DONE' ORDER BY finished_at"
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        tenth = len(times) // 10
+        first = tenth / float(times[tenth] - times[0])
+        last = tenth / float(times[-1] - times[-1 - tenth])
+        return first, last
+
     def wake_up(self) -> list[float]:
         """start − commit (ms) of tasks committed every 20 ms to one idle worker."""
         self.reset()
@@ -218,6 +253,43 @@ class Bench:
         )
         stop(processes)
         return self.latencies("beanflow_tasks", committed)
+
+    # a backend reports its counts when it goes idle, at most this many seconds late
+    STATS_DELAY = 11.0
+    IDLE_SECONDS = 10.0
+
+    def commit_counts(self) -> tuple[float, float]:
+        """(commits per task, the enqueuer's one included; commits per second of an idle
+        worker), as the server counts them, for tasks committed every 20 ms to one worker."""
+        self.reset()
+        processes = self.workers(1, burst=False, POLL_TIMEOUT=3600)
+        wait_until(lambda: self.sql("SELECT count(*) FROM beanflow_workers")[0] == 1)
+        before = self.commits()
+        count = round(self.sizes.stream_seconds / 0.02)
+        with self.app.session_factory() as session:
+            for _ in range(count):
+                bq.enqueue(session, noop)
+                session.commit()
+                time.sleep(0.02)  # the workload's pace
+        polls = wait_until(
+            lambda: (
+                self.sql("SELECT count(*) FROM beanflow_tasks WHERE state = 'DONE'")[0] == count
+            ),
+            pause=0.2,
+        )
+        after = self.commits()
+        per_task = (after - before - polls - 1) / count  # less this side's own reads
+        time.sleep(self.IDLE_SECONDS)
+        idle = (self.commits() - after - 1) / (self.IDLE_SECONDS + self.STATS_DELAY)
+        stop(processes)
+        return per_task, idle
+
+    def commits(self) -> int:
+        """Transactions committed in this database so far, by every session, as the server
+        counts them once every backend has reported (the read itself is one more commit)."""
+        time.sleep(self.STATS_DELAY)
+        sql = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        return int(self.sql(sql)[0])
 
     def latencies(self, table: str, committed: dict[Any, float]) -> list[float]:
         with self.app.engine.connect() as connection:
@@ -317,12 +389,15 @@ def stop(processes: list[subprocess.Popen]) -> None:
         process.wait(120)
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 600, pause: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
+def wait_until(check: Callable[[], bool], timeout: float = 600, pause: float = 0.01) -> int:
+    """Call ``check`` until it is true; returns how many times it was called."""
+    deadline, calls = time.monotonic() + timeout, 1
     while not check():
         if time.monotonic() > deadline:
             raise TimeoutError("a benchmark did not finish")
         time.sleep(pause)
+        calls += 1
+    return calls
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -381,6 +456,16 @@ def measure(bench: Bench) -> list[Figure]:
                 higher_is_better=False,
             )
         )
+    per_task, idle = bench.commit_counts()
+    figures += [
+        Figure(
+            "W3 commits per task, the enqueuer's one included",
+            "commits",
+            per_task,
+            higher_is_better=False,
+        ),
+        Figure("W3 commits per second, one idle worker", "commits/s", idle, higher_is_better=False),
+    ]
     late = bench.lateness()
     figures += [
         Figure(
@@ -410,6 +495,15 @@ def measure(bench: Bench) -> list[Figure]:
                 bench.median(lambda w=workers, b=batch: bench.ceiling_drain(w, b, write=True)),
             )
         )
+    first, last = bench.stale_rates()
+    figures.append(
+        Figure(
+            f"W7 drain of a {s.stale:,} bulk, never analyzed: last 10 % (ceiling: first 10 %)",
+            "tasks/s",
+            last,
+            first,
+        )
+    )
     return figures
 
 

@@ -46,6 +46,9 @@ CONNECTION_ERRORS = (
 )
 
 
+_UNKNOWN = object()
+
+
 class TaskWorker:
     """Runs the tasks of some channels until told to stop.
 
@@ -99,6 +102,7 @@ class TaskWorker:
             self.counts,
         )
         self._lost_connection = False
+        self._due_in: Any = _UNKNOWN  # read by the last commit for the next sleep
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -153,20 +157,27 @@ class TaskWorker:
 
     def _loop(self) -> None:
         backoff = 0.0
-        tasks: list[Any] = []
+        # the tasks to run next; [] when the last commit's follow-on claim found none (the
+        # worker then sleeps at once, without a claim of its own), None when it must claim
+        tasks: list[Any] | None = None
         while not self.stopping.is_set():
             try:
                 self._connect()
-                tasks = tasks or self._claim()
+                claimed_now = tasks is None
+                if tasks is None:
+                    tasks = self._claim()
                 if tasks:
                     tasks = self._process(tasks)
                 elif self.burst:
-                    return
+                    if claimed_now:  # a claim of its own found nothing due: the burst is over
+                        return
+                    tasks = None  # tasks added by the last batch became due after its start
                 else:
-                    self._sleep()
+                    self._sleep()  # its look at the next due time sees those too
+                    tasks = None
                 backoff = 0.0
             except Exception as error:  # noqa: BLE001 - nothing a task does may kill the worker
-                tasks = []  # returned to the queue by _connect's release
+                tasks = None  # returned to the queue by _connect's release
                 self._lost_connection = True
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 if isinstance(error, CONNECTION_ERRORS):
@@ -196,6 +207,7 @@ class TaskWorker:
 
     def _disconnect(self) -> None:
         self.batch.finished = []
+        self._due_in = _UNKNOWN
         self.connections.close()
 
     def _shut_down(self) -> None:
@@ -266,9 +278,9 @@ class TaskWorker:
         parameters = {"worker": self.id} | self._channel_parameters
         return list(session.scalars(self.connections.claimed, parameters))
 
-    def _process(self, tasks: list[Any]) -> list[Any]:
+    def _process(self, tasks: list[Any]) -> list[Any] | None:
         """Run claimed tasks; returns the next batch, claimed by the same commit as the last of
-        these (none once stopping).
+        these (none once stopping), or None when no such claim was made.
 
         A task that a dead worker held before may be what killed it (the claim takes at most
         one): it runs last, in its own transaction, after the others have committed, so it
@@ -294,7 +306,7 @@ class TaskWorker:
         except GraceExceeded:
             self._commit(session)  # the neighbours that finished keep their results
         except BatchAborted:
-            return []
+            return None
         if self.stopping.is_set():
             self._release()
             return []
@@ -363,6 +375,10 @@ class TaskWorker:
                 return []
         session.expunge_all()  # the session keeps no task objects from batch to batch
         claimed = self._claim_in(session) if claim_next and not self.stopping.is_set() else []
+        if claim_next and not claimed and not self.burst:
+            # nothing more is due: the worker sleeps next, until the time this tells, read in
+            # this transaction rather than in one more of its own
+            self._due_in = self._next_due(session)
         session.commit()
         self.batch.reset()
         self.counts["done"] += finished
@@ -373,8 +389,10 @@ class TaskWorker:
         """Wait for a notify, the next scheduled task, a signal or POLL_TIMEOUT."""
         session, listener = self.connections.session, self.connections.listener
         assert session is not None and listener is not None
-        due_in = session.scalar(self.queries.next_due, self._channel_parameters)
-        session.commit()
+        due_in, self._due_in = self._due_in, _UNKNOWN
+        if due_in is _UNKNOWN:
+            due_in = self._next_due(session)
+            session.commit()
         timeout = self.config.POLL_TIMEOUT
         if due_in is not None:
             timeout = min(timeout, max(float(due_in), 0.0))
@@ -382,6 +400,10 @@ class TaskWorker:
             return
         listener.wait(timeout, self._wake_read)
         drain_pipe(self._wake_read)
+
+    def _next_due(self, session: Session) -> Any:
+        """Seconds until the next task of this worker's channels is due (None: none)."""
+        return session.scalar(self.queries.next_due, self._channel_parameters)
 
 
 def _signal_name(number: int, again: bool) -> str:
