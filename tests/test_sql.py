@@ -42,9 +42,9 @@ def _variants() -> dict[str, tuple[object, str]]:
         suffix = "" if events else ".no-events"
         for channels in (1, 3):
             queries = _queries(events, channels)
-            found[f"claim.{channels}-channel{suffix}"] = (queries.claim, _doc(Queries, "claim"))
+            found[f"claim.{channels}-channel{suffix}"] = (queries.claim, _doc(Queries, "_claim"))
         queries = _queries(events, 1)
-        for name in ("complete", "fail", "release", "reap"):
+        for name in ("complete", "fail", "give_back", "release", "reap"):
             found[f"{name}{suffix}"] = (getattr(queries, name), _doc(Queries, name))
     for channels in (1, 3):
         found[f"next_due.{channels}-channel"] = (

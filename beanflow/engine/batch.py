@@ -57,6 +57,34 @@ class Finished:
     result: str | None  # JSON text
 
 
+class Pace:
+    """How many tasks a worker claims at once: as many as the durations of its recent tasks
+    say will finish within the batch window, between 1 and BATCH_SIZE. Fast tasks make large
+    batches (one commit for many), slow ones are claimed one at a time. Sizes are powers of
+    two (or the maximum), so a worker prepares few claim statements."""
+
+    SMOOTHING = 0.3  # weight of the newest duration in the moving average
+
+    def __init__(self, window: float, maximum: int) -> None:
+        self.window, self.maximum = window, maximum
+        self.seconds: float | None = None  # moving average of recent task durations
+
+    def record(self, seconds: float) -> None:
+        previous = self.seconds
+        self.seconds = (
+            seconds if previous is None else previous + self.SMOOTHING * (seconds - previous)
+        )
+
+    def size(self) -> int:
+        if self.seconds is None:
+            # nothing known yet: the most; past the window, the watch gives the rest back
+            return self.maximum
+        fits = self.window / max(self.seconds, 1e-6)
+        if fits >= self.maximum:
+            return self.maximum
+        return 1 << max(int(fits), 1).bit_length() - 1  # the power of two at or below
+
+
 class Batch:
     """What ran in the open transaction, and how its outcomes are recorded."""
 

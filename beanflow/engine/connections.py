@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import Integer, column, select
 from sqlalchemy.engine import Engine
@@ -23,10 +24,11 @@ class WorkerConnections:
     def __init__(self, engine: Engine, channels: Iterable[str], queries: Queries, model: type):
         self.engine = engine
         self.channels = list(channels)
-        self.claim = Prepared("beanflow_claim", queries.claim, *queries.task.c)
+        self.queries, self.model = queries, model
         self.complete = Prepared("beanflow_complete", queries.complete, column("count", Integer))
-        # the claim, read back as the task model's objects
-        self.claimed = select(model).from_statement(self.claim.execute)
+        # claims of each size used, read back as the task model's objects
+        self._claims: dict[int, tuple[Prepared, Any]] = {}
+        self._prepared_here: set[str] = set()  # on the current connection
         self._hot_engine = db.make_hot_path_engine(engine.url)
         self.session: Session | None = None
         self.listener: Listener | None = None
@@ -38,12 +40,26 @@ class WorkerConnections:
         connection = self._hot_engine.connect()
         # planned once for this connection: the statements' parameters never change the plan
         connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        for prepared in (self.claim, self.complete):
-            prepared.prepare(connection)
+        self.complete.prepare(connection)
+        self._prepared_here = {self.complete.name}
         connection.commit()
         self.session = Session(bind=connection, expire_on_commit=False, autoflush=True)
         self.listener = Listener(self.engine, self.channels)
         return True
+
+    def claim(self, size: int) -> Any:
+        """The claim of up to ``size`` tasks, PREPAREd on this connection when first used."""
+        if size not in self._claims:
+            claim = Prepared(
+                f"beanflow_claim_{size}", self.queries.claim_up_to(size), *self.queries.task.c
+            )
+            self._claims[size] = (claim, select(self.model).from_statement(claim.execute))
+        claim, statement = self._claims[size]
+        if claim.name not in self._prepared_here:
+            assert self.session is not None
+            claim.prepare(self.session.connection())  # a session-level PREPARE: it stays
+            self._prepared_here.add(claim.name)
+        return statement
 
     def broken(self) -> bool:
         """Whether the hot-path connection is gone (the server dropped it, or it was closed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from sqlalchemy import exc
 
@@ -61,3 +62,16 @@ class PeriodicService:
                 logger.warning("%s failed: %s", self.name, first_line(error.orig or error))
             except Exception:
                 logger.exception("%s failed", self.name)
+
+
+class Every(PeriodicService):
+    """A service that calls ``function`` every ``period`` seconds."""
+
+    def __init__(
+        self, period: float, stopping: threading.Event, function: Callable[[], None], name: str
+    ) -> None:
+        super().__init__(period, stopping)
+        self.function, self.name = function, name
+
+    def run_once(self) -> None:
+        self.function()

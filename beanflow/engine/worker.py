@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from .. import db
 from ..errors import ProcessorNotFound, first_line
-from .batch import Batch, BatchAborted, ConnectionLost, Finished
+from .batch import Batch, BatchAborted, ConnectionLost, Finished, Pace
 from .connections import WorkerConnections
 from .deadlines import Deadlines, GraceExceeded
 from .interface import QueueApp
@@ -31,7 +31,7 @@ from .liveness import Heartbeat, ParentWatch, Reaper, Summary, WorkerRecord
 from .notify import drain_pipe
 from .outcomes import result_json, undo
 from .queries import Queries, channel_parameters
-from .service import PeriodicService
+from .service import Every, PeriodicService
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ class TaskWorker:
         self.deadlines = Deadlines()
         self.counts: collections.Counter[str] = collections.Counter()
         self.unstarted: list[Any] = []  # ids of the claimed tasks not yet started
+        self._lock = threading.Lock()  # guards unstarted, which the batch watch may give back
+        self._batch_deadline: float | None = None  # monotonic, while a batch runs
+        self.pace = Pace(self.config.BATCH_WINDOW, self.config.BATCH_SIZE)
         self._wake_read, self._wake_write = os.pipe()
         self.connections = WorkerConnections(
             app.engine, self.channels, self.queries, app.task_model
@@ -129,10 +132,16 @@ class TaskWorker:
 
     def services(self) -> list[PeriodicService]:
         """The services that run beside this worker's loop, until it stops."""
+        window = self.config.BATCH_WINDOW
         return [
             Heartbeat(self.app, self.queries, self.id, self.stopping, self._on_lost),
             Reaper(self.app, self.queries, self.stopping),
             Summary(self.id, self._take_counts, self.stopping),
+            *(
+                [Every(max(window / 2, 0.01), self.stopping, self._give_back_late, "batch-watch")]
+                if self.config.BATCH_SIZE > 1
+                else []
+            ),
             *([ParentWatch(self.supervisor, self.stopping, self.stop)] if self.supervisor else []),
         ]
 
@@ -228,8 +237,9 @@ class TaskWorker:
     def _release(self, charged: list[Any] = (), innocent: list[Any] = ()) -> None:
         """Return what this worker holds: the unstarted tasks and the task ids ``innocent``
         with their attempt given back, the task ids ``charged`` charged a crash."""
-        self.record.release([*self.unstarted, *innocent], charged)
-        self.unstarted = []
+        with self._lock:
+            unstarted, self.unstarted = self.unstarted, []
+        self.record.release([*unstarted, *innocent], charged)
 
     # ---- signals ---------------------------------------------------------------------------
 
@@ -271,46 +281,79 @@ class TaskWorker:
         db.send_with_next_statement(session.connection(), "SET LOCAL synchronous_commit TO OFF")
         tasks = self._claim_in(session)
         session.commit()
-        self.unstarted = [task.id for task in tasks]
         return tasks
 
     def _claim_in(self, session: Session) -> list[Any]:
+        """Claim as many tasks as the pace of recent ones says fit in the batch window."""
         parameters = {"worker": self.id} | self._channel_parameters
-        return list(session.scalars(self.connections.claimed, parameters))
+        claim = self.connections.claim(self.pace.size())
+        tasks = list(session.scalars(claim, parameters))
+        with self._lock:
+            self.unstarted.extend(task.id for task in tasks)
+        return tasks
 
     def _process(self, tasks: list[Any]) -> list[Any] | None:
         """Run claimed tasks; returns the next batch, claimed by the same commit as the last of
         these (none once stopping), or None when no such claim was made.
 
-        A task that a dead worker held before may be what killed it (the claim takes at most
-        one): it runs last, in its own transaction, after the others have committed, so it
-        cannot take them down with it."""
-        self.unstarted = [task.id for task in tasks]
+        A batch that runs past BATCH_WINDOW commits what finished and gives its unstarted
+        tasks back to the queue (``_give_back_late`` does so while a long task still runs),
+        so that other workers need not wait for them. A task that a dead worker held before
+        may be what killed it (the claim takes at most one): it runs last, in its own
+        transaction, after the others have committed, so it cannot take them down with it."""
         innocent = [task for task in tasks if task.crash_count == 0]
         groups = [innocent] + [[task] for task in tasks if task.crash_count > 0]
         session = self.connections.session
         assert session is not None
         claimed: list[Any] = []
+        self._batch_deadline = time.monotonic() + self.config.BATCH_WINDOW
         try:
             for index, group in enumerate(groups):
-                opened = time.monotonic()
                 for task in group:
-                    if self.stopping.is_set():
-                        break
-                    self.unstarted.remove(task.id)
+                    if self.stopping.is_set() or not self._take(task):
+                        continue  # stopping, or given back
                     self._run(session, task)
-                    if time.monotonic() - opened > self.config.BATCH_WINDOW:
-                        self._commit(session)
-                        opened = time.monotonic()
+                    if time.monotonic() > self._batch_deadline:
+                        self._give_back(session)
                 claimed = self._commit(session, claim_next=index == len(groups) - 1)
         except GraceExceeded:
             self._commit(session)  # the neighbours that finished keep their results
         except BatchAborted:
             return None
+        finally:
+            self._batch_deadline = None
         if self.stopping.is_set():
             self._release()
             return []
         return claimed
+
+    def _take(self, task: Any) -> bool:
+        """Start ``task`` unless it was given back meanwhile."""
+        with self._lock:
+            if task.id not in self.unstarted:
+                return False
+            self.unstarted.remove(task.id)
+            return True
+
+    def _give_back(self, session: Session) -> None:
+        """Return the batch's unstarted tasks to the queue, in the open transaction."""
+        with self._lock:
+            ids, self.unstarted = self.unstarted, []
+        if ids:
+            session.execute(self.queries.give_back, {"task_ids": ids, "worker": self.id})
+
+    def _give_back_late(self) -> None:
+        """(On the watch's thread.) A task of the open batch has run past the window: return
+        the tasks after it to the queue now, on a connection of its own."""
+        deadline = self._batch_deadline
+        if deadline is None or time.monotonic() <= deadline:
+            return
+        with self._lock:
+            ids, self.unstarted = self.unstarted, []
+        if ids:
+            with self.engine.begin() as connection:
+                connection.execute(self.queries.give_back, {"task_ids": ids, "worker": self.id})
+            logger.debug("worker %s gave %d unstarted task(s) back", self.id, len(ids))
 
     def _run(self, session: Session, task: Any) -> None:
         """Run one task inside a savepoint and record its outcome in the same transaction."""
@@ -333,8 +376,11 @@ class TaskWorker:
         self.batch.started.append(task.id)
         savepoint = session.begin_nested() if processor.uses_session else None
         try:
-            with self.deadlines.task(processor.timeout):
-                result = result_json(processor.call(session, task, savepoint))
+            try:
+                with self.deadlines.task(processor.timeout):
+                    result = result_json(processor.call(session, task, savepoint))
+            finally:
+                self.pace.record(time.monotonic() - started)
         except GraceExceeded:
             undo(savepoint)
             logger.warning(
@@ -382,7 +428,6 @@ class TaskWorker:
         session.commit()
         self.batch.reset()
         self.counts["done"] += finished
-        self.unstarted.extend(task.id for task in claimed)
         return claimed
 
     def _sleep(self) -> None:

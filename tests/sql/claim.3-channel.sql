@@ -1,4 +1,4 @@
--- Claim up to batch_size due PENDING tasks of :channel_N for :worker; returns them.
+-- Claim up to :size due PENDING tasks of :channel_N for :worker; returns them.
 --
 -- The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
 -- UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.

@@ -71,9 +71,20 @@ def enqueue_unique(table: Table) -> Executable:
 
 
 class TaskStatements(Statements):
-    @functools.cached_property
+    @property
     def claim(self) -> Executable:
-        """Claim up to batch_size due PENDING tasks of :channel_N for :worker; returns them.
+        """The claim of up to batch_size tasks (see ``claim_up_to``)."""
+        return self.claim_up_to(self.batch_size)
+
+    def claim_up_to(self, size: int) -> Executable:
+        """The claim of up to ``size`` tasks, built once per size."""
+        claims = self.__dict__.setdefault("_claims", {})
+        if size not in claims:
+            claims[size] = self._claim(size)
+        return claims[size]
+
+    def _claim(self, size: int) -> Executable:
+        """Claim up to :size due PENDING tasks of :channel_N for :worker; returns them.
 
         The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
         UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.
@@ -82,7 +93,7 @@ class TaskStatements(Statements):
         # The batch size is written into the statement, not bound: a prepared statement's
         # generic plan guesses a bound LIMIT at a tenth of the table, and PostgreSQL 18 then
         # joins the UPDATE with a sequential scan of every task.
-        limit = literal_column(str(self.batch_size))
+        limit = literal_column(str(int(size)))
         due_now = t.c.scheduled_at <= func.now()
         each = [
             branch.where(due_now).limit(limit).with_for_update(skip_locked=True)
@@ -205,6 +216,34 @@ class TaskStatements(Statements):
                 "exception_type": bindparam("exception_type", type_=String),
                 "traceback": bindparam("traceback", type_=Text),
                 "scheduled_at": retry_at,
+            },
+        )
+
+    @functools.cached_property
+    def give_back(self) -> Executable:
+        """Return the tasks :task_ids that :worker claimed and has not started to PENDING,
+        their attempt given back, and notify their channels: a batch that ran past its window
+        lets other workers have the rest of it. By primary key, as ``complete``."""
+        t = self.task
+        returned = (
+            update(t)
+            .where(
+                t.c.id == any_(bindparam("task_ids", type_=ARRAY(t.c.id.type))),
+                t.c.worker_id == bindparam("worker"),
+            )
+            .values(state=PENDING, worker_id=None, started_at=None, attempts=t.c.attempts - 1)
+            .returning(t.c.id, t.c.channel)
+            .cte("returned")
+        )
+        return self._with_events(
+            self._notify_channels(returned, returned.c.channel),
+            returned,
+            {
+                "task_id": returned.c.id,
+                "type": literal_column("'REQUEUED'"),
+                "error_message": literal_column(
+                    "'returned unstarted: its batch ran past its window'"
+                ),
             },
         )
 
