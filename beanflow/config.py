@@ -129,10 +129,12 @@ class Config:
     # SQLAlchemy/libpq URL; None starts (or reuses) the embedded server in EMBEDDED_DIR.
     DATABASE_URL: str | None = _setting(None, database_url)
     EMBEDDED_DIR: str = _setting(".beanflow", text)
-    # Tasks claimed per statement; N > 1 runs them in one transaction (group commit).
-    BATCH_SIZE: int = _setting(1, integer())
-    # A batch transaction commits early once it has been open this many seconds.
-    BATCH_WINDOW: float = _setting(1.0, duration(positive=False))
+    # The most tasks claimed, run and committed together (group commit); 1: a transaction per
+    # task. A worker claims as many as its recent tasks say fit in BATCH_WINDOW.
+    BATCH_SIZE: int = _setting(100, integer())
+    # How long a batch may run: past it, the batch commits what finished and gives the rest
+    # of its tasks back to the queue. A crash re-runs at most this much work.
+    BATCH_WINDOW: float = _setting(0.1, duration(positive=False))
     # Longest an idle worker sleeps before it looks for due tasks without a notify.
     POLL_TIMEOUT: float = _setting(60.0, duration())
     WORKER_HEARTBEAT_PERIOD: float = _setting(30.0, duration())

@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 import beanflow as bq
 
 from . import ceiling
-from .processors import noop, write_row
+from .processors import noop, sleep_for, write_row
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +48,8 @@ class Sizes:
     deep_drain: int
     end_to_end: int
     stale: int
+    slow: tuple[int, float]  # the mixed workload's slow tasks: how many, how long
+    mixed: int  # and its no-op tasks
 
 
 FULL = Sizes(
@@ -61,6 +63,8 @@ FULL = Sizes(
     deep_drain=20_000,
     end_to_end=20_000,
     stale=200_000,
+    slow=(8, 2.0),
+    mixed=4_000,
 )
 QUICK = Sizes(
     repeats=1,
@@ -73,6 +77,8 @@ QUICK = Sizes(
     deep_drain=2_000,
     end_to_end=1_000,
     stale=20_000,
+    slow=(4, 0.5),
+    mixed=1_000,
 )
 
 
@@ -168,11 +174,41 @@ class Bench:
                 )
             session.commit()
 
-    def drain_rate(self, workers: int, batch: int, processor: bq.Processor = noop) -> float:
+    def drain_rate(self, workers: int, batch: int | None, processor: bq.Processor = noop) -> float:
+        """Tasks/s draining a full queue; ``batch`` None: the default settings."""
         self.fill(processor, self.sizes.drain if processor is noop else self.sizes.end_to_end)
-        for process in self.workers(workers, burst=True, BATCH_SIZE=batch):
+        settings = {} if batch is None else {"BATCH_SIZE": batch}
+        for process in self.workers(workers, burst=True, **settings):
             process.wait()
         return self.done_rate()
+
+    def mixed(self) -> tuple[float, float, float]:
+        """Slow tasks among many no-op ones, 4 workers, default settings: (seconds to drain,
+        the ideal (work ÷ workers, no-op time counted at the W2 rate), the longest a no-op
+        task was held by a worker from its claim to its completion, in seconds)."""
+        self.reset()
+        count, seconds = self.sizes.slow
+        with self.app.session_factory() as session:
+            bq.enqueue_many(session, noop, [{}] * (self.sizes.mixed // 2))
+            bq.enqueue_many(session, sleep_for, [{"seconds": seconds}] * count)
+            bq.enqueue_many(session, noop, [{}] * (self.sizes.mixed - self.sizes.mixed // 2))
+            session.commit()
+        total_count = count + self.sizes.mixed
+        processes = self.workers(4, burst=False)  # burst workers would leave as the queue
+        wait_until(  # looks empty, before the slow tasks' batches give their rest back
+            lambda: (
+                self.sql("SELECT count(*) FROM beanflow_tasks WHERE state = 'DONE'")[0]
+                == total_count
+            ),
+            pause=0.1,
+        )
+        stop(processes)
+        total, held = self.sql(
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at)), "
+            "extract(epoch FROM max(finished_at - started_at) FILTER (WHERE name = 'noop')) "
+            "FROM beanflow_tasks WHERE state = 'DONE'"
+        )
+        return float(total), float(held)
 
     def done_rate(self) -> float:
         done, seconds = self.sql(
@@ -436,6 +472,14 @@ def measure(bench: Bench) -> list[Figure]:
         ),
     ]
     for workers in (1, 4):
+        figures.append(
+            Figure(
+                f"W2 drain, {workers} worker(s), default settings (ceiling: batch 100)",
+                "tasks/s",
+                bench.median(lambda w=workers: bench.drain_rate(w, None)),
+                bench.median(lambda w=workers: bench.ceiling_drain(w, 100)),
+            )
+        )
         for batch in (1, 10):
             figures.append(
                 Figure(
@@ -495,6 +539,27 @@ def measure(bench: Bench) -> list[Figure]:
                 bench.median(lambda w=workers, b=batch: bench.ceiling_drain(w, b, write=True)),
             )
         )
+    count, seconds = s.slow
+    total, held = bench.mixed()
+    noop_rate = next(f.beanflow for f in figures if f.name.startswith("W2 drain, 4 worker(s), d"))
+    ideal = (count * seconds + s.mixed / noop_rate * 4) / 4
+    figures += [
+        Figure(
+            f"W8 mixed: {count} tasks of {seconds:g} s and {s.mixed:,} no-op, 4 workers, "
+            "defaults: seconds (ceiling: ideal)",
+            "s",
+            total,
+            ideal,
+            higher_is_better=False,
+        ),
+        Figure(
+            "W8 longest a no-op task was held, claim to completion (ceiling: the window)",
+            "s",
+            held,
+            bq.Config(env={}).BATCH_WINDOW,
+            higher_is_better=False,
+        ),
+    ]
     first, last = bench.stale_rates()
     figures.append(
         Figure(

@@ -1,5 +1,7 @@
 """Processors the benchmarks run in real worker processes (configured from BEANFLOW_*)."""
 
+import time
+
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -17,3 +19,9 @@ def noop() -> None:
 def write_row(db: Session, n: int) -> None:
     """W6: one row in a user table, in the task's own transaction."""
     db.execute(text("INSERT INTO bench_effects (n) VALUES (:n)"), {"n": n})
+
+
+@app.processor(channel="bench")
+def sleep_for(seconds: float) -> None:
+    """The mixed workload's slow task."""
+    time.sleep(seconds)
