@@ -253,3 +253,25 @@ def test_a_task_that_drops_its_connection_does_not_kill_a_standalone_worker(sess
     assert culprit.crash_count == 2
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
+
+
+def test_a_long_task_does_not_hold_its_batch_hostage(session, workers, effects, tmp_path):
+    """Claimed together with a long task, the quick ones are given back once the window has
+    passed, while the long one still runs, and another worker does them."""
+    flag = tmp_path / "started"
+    slow = bq.enqueue(session, workloads.slow_effect, key="slow", flag=str(flag), seconds=30)
+    quick = [bq.enqueue(session, workloads.echo, value=n) for n in range(5)]
+    session.commit()
+    first = workers.start("work", BATCH_SIZE=10, BATCH_WINDOW=0.1, **NO_POLLING)
+    wait_for(flag.exists, "the long task to start")
+    second = workers.start("work", **NO_POLLING)
+    for task in quick:
+        wait_for(lambda task=task: state_of(session, task) == TaskState.DONE, "the quick ones")
+    assert state_of(session, slow) == TaskState.PROCESSING  # still running meanwhile
+    session.expire_all()
+    holders = {w.pid: w.id for w in worker_rows(session)}
+    assert {task.worker_id for task in quick} == {holders[second.pid]}
+    assert all(task.attempts == 1 for task in quick)  # the given-back claim did not count
+    assert all(EventType.REQUEUED in [e.type for e in task.events] for task in quick)
+    first.kill()
+    second.kill()

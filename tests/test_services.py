@@ -220,3 +220,21 @@ def test_scheduler_catches_up_once_then_enqueues_each_tick_once(app, session):
     state = session.get(bq.models.ScheduleState, "tick")
     assert state.last_tick == upcoming
     assert session.get(bq.Task, state.last_task_id).unique_key.endswith(upcoming.isoformat())
+
+
+def test_the_pace_claims_what_fits_in_the_window():
+    from beanflow.engine.batch import Pace
+
+    pace = Pace(window=0.1, maximum=100)
+    assert pace.size() == 100  # nothing known: the most (the watch gives back the rest)
+    pace.record("noop", 0.0001)
+    assert pace.size() == 100  # no-op tasks: as many as allowed
+    pace.seconds = 0.01
+    assert pace.size() == 8  # ten fit: the power of two below, so few statements are prepared
+    pace.record("slow", 2.0)
+    assert pace.size() == 1  # a slow task: one at a time
+    assert Pace(window=0.1, maximum=1).size() == 1
+    # before a task that may end past the window, the worker commits what finished
+    assert pace.would_overrun("never seen", elapsed=0.0)
+    assert pace.would_overrun("slow", elapsed=0.0)
+    assert not pace.would_overrun("noop", elapsed=0.05)

@@ -58,22 +58,29 @@ class Finished:
 
 
 class Pace:
-    """How many tasks a worker claims at once: as many as the durations of its recent tasks
-    say will finish within the batch window, between 1 and BATCH_SIZE. Fast tasks make large
-    batches (one commit for many), slow ones are claimed one at a time. Sizes are powers of
-    two (or the maximum), so a worker prepares few claim statements."""
+    """How many tasks a worker claims at once, and when it commits early: learned from the
+    durations of recent tasks, overall and of each processor.
 
-    SMOOTHING = 0.3  # weight of the newest duration in the moving average
+    It claims as many as the recent tasks say will finish within the batch window, between 1
+    and BATCH_SIZE: fast tasks make large batches (one commit for many), slow ones are claimed
+    one at a time. Sizes are powers of two (or the maximum), so a worker prepares few claim
+    statements. Before a task that its processor's durations (or their absence) say would
+    end past the window, the worker commits what finished, so that a slow task does not hold
+    its neighbours' results back."""
+
+    SMOOTHING = 0.3  # weight of the newest duration in a moving average
 
     def __init__(self, window: float, maximum: int) -> None:
         self.window, self.maximum = window, maximum
         self.seconds: float | None = None  # moving average of recent task durations
+        self.of: dict[Any, float] = {}  # the same, per processor
 
-    def record(self, seconds: float) -> None:
-        previous = self.seconds
-        self.seconds = (
-            seconds if previous is None else previous + self.SMOOTHING * (seconds - previous)
-        )
+    def record(self, processor: Any, seconds: float) -> None:
+        self.seconds = self._average(self.seconds, seconds)
+        self.of[processor] = self._average(self.of.get(processor), seconds)
+
+    def _average(self, previous: float | None, seconds: float) -> float:
+        return seconds if previous is None else previous + self.SMOOTHING * (seconds - previous)
 
     def size(self) -> int:
         if self.seconds is None:
@@ -83,6 +90,12 @@ class Pace:
         if fits >= self.maximum:
             return self.maximum
         return 1 << max(int(fits), 1).bit_length() - 1  # the power of two at or below
+
+    def would_overrun(self, processor: Any, elapsed: float) -> bool:
+        """Whether a task of ``processor``, started ``elapsed`` seconds into a batch, may end
+        past its window (yes, when its processor has not been seen yet)."""
+        expected = self.of.get(processor)
+        return expected is None or elapsed + expected > self.window
 
 
 class Batch:

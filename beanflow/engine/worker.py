@@ -309,13 +309,26 @@ class TaskWorker:
         self._batch_deadline = time.monotonic() + self.config.BATCH_WINDOW
         try:
             for index, group in enumerate(groups):
+                opened = time.monotonic()
                 for task in group:
                     if self.stopping.is_set() or not self._take(task):
                         continue  # stopping, or given back
+                    key = (task.channel, task.module, task.name)
+                    if self.batch.finished and self.pace.would_overrun(
+                        key, time.monotonic() - opened
+                    ):
+                        self._commit(session)  # what finished is not held back by this one
+                        opened = time.monotonic()
                     self._run(session, task)
                     if time.monotonic() > self._batch_deadline:
                         self._give_back(session)
-                claimed = self._commit(session, claim_next=index == len(groups) - 1)
+                last = index == len(groups) - 1
+                if last:
+                    # the next batch, claimed by this commit, is not the watch's to give back
+                    # before it starts: until the commit, its rows are not this worker's for
+                    # any other connection
+                    self._batch_deadline = None
+                claimed = self._commit(session, claim_next=last)
         except GraceExceeded:
             self._commit(session)  # the neighbours that finished keep their results
         except BatchAborted:
@@ -380,7 +393,7 @@ class TaskWorker:
                 with self.deadlines.task(processor.timeout):
                     result = result_json(processor.call(session, task, savepoint))
             finally:
-                self.pace.record(time.monotonic() - started)
+                self.pace.record((task.channel, task.module, task.name), time.monotonic() - started)
         except GraceExceeded:
             undo(savepoint)
             logger.warning(
