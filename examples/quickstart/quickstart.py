@@ -3,7 +3,7 @@
     python examples/quickstart/quickstart.py
 
 With no database URL configured (BEANFLOW_DATABASE_URL), beanflow starts an embedded
-PostgreSQL in ./.beanflow/ and stops it when this script exits.
+PostgreSQL in .beanflow/ beside its beanflow.yaml and stops it when this script exits.
 """
 
 from __future__ import annotations
