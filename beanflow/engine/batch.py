@@ -11,12 +11,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import exc
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from .. import db
@@ -228,3 +231,53 @@ class Batch:
     def _unless_lost(self, error: BaseException) -> None:
         if self.connections.broken():
             raise ConnectionLost(first_line(error)) from None
+
+
+class Unstarted:
+    """The ids of the tasks a worker claimed and has not started, shared with its batch watch,
+    which gives them back to the queue when a batch runs past its window."""
+
+    def __init__(self, queries: Queries, worker_id: uuid.UUID, engine: Engine) -> None:
+        self.queries, self.worker_id, self.engine = queries, worker_id, engine
+        self.ids: list[Any] = []
+        self.lock = threading.Lock()
+        # monotonic end of the running batch's window (None between batches): the watch gives
+        # back only the tasks of a batch that has started, whose claim is committed
+        self.deadline: float | None = None
+
+    def add(self, ids: Iterable[Any]) -> None:
+        with self.lock:
+            self.ids.extend(ids)
+
+    def take(self, task_id: Any) -> bool:
+        """Take ``task_id`` to start it, unless it was given back meanwhile."""
+        with self.lock:
+            if task_id not in self.ids:
+                return False
+            self.ids.remove(task_id)
+            return True
+
+    def take_all(self) -> list[Any]:
+        with self.lock:
+            ids, self.ids = self.ids, []
+        return ids
+
+    def give_back(self, session: Session) -> None:
+        """Return the unstarted tasks to the queue, in the open transaction."""
+        ids = self.take_all()
+        if ids:
+            session.execute(self.queries.give_back, {"task_ids": ids, "worker": self.worker_id})
+
+    def give_back_late(self) -> None:
+        """(The watch, on its own thread.) A task of the running batch has gone past the
+        window: return the tasks after it to the queue now, on a connection of its own."""
+        deadline = self.deadline
+        if deadline is None or time.monotonic() <= deadline:
+            return
+        ids = self.take_all()
+        if ids:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    self.queries.give_back, {"task_ids": ids, "worker": self.worker_id}
+                )
+            logger.debug("worker %s gave %d unstarted task(s) back", self.worker_id, len(ids))

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from .. import db
 from ..errors import ProcessorNotFound, first_line
-from .batch import Batch, BatchAborted, ConnectionLost, Finished, Pace
+from .batch import Batch, BatchAborted, ConnectionLost, Finished, Pace, Unstarted
 from .connections import WorkerConnections
 from .deadlines import Deadlines, GraceExceeded
 from .interface import QueueApp
@@ -87,9 +87,7 @@ class TaskWorker:
         self.found_dead = False
         self.deadlines = Deadlines()
         self.counts: collections.Counter[str] = collections.Counter()
-        self.unstarted: list[Any] = []  # ids of the claimed tasks not yet started
-        self._lock = threading.Lock()  # guards unstarted, which the batch watch may give back
-        self._batch_deadline: float | None = None  # monotonic, while a batch runs
+        self.held = Unstarted(self.queries, self.id, self.engine)
         self.pace = Pace(self.config.BATCH_WINDOW, self.config.BATCH_SIZE)
         self._wake_read, self._wake_write = os.pipe()
         self.connections = WorkerConnections(
@@ -132,18 +130,17 @@ class TaskWorker:
 
     def services(self) -> list[PeriodicService]:
         """The services that run beside this worker's loop, until it stops."""
-        window = self.config.BATCH_WINDOW
         return [
             Heartbeat(self.app, self.queries, self.id, self.stopping, self._on_lost),
             Reaper(self.app, self.queries, self.stopping),
             Summary(self.id, self._take_counts, self.stopping),
-            *(
-                [Every(max(window / 2, 0.01), self.stopping, self._give_back_late, "batch-watch")]
-                if self.config.BATCH_SIZE > 1
-                else []
-            ),
+            *([self._batch_watch()] if self.config.BATCH_SIZE > 1 else []),
             *([ParentWatch(self.supervisor, self.stopping, self.stop)] if self.supervisor else []),
         ]
+
+    def _batch_watch(self) -> PeriodicService:
+        period = max(self.config.BATCH_WINDOW / 2, 0.01)
+        return Every(period, self.stopping, self.held.give_back_late, "batch-watch")
 
     def _take_counts(self) -> collections.Counter[str]:
         counts = collections.Counter(self.counts)
@@ -237,9 +234,7 @@ class TaskWorker:
     def _release(self, charged: list[Any] = (), innocent: list[Any] = ()) -> None:
         """Return what this worker holds: the unstarted tasks and the task ids ``innocent``
         with their attempt given back, the task ids ``charged`` charged a crash."""
-        with self._lock:
-            unstarted, self.unstarted = self.unstarted, []
-        self.record.release([*unstarted, *innocent], charged)
+        self.record.release([*self.held.take_all(), *innocent], charged)
 
     # ---- signals ---------------------------------------------------------------------------
 
@@ -288,8 +283,7 @@ class TaskWorker:
         parameters = {"worker": self.id} | self._channel_parameters
         claim = self.connections.claim(self.pace.size())
         tasks = list(session.scalars(claim, parameters))
-        with self._lock:
-            self.unstarted.extend(task.id for task in tasks)
+        self.held.add(task.id for task in tasks)
         return tasks
 
     def _process(self, tasks: list[Any]) -> list[Any] | None:
@@ -297,7 +291,7 @@ class TaskWorker:
         these (none once stopping), or None when no such claim was made.
 
         A batch that runs past BATCH_WINDOW commits what finished and gives its unstarted
-        tasks back to the queue (``_give_back_late`` does so while a long task still runs),
+        tasks back to the queue (``Unstarted.give_back_late`` does so while a long task still runs),
         so that other workers need not wait for them. A task that a dead worker held before
         may be what killed it (the claim takes at most one): it runs last, in its own
         transaction, after the others have committed, so it cannot take them down with it."""
@@ -306,12 +300,12 @@ class TaskWorker:
         session = self.connections.session
         assert session is not None
         claimed: list[Any] = []
-        self._batch_deadline = time.monotonic() + self.config.BATCH_WINDOW
+        self.held.deadline = time.monotonic() + self.config.BATCH_WINDOW
         try:
             for index, group in enumerate(groups):
                 opened = time.monotonic()
                 for task in group:
-                    if self.stopping.is_set() or not self._take(task):
+                    if self.stopping.is_set() or not self.held.take(task.id):
                         continue  # stopping, or given back
                     key = (task.channel, task.module, task.name)
                     if self.batch.finished and self.pace.would_overrun(
@@ -320,53 +314,25 @@ class TaskWorker:
                         self._commit(session)  # what finished is not held back by this one
                         opened = time.monotonic()
                     self._run(session, task)
-                    if time.monotonic() > self._batch_deadline:
-                        self._give_back(session)
+                    if time.monotonic() > self.held.deadline:
+                        self.held.give_back(session)
                 last = index == len(groups) - 1
                 if last:
                     # the next batch, claimed by this commit, is not the watch's to give back
                     # before it starts: until the commit, its rows are not this worker's for
                     # any other connection
-                    self._batch_deadline = None
+                    self.held.deadline = None
                 claimed = self._commit(session, claim_next=last)
         except GraceExceeded:
             self._commit(session)  # the neighbours that finished keep their results
         except BatchAborted:
             return None
         finally:
-            self._batch_deadline = None
+            self.held.deadline = None
         if self.stopping.is_set():
             self._release()
             return []
         return claimed
-
-    def _take(self, task: Any) -> bool:
-        """Start ``task`` unless it was given back meanwhile."""
-        with self._lock:
-            if task.id not in self.unstarted:
-                return False
-            self.unstarted.remove(task.id)
-            return True
-
-    def _give_back(self, session: Session) -> None:
-        """Return the batch's unstarted tasks to the queue, in the open transaction."""
-        with self._lock:
-            ids, self.unstarted = self.unstarted, []
-        if ids:
-            session.execute(self.queries.give_back, {"task_ids": ids, "worker": self.id})
-
-    def _give_back_late(self) -> None:
-        """(On the watch's thread.) A task of the open batch has run past the window: return
-        the tasks after it to the queue now, on a connection of its own."""
-        deadline = self._batch_deadline
-        if deadline is None or time.monotonic() <= deadline:
-            return
-        with self._lock:
-            ids, self.unstarted = self.unstarted, []
-        if ids:
-            with self.engine.begin() as connection:
-                connection.execute(self.queries.give_back, {"task_ids": ids, "worker": self.id})
-            logger.debug("worker %s gave %d unstarted task(s) back", self.id, len(ids))
 
     def _run(self, session: Session, task: Any) -> None:
         """Run one task inside a savepoint and record its outcome in the same transaction."""
