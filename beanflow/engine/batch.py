@@ -127,18 +127,15 @@ class Batch:
         held. If the database refuses, roll back, find the tasks whose DONE it refuses, fail
         those, and return the others to the queue to run again (raises BatchAborted)."""
         finished, self.finished = self.finished, []
+        ids = [entry.task.id for entry in finished]
+        results = [entry.result for entry in finished]
         try:
-            return self._complete(session, finished)
+            return self._execute(session, ids, results)
         except exc.DBAPIError as error:
             self._unless_lost(error)
             refused = error
-        ids = [entry.task.id for entry in finished]
         session.rollback()
-        culprits = (
-            {ids[0]: refused}
-            if len(finished) == 1
-            else self._probe(session, ids, [entry.result for entry in finished])
-        )
+        culprits = {ids[0]: refused} if len(ids) == 1 else self._probe(session, ids, results)
         if not culprits:
             # refused only together with the tasks' own writes (their run is rolled back):
             # each is charged, so that it runs again alone, and the culprit ends by its crashes
@@ -163,10 +160,6 @@ class Batch:
                 refused[task_id] = error
         session.rollback()
         return refused
-
-    def _complete(self, session: Session, finished: list[Finished]) -> int:
-        ids = [entry.task.id for entry in finished]
-        return self._execute(session, ids, [entry.result for entry in finished])
 
     def _execute(self, session: Session, ids: list[Any], results: list[str | None]) -> int:
         parameters = {"task_ids": ids, "task_results": results, "worker": self.worker_id}
@@ -239,7 +232,7 @@ class Unstarted:
 
     def __init__(self, queries: Queries, worker_id: uuid.UUID, engine: Engine) -> None:
         self.queries, self.worker_id, self.engine = queries, worker_id, engine
-        self.ids: list[Any] = []
+        self.ids: set[Any] = set()
         self.lock = threading.Lock()
         # monotonic end of the running batch's window (None between batches): the watch gives
         # back only the tasks of a batch that has started, whose claim is committed
@@ -247,7 +240,7 @@ class Unstarted:
 
     def add(self, ids: Iterable[Any]) -> None:
         with self.lock:
-            self.ids.extend(ids)
+            self.ids.update(ids)
 
     def take(self, task_id: Any) -> bool:
         """Take ``task_id`` to start it, unless it was given back meanwhile."""
@@ -259,8 +252,8 @@ class Unstarted:
 
     def take_all(self) -> list[Any]:
         with self.lock:
-            ids, self.ids = self.ids, []
-        return ids
+            ids, self.ids = self.ids, set()
+        return list(ids)
 
     def give_back(self, session: Session) -> None:
         """Return the unstarted tasks to the queue, in the open transaction."""

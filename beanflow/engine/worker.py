@@ -291,10 +291,12 @@ class TaskWorker:
         these (none once stopping), or None when no such claim was made.
 
         A batch that runs past BATCH_WINDOW commits what finished and gives its unstarted
-        tasks back to the queue (``Unstarted.give_back_late`` does so while a long task still runs),
-        so that other workers need not wait for them. A task that a dead worker held before
-        may be what killed it (the claim takes at most one): it runs last, in its own
-        transaction, after the others have committed, so it cannot take them down with it."""
+        tasks back to the queue (``Unstarted.give_back_late`` does so while a long task still
+        runs), so that other workers need not wait for them.
+
+        A task that a dead worker held before may be what killed it (the claim takes at most
+        one): it runs last, in its own transaction, after the others have committed, so it
+        cannot take them down with it."""
         innocent = [task for task in tasks if task.crash_count == 0]
         groups = [innocent] + [[task] for task in tasks if task.crash_count > 0]
         session = self.connections.session
@@ -307,10 +309,8 @@ class TaskWorker:
                 for task in group:
                     if self.stopping.is_set() or not self.held.take(task.id):
                         continue  # stopping, or given back
-                    key = (task.channel, task.module, task.name)
-                    if self.batch.finished and self.pace.would_overrun(
-                        key, time.monotonic() - opened
-                    ):
+                    elapsed = time.monotonic() - opened
+                    if self.batch.finished and self.pace.would_overrun(_key(task), elapsed):
                         self._commit(session)  # what finished is not held back by this one
                         opened = time.monotonic()
                     self._run(session, task)
@@ -336,7 +336,7 @@ class TaskWorker:
 
     def _run(self, session: Session, task: Any) -> None:
         """Run one task inside a savepoint and record its outcome in the same transaction."""
-        processor = self.app.registry.get(task.channel, task.module, task.name)
+        processor = self.app.registry.get(*_key(task))
         if processor is None:
             self.batch.record_failure(
                 session,
@@ -359,7 +359,8 @@ class TaskWorker:
                 with self.deadlines.task(processor.timeout):
                     result = result_json(processor.call(session, task, savepoint))
             finally:
-                self.pace.record((task.channel, task.module, task.name), time.monotonic() - started)
+                duration = time.monotonic() - started
+                self.pace.record(_key(task), duration)
         except GraceExceeded:
             undo(savepoint)
             logger.warning(
@@ -372,7 +373,6 @@ class TaskWorker:
             undo(savepoint)
             self.batch.record_failure(session, task, processor, error)
             return
-        duration = time.monotonic() - started
         if savepoint is not None and savepoint.is_active:
             savepoint.commit()
         self.batch.finished.append(Finished(task, processor, result))
@@ -428,6 +428,11 @@ class TaskWorker:
     def _next_due(self, session: Session) -> Any:
         """Seconds until the next task of this worker's channels is due (None: none)."""
         return session.scalar(self.queries.next_due, self._channel_parameters)
+
+
+def _key(task: Any) -> tuple[str, str, str]:
+    """The (channel, module, name) a task's processor is registered under."""
+    return task.channel, task.module, task.name
 
 
 def _signal_name(number: int, again: bool) -> str:

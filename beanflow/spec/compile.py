@@ -57,7 +57,6 @@ class _Compiler:
         self.env = env
         self.problems: list[Problem] = []
         self.declared: dict[tuple[str, str, str], str] = {}  # registry key → processors' name
-        self.deployment: Deployment | None = None
 
     def problem(self, path: Path_, message: str) -> None:
         self.problems.append(self.document.problem(path, message))
@@ -70,7 +69,7 @@ class _Compiler:
         config = self.config()
         if config is None:
             return None
-        self.deployment = deployment = Deployment(BeanQueue(config))
+        deployment = Deployment(BeanQueue(config))
         self.scan(deployment)
         self.policies = PolicyCompiler(self.section("retry_policies"), self.problem)
         self.policies.compile_all()
