@@ -24,7 +24,7 @@ from .engine.queries import Queries
 from .engine.queries import enqueue_many as enqueue_many_statement
 from .engine.schedules import Schedule, Scheduler
 from .errors import ProcessorNotFound, TablesMissing
-from .models.task import current_task, notify_channels
+from .models.task import current_task, insert_task, notify_channels
 from .processors.processor import Processor
 
 # how a supervisor hands the resolved database URL to its workers (not on the command line,
@@ -106,13 +106,13 @@ def _processor(processor: Processor | str | Callable[..., Any]) -> Processor:
 def enqueue(
     session: Session, processor: Processor | str | Callable[..., Any], /, **kwargs: Any
 ) -> Any:
-    """Add a task running ``processor(**kwargs)`` to ``session`` and return it; the caller
-    commits (the task becomes visible, and workers are notified, on commit).
+    """Insert a task running ``processor(**kwargs)`` in ``session``'s transaction and return
+    it; the caller commits (the task becomes visible, and workers are notified, on commit).
 
     ``processor`` is a Processor, the name of one in the default deployment (the file
     ``beanflow.load()`` loaded), or a function that deployment declares."""
     task = _processor(processor).run(**kwargs)
-    session.add(task)
+    insert_task(session, task)
     return task
 
 

@@ -111,6 +111,7 @@ class Bench:
         with self.app.engine.begin() as connection:
             connection.execute(text("CREATE TABLE bench_effects (n integer)"))
         ceiling.create(self.dsn)
+        self.noop_rates: dict[tuple[int, int | None], float] = {}
 
     def sql(self, statement: str, **parameters: Any) -> Any:
         with self.app.engine.begin() as connection:
@@ -209,6 +210,13 @@ class Bench:
             "FROM beanflow_tasks WHERE state = 'DONE'"
         )
         return float(total), float(held)
+
+    def noop_rate(self, workers: int, batch: int | None) -> float:
+        """W2's median drain rate of no-op tasks, measured once per run and settings."""
+        key = (workers, batch)
+        if key not in self.noop_rates:
+            self.noop_rates[key] = self.median(lambda: self.drain_rate(workers, batch))
+        return self.noop_rates[key]
 
     def done_rate(self) -> float:
         done, seconds = self.sql(
@@ -455,28 +463,36 @@ def scratch_database(server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def measure(bench: Bench) -> list[Figure]:
-    s = bench.sizes
+def enqueue(bench: Bench) -> list[Figure]:
     figures = [
         Figure(
-            "W1 enqueue, 1 per transaction",
+            f"W1 enqueue, {n:,} per transaction",
             "tasks/s",
-            bench.median(lambda: bench.enqueue_rate(1)),
-            bench.median(lambda: ceiling.enqueue(bench.dsn, s.enqueue, 1)),
-        ),
-        Figure(
-            "W1 enqueue, 1,000 per transaction",
-            "tasks/s",
-            bench.median(lambda: bench.enqueue_rate(1000)),
-            bench.median(lambda: ceiling.enqueue(bench.dsn, s.enqueue, 1000)),
-        ),
+            bench.median(lambda n=n: bench.enqueue_rate(n)),
+            bench.median(lambda n=n: ceiling.enqueue(bench.dsn, bench.sizes.enqueue, n)),
+        )
+        for n in (1, 1000)
     ]
+    bench.reset()
+    own_table = bench.median(lambda: ceiling.enqueue_task_rows(bench.dsn, bench.sizes.enqueue))
+    return figures + [
+        Figure(
+            "W1 enqueue, 1 per transaction (ceiling: raw SQL, beanflow's table)",
+            "tasks/s",
+            figures[0].beanflow,
+            own_table,
+        )
+    ]
+
+
+def drain(bench: Bench) -> list[Figure]:
+    figures = []
     for workers in (1, 4):
         figures.append(
             Figure(
                 f"W2 drain, {workers} worker(s), default settings (ceiling: batch 100)",
                 "tasks/s",
-                bench.median(lambda w=workers: bench.drain_rate(w, None)),
+                bench.noop_rate(workers, None),
                 bench.median(lambda w=workers: bench.ceiling_drain(w, 100)),
             )
         )
@@ -485,23 +501,27 @@ def measure(bench: Bench) -> list[Figure]:
                 Figure(
                     f"W2 drain, {workers} worker(s), batch {batch}",
                     "tasks/s",
-                    bench.median(lambda w=workers, b=batch: bench.drain_rate(w, b)),
+                    bench.noop_rate(workers, batch),
                     bench.median(lambda w=workers, b=batch: bench.ceiling_drain(w, b)),
                 )
             )
+    return figures
+
+
+def wake_up(bench: Bench) -> list[Figure]:
     ours, theirs = bench.wake_up(), bench.ceiling_wake_up()
-    for q in (50, 95, 99):
-        figures.append(
-            Figure(
-                f"W3 wake-up latency p{q}",
-                "ms",
-                percentile(ours, q),
-                percentile(theirs, q),
-                higher_is_better=False,
-            )
+    figures = [
+        Figure(
+            f"W3 wake-up latency p{q}",
+            "ms",
+            percentile(ours, q),
+            percentile(theirs, q),
+            higher_is_better=False,
         )
+        for q in (50, 95, 99)
+    ]
     per_task, idle = bench.commit_counts()
-    figures += [
+    return figures + [
         Figure(
             "W3 commits per task, the enqueuer's one included",
             "commits",
@@ -510,43 +530,67 @@ def measure(bench: Bench) -> list[Figure]:
         ),
         Figure("W3 commits per second, one idle worker", "commits/s", idle, higher_is_better=False),
     ]
+
+
+def lateness(bench: Bench) -> list[Figure]:
     late = bench.lateness()
-    figures += [
+    return [
         Figure(
-            f"W4 lateness p{q}, due 1-{1 + s.scheduled_spread:g} s ahead",
+            f"W4 lateness p{q}, due 1-{1 + bench.sizes.scheduled_spread:g} s ahead",
             "ms",
             percentile(late, q),
             higher_is_better=False,
         )
         for q in (50, 99)
     ]
-    w2_empty = next(f.beanflow for f in figures if f.name == "W2 drain, 4 worker(s), batch 10")
-    figures.append(
+
+
+def deep(bench: Bench) -> list[Figure]:
+    s = bench.sizes
+    return [
         Figure(
             f"W5 drain {s.deep_drain:,} of {s.deep:,} pending, 4 workers, "
             "batch 10 (ceiling: W2 on an empty table)",
             "tasks/s",
             bench.median(lambda: bench.deep_rate(4, 10)),
-            w2_empty,
+            bench.noop_rate(4, 10),
         )
-    )
-    for workers, batch in ((1, 1), (4, 10)):
-        figures.append(
-            Figure(
-                f"W6 end-to-end (a user row per task), {workers} worker(s), batch {batch}",
-                "tasks/s",
-                bench.median(lambda w=workers, b=batch: bench.drain_rate(w, b, write_row)),
-                bench.median(lambda w=workers, b=batch: bench.ceiling_drain(w, b, write=True)),
-            )
-        )
-    count, seconds = s.slow
-    total, held = bench.mixed()
-    noop_rate = next(f.beanflow for f in figures if f.name.startswith("W2 drain, 4 worker(s), d"))
-    ideal = (count * seconds + s.mixed / noop_rate * 4) / 4
-    figures += [
+    ]
+
+
+def end_to_end(bench: Bench) -> list[Figure]:
+    return [
         Figure(
-            f"W8 mixed: {count} tasks of {seconds:g} s and {s.mixed:,} no-op, 4 workers, "
-            "defaults: seconds (ceiling: ideal)",
+            f"W6 end-to-end (a user row per task), {workers} worker(s), batch {batch}",
+            "tasks/s",
+            bench.median(lambda w=workers, b=batch: bench.drain_rate(w, b, write_row)),
+            bench.median(lambda w=workers, b=batch: bench.ceiling_drain(w, b, write=True)),
+        )
+        for workers, batch in ((1, 1), (4, 10))
+    ]
+
+
+def stale(bench: Bench) -> list[Figure]:
+    first, last = bench.stale_rates()
+    return [
+        Figure(
+            f"W7 drain of a {bench.sizes.stale:,} bulk, never analyzed: last 10 % "
+            "(ceiling: first 10 %)",
+            "tasks/s",
+            last,
+            first,
+        )
+    ]
+
+
+def mixed(bench: Bench) -> list[Figure]:
+    count, seconds = bench.sizes.slow
+    total, held = bench.mixed()
+    ideal = (count * seconds + bench.sizes.mixed / bench.noop_rate(4, None) * 4) / 4
+    return [
+        Figure(
+            f"W8 mixed: {count} tasks of {seconds:g} s and {bench.sizes.mixed:,} no-op, "
+            "4 workers, defaults: seconds (ceiling: ideal)",
             "s",
             total,
             ideal,
@@ -560,16 +604,28 @@ def measure(bench: Bench) -> list[Figure]:
             higher_is_better=False,
         ),
     ]
-    first, last = bench.stale_rates()
-    figures.append(
-        Figure(
-            f"W7 drain of a {s.stale:,} bulk, never analyzed: last 10 % (ceiling: first 10 %)",
-            "tasks/s",
-            last,
-            first,
-        )
-    )
-    return figures
+
+
+WORKLOADS: dict[str, Callable[[Bench], list[Figure]]] = {
+    "W1": enqueue,
+    "W2": drain,
+    "W3": wake_up,
+    "W4": lateness,
+    "W5": deep,
+    "W6": end_to_end,
+    "W8": mixed,
+    "W7": stale,
+}
+
+
+def measure(bench: Bench, only: list[str]) -> list[Figure]:
+    """The figures of every workload, or of those named in ``only``."""
+    return [
+        figure
+        for name, workload in WORKLOADS.items()
+        if not only or name in only
+        for figure in workload(bench)
+    ]
 
 
 def main() -> None:
@@ -580,6 +636,14 @@ def main() -> None:
         help="small counts, one run each (under two minutes; CI runs it)",
     )
     parser.add_argument("--database-url", default=os.environ.get("BEANFLOW_DATABASE_URL"))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(WORKLOADS),
+        default=[],
+        metavar="W",
+        help="run only these workloads (W1 … W8; default: all)",
+    )
     parser.add_argument(
         "--json",
         type=Path,
@@ -596,7 +660,7 @@ def main() -> None:
             for name in ("server_version", "fsync", "synchronous_commit")
         }
         started = time.monotonic()
-        figures = measure(bench)
+        figures = measure(bench, arguments.only)
         bench.app.engine.dispose()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(

@@ -102,6 +102,24 @@ def enqueue(dsn: str, count: int, per_transaction: int) -> float:
     return count / elapsed
 
 
+def enqueue_task_rows(dsn: str, count: int) -> float:
+    """Insert ``count`` rows into beanflow's own task table, one per commit, with the NOTIFY in
+    the statement (as ``enqueue`` sends them); tasks/s: what that table costs by itself."""
+    connection = psycopg2.connect(dsn)
+    cursor = connection.cursor()
+    started = time.perf_counter()
+    for _ in range(count):
+        cursor.execute(
+            "INSERT INTO beanflow_tasks (id, channel, module, name, kwargs, state, attempts, "
+            "crash_count) VALUES (gen_random_uuid(), 'bench', 'benchmarks.processors', 'noop', "
+            "'{}', 'PENDING', 0, 0) RETURNING pg_notify('bench', '')"
+        )
+        connection.commit()
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return count / elapsed
+
+
 def listen_and_claim(dsn: str, ready, stop) -> None:
     """W3's ceiling: sleep on LISTEN, claim one task per notify, complete it."""
     listener = psycopg2.connect(dsn)

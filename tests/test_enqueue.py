@@ -74,8 +74,7 @@ def count_tasks(app: bq.BeanQueue) -> int:
 
 def test_enqueue_only_adds_to_the_callers_transaction(app, session, resize):
     task = bq.enqueue(session, resize, width=1, height=2)
-    assert task in session.new
-    session.flush()
+    assert task in session and not session.new  # inserted at once, attached as persistent
     assert count_tasks(app) == 0  # not visible before the caller commits
     session.commit()
     assert count_tasks(app) == 1
@@ -176,3 +175,57 @@ def test_a_task_has_its_id_before_any_flush(session, resize):
     assert built.id is not None and built.id != task.id
     session.commit()
     assert session.get(bq.Task, task.id) is task
+
+
+def test_enqueue_is_one_statement_with_the_transactions_first_notify(app, session, resize):
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    @event.listens_for(app.engine, "before_cursor_execute")
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    bq.enqueue(session, resize, width=1, height=1)
+    bq.enqueue(session, resize, width=2, height=2)
+    session.commit()
+    assert len(statements) == 2  # no flush, no separate NOTIFY
+    assert all(s.startswith("INSERT INTO beanflow_tasks") for s in statements)
+    assert ["pg_notify" in s for s in statements] == [True, False]
+
+
+def test_a_rolled_back_savepoint_takes_its_task_out_of_the_session(app, session, resize):
+    from sqlalchemy import inspect
+
+    kept = bq.enqueue(session, resize, width=1, height=1)
+    savepoint = session.begin_nested()
+    inner = savepoint.session.begin_nested()
+    dropped = bq.enqueue(session, resize, width=2, height=2)
+    inner.commit()  # released into the savepoint, which then rolls back
+    savepoint.rollback()
+    assert dropped not in session and inspect(dropped).transient
+    assert kept in session
+    session.commit()
+    assert [t.kwargs["width"] for t in session.scalars(sa_select(bq.Task))] == [1]
+
+    rolled = bq.enqueue(session, resize, width=3, height=3)
+    session.rollback()
+    assert rolled not in session and inspect(rolled).transient
+
+
+def test_a_users_row_references_an_enqueued_task_in_the_same_transaction(app, session, resize):
+    from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table
+    from sqlalchemy.dialects.postgresql import UUID
+
+    orders = Table(
+        "orders",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("task_id", UUID(as_uuid=True), ForeignKey(bq.Task.id), nullable=False),
+    )
+    orders.create(session.connection())
+    task = bq.enqueue(session, resize, width=1, height=1)
+    session.execute(orders.insert().values(id=1, task_id=task.id))
+    session.commit()
+    assert session.execute(sa_select(orders.c.task_id)).scalar() == task.id
+    assert task.state == TaskState.PENDING and task.scheduled_at is not None

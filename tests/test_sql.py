@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 from beanflow.engine.queries import (
     Queries,
     enqueue_many,
+    enqueue_one,
     enqueue_unique,
     notify,
     schedule_seen,
@@ -55,6 +56,11 @@ def _variants() -> dict[str, tuple[object, str]]:
     for name in ("due_channels", "heartbeat", "shut_down"):
         found[name] = (getattr(queries, name), _doc(Queries, name))
     found["enqueue_many"] = (enqueue_many(Task.__table__), inspect.getdoc(enqueue_many))
+    for notifying in (True, False):
+        found[f"enqueue_one{'' if notifying else '.no-notify'}"] = (
+            enqueue_one(Task.__table__, ("id", "channel", "module", "name", "kwargs"), notifying),
+            inspect.getdoc(enqueue_one),
+        )
     found["enqueue_unique"] = (enqueue_unique(Task.__table__), inspect.getdoc(enqueue_unique))
     found["notify"] = (notify("a channel"), inspect.getdoc(notify))
     for function in (schedule_seen, schedule_ticked):

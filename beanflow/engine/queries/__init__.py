@@ -13,7 +13,7 @@ from __future__ import annotations
 from .common import channel_parameters, notify
 from .prepared import Prepared
 from .schedules import schedule_seen, schedule_ticked
-from .tasks import TaskStatements, enqueue_many, enqueue_unique
+from .tasks import TaskStatements, enqueue_many, enqueue_one, enqueue_unique
 from .workers import WorkerStatements
 
 
@@ -26,6 +26,7 @@ __all__ = [
     "Queries",
     "channel_parameters",
     "enqueue_many",
+    "enqueue_one",
     "enqueue_unique",
     "notify",
     "schedule_seen",

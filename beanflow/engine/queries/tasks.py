@@ -46,6 +46,21 @@ def enqueue_many(table: Table) -> Executable:
 
 
 @functools.cache
+def enqueue_one(table: Table, columns: tuple[str, ...], notify: bool) -> Executable:
+    """Insert one task whose ``columns`` are bind parameters of their own names (the others
+    take their defaults); with ``notify``, ``RETURNING pg_notify(:notify_channel, '')``: one
+    round trip where a flush and a separate NOTIFY take two."""
+    statement = insert(table).values(
+        {name: bindparam(name, type_=table.c[name].type) for name in columns}
+    )
+    if notify:
+        statement = statement.returning(
+            func.pg_notify(bindparam("notify_channel", type_=String), "")
+        )
+    return statement
+
+
+@functools.cache
 def enqueue_unique(table: Table) -> Executable:
     """Insert a task unless one with the same :task_unique_key exists (any state); returns its
     id only when inserted, and then notifies its channel. Concurrent inserters of one key:
