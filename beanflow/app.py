@@ -12,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from . import db
 from .config import Config, import_object
 from .errors import ConfigError, ProcessorNotFound
+from .models.cancellation import Cancellation
 from .models.schedule import ScheduleState
 from .processors.processor import ExceptionTypes, Processor
 from .processors.registry import ProcessorRegistry, processor
@@ -51,12 +52,15 @@ class BeanQueue:
     @property
     def models(self) -> list[type]:
         """The models whose tables beanflow uses."""
-        return [self.worker_model, self.task_model, self.event_model, ScheduleState]
+        return [self.worker_model, self.task_model, self.event_model, ScheduleState, Cancellation]
 
     def create_tables(self) -> None:
-        """Create beanflow's tables (and their indexes) if missing."""
+        """Create beanflow's tables and their indexes where missing (a newer version's new
+        tables and indexes are added to an existing database)."""
         for model in self.models:
             model.metadata.create_all(self.engine, tables=[model.__table__])
+            for index in model.__table__.indexes:
+                index.create(self.engine, checkfirst=True)
 
     # ---- processors ------------------------------------------------------------------------
 

@@ -23,8 +23,10 @@ from .engine.pool import ChannelPlan, Supervisor
 from .engine.queries import Queries
 from .engine.queries import enqueue_many as enqueue_many_statement
 from .engine.schedules import Schedule, Scheduler
+from .engine.service import PeriodicService
 from .errors import ProcessorNotFound, TablesMissing
 from .models.task import current_task, insert_task, notify_channels
+from .ops import Operations, Retention, RetentionService
 from .processors.processor import Processor
 
 # how a supervisor hands the resolved database URL to its workers (not on the command line,
@@ -41,6 +43,7 @@ class Deployment:
     processors: dict[str, Processor] = dataclasses.field(default_factory=dict)
     channels: list[ChannelPlan] = dataclasses.field(default_factory=list)
     schedules: list[Schedule] = dataclasses.field(default_factory=list)
+    retention: Retention = dataclasses.field(default_factory=Retention)
     path: Path | None = None  # the file it was compiled from (workers compile it again)
 
     def resolve(self, channel: str | None, name: str) -> Processor:
@@ -175,10 +178,15 @@ def run_deployment(
             )
             return {row.channel for row in rows}
 
+    services: list[PeriodicService] = [
+        RetentionService(Operations(app, deployment.schedules), deployment.retention)
+    ]
+    if deployment.schedules:
+        services.insert(0, Scheduler(app, deployment.schedules))
     supervisor = Supervisor(
         plans,
         command,
-        Scheduler(app, deployment.schedules) if deployment.schedules else None,
+        services,
         grace_period=app.config.SHUTDOWN_GRACE_PERIOD,
         burst=burst,
         due_channels=due_channels,

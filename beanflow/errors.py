@@ -5,6 +5,8 @@ The command line turns any ``BeanflowError`` into one ``Error:`` line (``cli.mai
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 
 class BeanflowError(Exception):
     """Base of every error beanflow raises on purpose; its message is meant for a person."""
@@ -38,6 +40,20 @@ class TaskFailed(BeanflowError):
 
 class NotCompleted(BeanflowError):
     """A processor with ``auto_complete`` off returned without completing or failing its task."""
+
+
+class Cancel(BeanflowError):
+    """Raise inside a processor to end its task CANCELLED, not retried (the message says why;
+    its changes are rolled back like a failure's)."""
+
+
+class Retry(BeanflowError):
+    """Raise inside a processor to run its task again ``after`` seconds (or a timedelta) from
+    now, without counting this attempt: a snooze, e.g. while a resource is busy."""
+
+    def __init__(self, after: float | timedelta = 0.0, reason: str = "") -> None:
+        self.after = after if isinstance(after, timedelta) else timedelta(seconds=after)
+        super().__init__(reason or f"snoozed for {self.after.total_seconds():g}s")
 
 
 class SpecError(BeanflowError, ValueError):

@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 
 import beanflow as bq
 
-from . import ceiling
+from . import ceiling, peers
 from .processors import noop, sleep_for, write_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -628,6 +628,54 @@ def measure(bench: Bench, only: list[str]) -> list[Figure]:
     ]
 
 
+def print_side_by_side(figures: list[Figure], peer_figures: dict[str, dict[str, float]]) -> None:
+    """W1 and W2 for beanflow, the raw-SQL ceiling and each peer, defaults and tuned."""
+    ours = {f.name: f for f in figures}
+
+    def w2(workers: int, setting: str) -> Figure:
+        return ours[f"W2 drain, {workers} worker(s), {setting}"]
+
+    rows = {
+        "enqueue, 1 per transaction": (
+            ours["W1 enqueue, 1 per transaction"],
+            ours["W1 enqueue, 1 per transaction"],
+            "enqueue 1",
+            "enqueue 1",
+        ),
+        "enqueue, 1,000 per transaction": (
+            ours["W1 enqueue, 1,000 per transaction"],
+            ours["W1 enqueue, 1,000 per transaction"],
+            "enqueue 1000",
+            "enqueue 1000",
+        ),
+        **{
+            f"drain, {w} worker(s)": (
+                w2(w, "default settings (ceiling: batch 100)"),
+                w2(w, "batch 10"),
+                f"drain {w} defaults",
+                f"drain {w} tuned",
+            )
+            for w in (1, 4)
+        },
+    }
+    headers = ["tasks/s", "raw SQL", "beanflow defaults", "beanflow batch 10"]
+    for peer in peers.PEERS:
+        if peer.name in peer_figures:
+            headers += [f"{peer.name} defaults", f"{peer.name} {peer.tuned_as}"]
+    print()
+    print("| " + " | ".join(headers) + " |")
+    print("| --- |" + " ---: |" * (len(headers) - 1))
+    for label, (default, tuned, peer_default, peer_tuned) in rows.items():
+        cells = [f"{default.ceiling or 0:,.0f}", f"{default.beanflow:,.0f}"]
+        cells.append("" if tuned is default else f"{tuned.beanflow:,.0f}")
+        for peer in peers.PEERS:
+            found = peer_figures.get(peer.name)
+            if found:
+                cells += [f"{found[peer_default]:,.0f}"]
+                cells += ["" if peer_tuned == peer_default else f"{found[peer_tuned]:,.0f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument(
@@ -645,6 +693,12 @@ def main() -> None:
         help="run only these workloads (W1 … W8; default: all)",
     )
     parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run W1 and W2 against PgQueuer and procrastinate (installed from PyPI in "
+        "virtual environments of their own) and print them side by side",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=Path("benchmarks/results.json"),
@@ -652,6 +706,8 @@ def main() -> None:
     )
     arguments = parser.parse_args()
     sizes = QUICK if arguments.quick else FULL
+    if arguments.peers and arguments.only:
+        arguments.only = sorted(set(arguments.only) | {"W1", "W2"})
     server_url = bq.db.database_url(bq.Config(env={}, DATABASE_URL=arguments.database_url))
     with scratch_database(server_url) as url:
         bench = Bench(url, sizes)
@@ -662,6 +718,11 @@ def main() -> None:
         started = time.monotonic()
         figures = measure(bench, arguments.only)
         bench.app.engine.dispose()
+    peer_figures = {}
+    for peer in peers.PEERS if arguments.peers else ():
+        with scratch_database(server_url) as url:
+            dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
+            peer_figures[peer.name] = peers.measure(peer, dsn, sizes, sizes.repeats)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(
         f"PostgreSQL {settings['server_version']} (fsync={settings['fsync']}, "
@@ -678,6 +739,8 @@ def main() -> None:
             f"| {figure.name + ' (' + figure.unit + ')':<78} | {figure.beanflow:>10,.1f} | "
             f"{ceiling_text:>10} | {ratio:>5} |"
         )
+    if peer_figures:
+        print_side_by_side(figures, peer_figures)
     arguments.json.write_text(
         json.dumps(
             {
@@ -685,6 +748,7 @@ def main() -> None:
                 "machine": machine,
                 "quick": arguments.quick,
                 "figures": [dataclasses.asdict(f) | {"ratio": f.ratio} for f in figures],
+                "peers": peer_figures,
             },
             indent=2,
         )

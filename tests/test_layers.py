@@ -22,11 +22,12 @@ LAYER = {
     "processors": 3,
     "engine": 4,
     "app": 5,
-    "deployment": 6,
-    "spec": 7,
-    "cli": 8,
-    "__init__": 9,
-    "__main__": 9,
+    "ops": 6,
+    "deployment": 7,
+    "spec": 8,
+    "cli": 9,
+    "__init__": 10,
+    "__main__": 10,
 }
 
 

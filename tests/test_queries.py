@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, select, text
 
 from beanflow.engine.queries import Prepared, Queries, channel_parameters
-from beanflow.models import Event, Task, Worker
+from beanflow.models import Cancellation, Event, Task, Worker
 
 from .conftest import create_database, database_url, drop_database
 
@@ -121,21 +121,24 @@ def test_claim_returns_the_oldest_due_tasks(deep_queue):
 
 
 def test_reap_uses_indexes(deep_queue):
-    queries = Queries(Task, Worker, Event)
+    queries = Queries(Task, Worker, Event, cancellation_model=Cancellation)
     with deep_queue.engine.begin() as connection:
         root = plan(connection, queries.reap, {"timeout": timedelta(seconds=100), "max_crashes": 3})
     assert not [s for s in scans_of(root, "beanflow_tasks") if s[0] == "Seq Scan"]
 
 
-@pytest.mark.parametrize("name", ["complete", "fail", "release", "heartbeat"])
+@pytest.mark.parametrize("name", ["complete", "settle", "release", "heartbeat"])
 def test_single_task_statements_use_indexes(deep_queue, name):
-    queries = Queries(Task, Worker, Event)
+    queries = Queries(Task, Worker, Event, cancellation_model=Cancellation)
     parameters = {
         "task_id": uuid.uuid4(),
         "worker": deep_queue.worker,
         "task_ids": [uuid.uuid4()],
         "task_results": [None],
         "retry_at": None,
+        "state": "FAILED",
+        "event": "FAILED",
+        "refund": 0,
         "error": "e",
         "exception_type": "E",
         "traceback": "t",
@@ -243,7 +246,7 @@ def generic_plan(connection, name: str, statement, parameters: dict, *columns) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["complete", "fail"])
+@pytest.mark.parametrize("name", ["complete", "settle"])
 def test_completion_finds_tasks_by_key_on_a_stale_table(stale_queue, name):
     """Neither statistics nor dead tuples change how a task is found: by its primary key,
     never through the partial index full of completed tasks' dead entries."""
@@ -254,6 +257,9 @@ def test_completion_finds_tasks_by_key_on_a_stale_table(stale_queue, name):
         "task_results": [None, None],
         "worker": stale_queue.worker,
         "retry_at": None,
+        "state": "FAILED",
+        "event": "FAILED",
+        "refund": 0,
         "error": "e",
         "exception_type": "E",
         "traceback": "t",

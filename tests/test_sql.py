@@ -26,14 +26,22 @@ from beanflow.engine.queries import (
     schedule_seen,
     schedule_ticked,
 )
-from beanflow.models import Event, ScheduleState, Task, Worker
+from beanflow.models import Cancellation, Event, ScheduleState, Task, Worker
 
 FOLDER = Path(__file__).resolve().parent / "sql"
 _NAMED = PGDialect_psycopg2(paramstyle="named")
 
 
 def _queries(events: bool, channels: int) -> Queries:
-    return Queries(Task, Worker, Event, events=events, channel_count=channels, batch_size=10)
+    return Queries(
+        Task,
+        Worker,
+        Event,
+        events=events,
+        channel_count=channels,
+        batch_size=10,
+        cancellation_model=Cancellation,
+    )
 
 
 def _variants() -> dict[str, tuple[object, str]]:
@@ -45,7 +53,7 @@ def _variants() -> dict[str, tuple[object, str]]:
             queries = _queries(events, channels)
             found[f"claim.{channels}-channel{suffix}"] = (queries.claim, _doc(Queries, "_claim"))
         queries = _queries(events, 1)
-        for name in ("complete", "fail", "give_back", "release", "reap"):
+        for name in ("complete", "settle", "give_back", "release", "reap"):
             found[f"{name}{suffix}"] = (getattr(queries, name), _doc(Queries, name))
     for channels in (1, 3):
         found[f"next_due.{channels}-channel"] = (

@@ -171,7 +171,7 @@ class Batch:
         """Record a failed attempt in a savepoint; if even that is refused, abort the batch
         and charge the task a crash (MAX_WORKER_CRASHES ends it)."""
         try:
-            retried = self._guarded(
+            outcome = self._guarded(
                 session,
                 lambda: record_failure(
                     session, self.queries, self.worker_id, task, processor, error
@@ -185,7 +185,7 @@ class Batch:
             )
             innocent = [entry.task.id for entry in self.finished]
             self.abort(session, [], innocent, charged=[task.id])
-        self.counts["retried" if retried else "failed"] += 1
+        self.counts[outcome] += 1
 
     def abort(
         self,

@@ -27,6 +27,10 @@ class TaskTimeout(BaseException):
     """Raised inside a running task that has run past its processor's ``timeout``."""
 
 
+class TaskCancelled(BaseException):
+    """Raised inside a running task that an operator cancelled (``beanflow cancel``)."""
+
+
 class Deadlines:
     """The stop signals' handler and the alarm that enforces the running task's deadlines."""
 
@@ -37,6 +41,8 @@ class Deadlines:
         self._timeout: float | None = None
         self._task_deadline: float | None = None  # monotonic
         self._grace_deadline: float | None = None  # monotonic
+        self._task_id: Any = None  # of the running task
+        self._cancelled: tuple[Any, str] | None = None  # (task id, by whom)
 
     def install(self, on_stop: Callable[[int], None]) -> None:
         """Call ``on_stop(signal number)`` on SIGTERM, SIGINT and SIGUSR1, and enforce
@@ -59,10 +65,11 @@ class Deadlines:
         self._previous, self.enabled = {}, False
 
     @contextlib.contextmanager
-    def task(self, timeout: float | None) -> Iterator[None]:
+    def task(self, timeout: float | None, task_id: Any = None) -> Iterator[None]:
         """While the block runs, its deadlines interrupt it: TaskTimeout after ``timeout``
-        seconds, GraceExceeded once a stopping worker's grace period is over."""
-        self._timeout = timeout
+        seconds, GraceExceeded once a stopping worker's grace period is over, TaskCancelled
+        when ``cancel(task_id)`` is called."""
+        self._timeout, self._task_id = timeout, task_id
         if timeout is not None and self.enabled:
             self._task_deadline = time.monotonic() + timeout
             self._arm()
@@ -86,6 +93,15 @@ class Deadlines:
             self._grace_deadline = time.monotonic() + seconds
             self._arm()
 
+    def cancel(self, task_id: Any, by: str) -> bool:
+        """Interrupt the task ``task_id`` with TaskCancelled if it is the one running; callable
+        from any thread. Returns whether it was running."""
+        if not (self.enabled and self._running and self._task_id == task_id):
+            return False
+        self._cancelled = (task_id, by)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)  # type: ignore[arg-type]
+        return True
+
     def end_grace(self) -> None:
         """Interrupt the running task now (called from a signal handler)."""
         self._grace_deadline = time.monotonic()
@@ -102,6 +118,9 @@ class Deadlines:
     def _on_alarm(self, number: int, frame: Any) -> None:
         if not self._running:
             return
+        cancelled, self._cancelled = self._cancelled, None
+        if cancelled is not None and cancelled[0] == self._task_id:
+            raise TaskCancelled(f"cancelled by {cancelled[1]}")
         now = time.monotonic()
         if self._grace_deadline is not None and now >= self._grace_deadline:
             raise GraceExceeded()

@@ -7,14 +7,17 @@ import contextlib
 import logging
 import traceback
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import exc, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
+from ..errors import Cancel, Retry
 from ..models.jsonb import jsonb_text, storable_text
 from ..processors.processor import Processor
+from .deadlines import TaskCancelled
 from .queries import Queries
 
 logger = logging.getLogger(__name__)
@@ -78,36 +81,98 @@ def record_failure(
     task: Any,
     processor: Processor | None,
     error: BaseException,
-) -> bool:
-    """Record a failed attempt of ``task``: back to PENDING at the time its retry policy
-    gives, or FAILED, with the error and its traceback. Returns True when it is retried."""
-    retry_at = None
-    if processor is not None:
-        try:
-            retry_at = processor.retry_at(task, error)
-            if isinstance(retry_at, ClauseElement):
-                retry_at = session.scalar(select(retry_at))
-        except Exception as policy_error:  # noqa: BLE001
-            logger.error("retry policy of %s failed: %s", processor, policy_error)
-            retry_at = None
+) -> str:
+    """Record how ``task``'s attempt ended without completing, and return that outcome:
+    "cancelled" (its processor raised Cancel, or an operator cancelled it), "snoozed" (it
+    raised Retry: PENDING again later, the attempt not counted), "retried" (PENDING at the
+    time its retry policy gives) or "failed"; with the error and its traceback."""
+    retry_at, refund = None, 0
+    if isinstance(error, (Cancel, TaskCancelled)):
+        outcome, state = "cancelled", "CANCELLED"
+    elif isinstance(error, Retry):
+        outcome, state, refund = "snoozed", "PENDING", 1
+        retry_at = datetime.now(timezone.utc) + error.after
+    else:
+        retry_at = _retry_at(session, task, processor, error)
+        outcome, state = ("failed", "FAILED") if retry_at is None else ("retried", "PENDING")
     message = storable_text(describe(error), MAX_ERROR_CHARS)
     kind = type(error)
     session.execute(
-        queries.fail,
+        queries.settle,
         {
             "task_id": task.id,
             "worker": worker_id,
+            "state": state,
+            "event": _EVENTS[outcome],
+            "refund": refund,
             "retry_at": retry_at,
             "error": message,
             "exception_type": storable_text(f"{kind.__module__}.{kind.__qualname__}", 1000),
             "traceback": storable_text(_traceback(error), MAX_TRACEBACK_CHARS),
         },
     )
+    _log(task, processor, outcome, retry_at, message, error)
+    return outcome
+
+
+def _log(
+    task: Any,
+    processor: Processor | None,
+    outcome: str,
+    retry_at: Any,
+    message: str,
+    error: BaseException,
+) -> None:
+    """One line saying how the attempt ended and what follows, with the task's fields (JSON
+    logs) and, for a task that fails for good, its traceback."""
+    limit = processor.max_attempts if processor is not None else None
+    attempt = f"attempt {task.attempts}" + (f"/{limit}" if limit else "")
+    fields = {
+        "task_id": str(task.id),
+        "processor": f"{task.module}.{task.name}",
+        "channel": task.channel,
+        "attempt": task.attempts,
+        "state": outcome,
+    }
     where = f"task {task.id} {task.module}.{task.name}"
-    if retry_at is None:
-        logger.error("%s failed (attempt %d): %s", where, task.attempts, message)
+    if outcome == "failed":
+        why = processor.why_not_retried(error) if processor is not None else None
+        if why is None:
+            why = f"giving up after {attempt}" if limit else "its retry policy gives up"
+        logger.error(
+            "%s failed, %s; %s: %s", where, attempt, why, message, extra=fields, exc_info=error
+        )
+    elif outcome == "cancelled":
+        logger.warning("%s %s", where, message, extra=fields)
+    elif outcome == "snoozed":
+        logger.info(
+            "%s snoozed (%s not counted), again at %s", where, attempt, retry_at, extra=fields
+        )
     else:
         logger.warning(
-            "%s failed (attempt %d), retry at %s: %s", where, task.attempts, retry_at, message
+            "%s failed, %s, next at %s: %s", where, attempt, retry_at, message, extra=fields
         )
-    return retry_at is not None
+
+
+_EVENTS = {
+    "cancelled": "CANCELLED",
+    "snoozed": "SNOOZED",
+    "retried": "FAILED_RETRY_SCHEDULED",
+    "failed": "FAILED",
+}
+
+
+def _retry_at(
+    session: Session, task: Any, processor: Processor | None, error: BaseException
+) -> Any:
+    """When its processor's retry policy runs ``task`` again after ``error`` (None: never)."""
+    if processor is None:
+        return None
+    try:
+        retry_at = processor.retry_at(task, error)
+        if isinstance(retry_at, ClauseElement):
+            retry_at = session.scalar(select(retry_at))
+    except Exception as policy_error:  # noqa: BLE001
+        logger.error("retry policy of %s failed: %s", processor, policy_error)
+        return None
+    return retry_at

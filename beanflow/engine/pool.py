@@ -1,4 +1,5 @@
-"""Supervisor: N worker processes per channel, restarted when they die, plus the scheduler.
+"""Supervisor: N worker processes per channel, restarted when they die, plus its services
+(the schedules, retention).
 
 Workers are separate processes started from a command line (not forked), so a crashing task
 takes down one worker and nothing it shares memory or connections with.
@@ -13,10 +14,10 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .notify import drain_pipe
-from .schedules import Scheduler
+from .service import PeriodicService
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Supervisor:
         self,
         plans: list[ChannelPlan],
         command: Callable[[ChannelPlan], list[str]],
-        scheduler: Scheduler | None = None,
+        services: Sequence[PeriodicService] = (),
         *,
         grace_period: float = 30.0,
         burst: bool = False,
@@ -67,7 +68,7 @@ class Supervisor:
     ) -> None:
         self.slots = [_Slot(plan, i) for plan in plans for i in range(plan.workers)]
         self.command = command
-        self.scheduler = scheduler
+        self.services = list(services)  # the schedules, retention: not in a burst
         self.grace_period = grace_period
         self.burst = burst
         # burst: which channels still have due tasks once every worker has exited (a task
@@ -81,22 +82,22 @@ class Supervisor:
         """Start everything and supervise; returns the exit status (0 unless a burst worker
         failed)."""
         previous = {n: signal.signal(n, self._on_signal) for n in (signal.SIGTERM, signal.SIGINT)}
-        scheduling = self.scheduler is not None and not self.burst
-        if self.scheduler is not None and scheduling:
-            self.scheduler.start()
+        services = [] if self.burst else self.services
+        for service in services:
+            service.start()
         for slot in self.slots:
             self._start(slot)
         logger.info(
             "supervisor %d started %d worker(s)%s",
             os.getpid(),
             len(self.slots),
-            ", and the schedules" if scheduling else "",
+            "".join(f", and the {service.name}" for service in services),
         )
         try:
             status = self._supervise()
         finally:
-            if self.scheduler is not None:
-                self.scheduler.stop()
+            for service in services:
+                service.stop()
             for number, handler in previous.items():
                 signal.signal(number, handler)
         return status
@@ -119,8 +120,8 @@ class Supervisor:
                         "supervisor: stopping; workers finish their tasks (grace period %ss)",
                         self.grace_period,
                     )
-                    if self.scheduler is not None:
-                        self.scheduler.stop()
+                    for service in self.services:
+                        service.stop()
                     self._signal_all(signal.SIGTERM)
                 else:
                     logger.warning("supervisor: second signal, stopping now")

@@ -89,9 +89,10 @@ class Scheduler(PeriodicService):
         now = datetime.now(timezone.utc)
         if self.upcoming is None:
             for schedule in self.schedules.values():
-                first_seen = self.first_seen(schedule)
+                first_seen, last_tick = self.seen_and_ticked(schedule)
                 for tick in schedule.recent_ticks(now, schedule.catch_up):
-                    if tick >= first_seen:  # a new schedule does not fire for its past
+                    # a new schedule does not fire for its past, nor one for a tick enqueued
+                    if tick >= first_seen and (last_tick is None or tick > last_tick):
                         self.enqueue(schedule, tick)
             self.upcoming = {s.name: s.next_tick(now) for s in self.schedules.values()}
             return
@@ -101,10 +102,12 @@ class Scheduler(PeriodicService):
                 self.enqueue(self.schedules[name], tick)
                 self.upcoming[name] = self.schedules[name].next_tick(tick)
 
-    def first_seen(self, schedule: Schedule) -> datetime:
-        """When any scheduler first saw ``schedule`` (now, for a new one)."""
+    def seen_and_ticked(self, schedule: Schedule) -> tuple[datetime, datetime | None]:
+        """When any scheduler first saw ``schedule`` (now, for a new one), and the latest
+        tick of it that one enqueued."""
         with self.app.engine.begin() as connection:
-            return connection.execute(self.seen, {"schedule": schedule.name}).scalar_one()
+            row = connection.execute(self.seen, {"schedule": schedule.name}).one()
+            return row.first_seen, row.last_tick
 
     def enqueue(self, schedule: Schedule, tick: datetime) -> bool:
         """Insert the task of ``tick`` unless some scheduler already did; True if this one

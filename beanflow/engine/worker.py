@@ -23,9 +23,11 @@ from sqlalchemy.orm import Session
 
 from .. import db
 from ..errors import ProcessorNotFound, first_line
+from ..models.cancellation import Cancellation
 from .batch import Batch, BatchAborted, ConnectionLost, Finished, Pace, Unstarted
 from .connections import WorkerConnections
-from .deadlines import Deadlines, GraceExceeded
+from .control import Control
+from .deadlines import Deadlines, GraceExceeded, TaskCancelled
 from .interface import QueueApp
 from .liveness import Heartbeat, ParentWatch, Reaper, Summary, WorkerRecord
 from .notify import drain_pipe
@@ -80,6 +82,7 @@ class TaskWorker:
             events=app.config.EVENTS,
             channel_count=len(self.channels),
             batch_size=app.config.BATCH_SIZE,
+            cancellation_model=Cancellation,
         )
         self.engine = app.engine
         self._channel_parameters = channel_parameters(self.channels)
@@ -87,6 +90,8 @@ class TaskWorker:
         self.found_dead = False
         self.deadlines = Deadlines()
         self.counts: collections.Counter[str] = collections.Counter()
+        # tasks whose cancellation arrived while they were not running: not started
+        self.cancel_requests: dict[Any, str] = {}
         self.held = Unstarted(self.queries, self.id, self.engine)
         self.pace = Pace(self.config.BATCH_WINDOW, self.config.BATCH_SIZE)
         self._wake_read, self._wake_write = os.pipe()
@@ -133,6 +138,7 @@ class TaskWorker:
         return [
             Heartbeat(self.app, self.queries, self.id, self.stopping, self._on_lost),
             Reaper(self.app, self.queries, self.stopping),
+            Control(self.app, self.id, self.stopping, self._on_cancel),
             Summary(self.id, self._take_counts, self.stopping),
             *([self._batch_watch()] if self.config.BATCH_SIZE > 1 else []),
             *([ParentWatch(self.supervisor, self.stopping, self.stop)] if self.supervisor else []),
@@ -146,6 +152,12 @@ class TaskWorker:
         counts = collections.Counter(self.counts)
         self.counts.clear()
         return counts
+
+    def _on_cancel(self, task_id: Any, requested_by: str) -> None:
+        """A cancellation of a task this worker holds (from the control thread): interrupt it
+        if it is running, else it will not be started."""
+        if not self.deadlines.cancel(task_id, requested_by):
+            self.cancel_requests[task_id] = requested_by
 
     def _on_lost(self, state: str) -> None:
         logger.error("worker %s was marked %s by another worker; stopping", self.id, state)
@@ -348,6 +360,11 @@ class TaskWorker:
                 ),
             )
             return
+        requested_by = self.cancel_requests.pop(task.id, None)
+        if requested_by is not None:
+            cancelled = TaskCancelled(f"cancelled by {requested_by} before it started")
+            self.batch.record_failure(session, task, processor, cancelled)
+            return
         logger.info(
             "task %s %s.%s started (attempt %d)", task.id, task.module, task.name, task.attempts
         )
@@ -356,7 +373,7 @@ class TaskWorker:
         savepoint = session.begin_nested() if processor.uses_session else None
         try:
             try:
-                with self.deadlines.task(processor.timeout):
+                with self.deadlines.task(processor.timeout, task.id):
                     result = result_json(processor.call(session, task, savepoint))
             finally:
                 duration = time.monotonic() - started
@@ -376,7 +393,24 @@ class TaskWorker:
         if savepoint is not None and savepoint.is_active:
             savepoint.commit()
         self.batch.finished.append(Finished(task, processor, result))
-        logger.info("task %s %s.%s done in %.3fs", task.id, task.module, task.name, duration)
+        if logger.isEnabledFor(logging.INFO):
+            fields = {
+                "task_id": str(task.id),
+                "processor": f"{task.module}.{task.name}",
+                "channel": task.channel,
+                "attempt": task.attempts,
+                "state": "done",
+                "duration_ms": round(duration * 1000, 3),
+                "worker": str(self.id),
+            }
+            logger.info(
+                "task %s %s.%s done in %.3fs",
+                task.id,
+                task.module,
+                task.name,
+                duration,
+                extra=fields,
+            )
 
     def _commit(self, session: Session, claim_next: bool = False) -> list[Any]:
         """Commit the open transaction, completing every task that finished in it with one

@@ -1,9 +1,11 @@
 """SQLAlchemy models and mixins of tasks, workers and events; the schedules' state."""
 
 from .base import Base
+from .cancellation import Cancellation
 from .event import Event, EventModelMixin, EventModelRefTaskMixin, EventType
 from .schedule import ScheduleState
 from .task import (
+    FINAL_STATES,
     Task,
     TaskModelMixin,
     TaskModelRefEventMixin,
@@ -16,10 +18,12 @@ from .worker import Worker, WorkerModelMixin, WorkerRefMixin, WorkerState
 
 __all__ = [
     "Base",
+    "Cancellation",
     "Event",
     "EventModelMixin",
     "EventModelRefTaskMixin",
     "EventType",
+    "FINAL_STATES",
     "ScheduleState",
     "Task",
     "TaskModelMixin",

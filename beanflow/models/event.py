@@ -28,6 +28,12 @@ class EventType(str, enum.Enum):
     FAILED = "FAILED"
     # PROCESSING -> PENDING without an attempt: its worker died or stopped before running it
     REQUEUED = "REQUEUED"
+    # PENDING or PROCESSING -> CANCELLED (by an operator, or by its processor raising Cancel)
+    CANCELLED = "CANCELLED"
+    # PROCESSING -> PENDING at a later time, the attempt not counted: its processor raised Retry
+    SNOOZED = "SNOOZED"
+    # FAILED or CANCELLED -> PENDING by an operator (``beanflow retry``)
+    RETRIED = "RETRIED"
 
 
 class EventModelMixin:

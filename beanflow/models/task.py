@@ -72,6 +72,12 @@ class TaskState(str, enum.Enum):
     PROCESSING = "PROCESSING"
     DONE = "DONE"
     FAILED = "FAILED"
+    # by ``beanflow cancel`` / ``ops.cancel``, or by its processor raising ``Cancel``
+    CANCELLED = "CANCELLED"
+
+
+# the states a task never leaves by itself (a manual retry takes it back to PENDING)
+FINAL_STATES = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
 
 
 # The task whose processor is running in this context; tasks enqueued meanwhile become its
@@ -131,6 +137,16 @@ class TaskModelMixin:
                 "channel",
                 "scheduled_at",
                 postgresql_where=text("state = 'PENDING'"),
+            ),
+            # The operations' listing, newest first (keyset on created_at, id).
+            Index(f"ix_{cls.__tablename__}_created", "created_at", "id"),
+            # Finished rows by state and age: retention's purge and "failed in the last hour";
+            # a row enters once, when it finishes.
+            Index(
+                f"ix_{cls.__tablename__}_finished",
+                "state",
+                "finished_at",
+                postgresql_where=text("state IN ('DONE', 'FAILED', 'CANCELLED')"),
             ),
             Index(
                 f"ix_{cls.__tablename__}_unique_key",

@@ -137,11 +137,23 @@ class Processor:
 
     def retry_at(self, task: Any, error: BaseException) -> Any:
         """When to retry ``task`` after ``error`` (a datetime or SQL expression), or None."""
+        if self.why_not_retried(error) is not None:
+            return None
+        return self.retry_policy(task)  # type: ignore[misc]
+
+    def why_not_retried(self, error: BaseException) -> str | None:
+        """Why no attempt follows ``error`` whatever the task's attempts (None: the policy
+        decides)."""
         if self.retry_policy is None:
-            return None
+            return "not retried: the processor has no retry policy"
         if self.retry_exceptions is not None and not isinstance(error, self.retry_exceptions):
-            return None
-        return self.retry_policy(task)
+            return f"not retried: {type(error).__name__} is not in the policy's exceptions"
+        return None
+
+    @property
+    def max_attempts(self) -> int | None:
+        """The most attempts its retry policy allows (None: no limit it states)."""
+        return getattr(self.retry_policy, "maximum_attempt", None)
 
 
 # where complete() and fail() leave a task's outcome for its worker

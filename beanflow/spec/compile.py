@@ -8,9 +8,11 @@ problem it finds rather than stopping at the first.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,6 +27,7 @@ from ..config import (
     ConfigError,
     duration,
     import_object,
+    parse_duration,
     parse_setting,
 )
 from ..deployment import Deployment
@@ -76,6 +79,7 @@ class _Compiler:
         self.processors(deployment)
         self.channels(deployment)
         self.schedules(deployment)
+        self.retention(deployment)
         return deployment
 
     def settings(self, values: dict[str, tuple[Path_, Any]]) -> dict[str, Any] | None:
@@ -284,6 +288,32 @@ class _Compiler:
                 deployment.schedules.append(
                     Schedule(name, processor, cron, timezone, kwargs, spec.get("catch_up", 1))
                 )
+
+    def retention(self, deployment: Deployment) -> None:
+        kept = {}
+        for key, value in self.section("retention").items():
+            if key in RETENTION_KEYS:
+                try:
+                    kept[key] = None if value is None else timedelta(seconds=parse_duration(value))
+                except ValueError as error:
+                    self.problem(("retention", key), str(error))
+        deployment.retention = dataclasses.replace(deployment.retention, **kept)
+        shortest = deployment.retention.shortest_for_tasks()
+        now = datetime.now(timezone.utc)
+        for schedule in deployment.schedules:
+            if shortest is None or schedule.catch_up < 1:
+                continue
+            reach = now - schedule.recent_ticks(now, schedule.catch_up)[0]
+            if reach >= shortest:
+                self.problem(
+                    ("schedules", schedule.name, "catch_up"),
+                    f"catch_up {schedule.catch_up} reaches back {reach} in ticks, as long as "
+                    f"the shortest retention of finished tasks ({shortest}): make it smaller, or "
+                    "keep finished tasks longer",
+                )
+
+
+RETENTION_KEYS = ("done", "failed", "cancelled", "events", "workers", "every")
 
 
 def compile_document(

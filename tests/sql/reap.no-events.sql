@@ -9,15 +9,30 @@ WITH dead AS
      requeued AS
   (UPDATE beanflow_tasks
    SET state=CASE
+                 WHEN (EXISTS
+                         (SELECT *
+                          FROM beanflow_cancellations
+                          WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN 'CANCELLED'
                  WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN 'FAILED'
                  ELSE 'PENDING'
              END,
              error_message=CASE
-                               WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN concat(:concat_1, beanflow_tasks.crash_count + :crash_count_1, :concat_2)
-                               ELSE concat(:concat_3, dead.id, :concat_4)
+                               WHEN (EXISTS
+                                       (SELECT *
+                                        FROM beanflow_cancellations
+                                        WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN
+                                      (SELECT concat(:concat_2, beanflow_cancellations.requested_by) AS concat_1
+                                       FROM beanflow_cancellations
+                                       WHERE beanflow_cancellations.task_id = beanflow_tasks.id)
+                               WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN concat(:concat_3, beanflow_tasks.crash_count + :crash_count_1, :concat_4)
+                               ELSE concat(:concat_5, dead.id, :concat_6)
                            END,
                            crash_count=(beanflow_tasks.crash_count + :crash_count_1),
                            finished_at=CASE
+                                           WHEN (EXISTS
+                                                   (SELECT *
+                                                    FROM beanflow_cancellations
+                                                    WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN clock_timestamp()
                                            WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN clock_timestamp()
                                        END,
                                        worker_id=:param_1::UUID

@@ -8,6 +8,10 @@
 WITH released AS
   (UPDATE beanflow_tasks
    SET state=CASE
+                 WHEN (EXISTS
+                         (SELECT *
+                          FROM beanflow_cancellations
+                          WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN 'CANCELLED'
                  WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
                        AND beanflow_tasks.crash_count + CASE
                                                             WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
@@ -16,14 +20,21 @@ WITH released AS
                  ELSE 'PENDING'
              END,
              error_message=CASE
+                               WHEN (EXISTS
+                                       (SELECT *
+                                        FROM beanflow_cancellations
+                                        WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN
+                                      (SELECT concat(:concat_2, beanflow_cancellations.requested_by) AS concat_1
+                                       FROM beanflow_cancellations
+                                       WHERE beanflow_cancellations.task_id = beanflow_tasks.id)
                                WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
                                      AND beanflow_tasks.crash_count + CASE
                                                                           WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
                                                                           ELSE :param_2
-                                                                      END >= :max_crashes) THEN concat(:concat_1, beanflow_tasks.crash_count + CASE
+                                                                      END >= :max_crashes) THEN concat(:concat_3, beanflow_tasks.crash_count + CASE
                                                                                                                                                    WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
                                                                                                                                                    ELSE :param_2
-                                                                                                                                               END, :concat_2)
+                                                                                                                                               END, :concat_4)
                                ELSE beanflow_tasks.error_message
                            END,
                            attempts=(beanflow_tasks.attempts - CASE
@@ -36,6 +47,10 @@ WITH released AS
                                                                      END),
                            started_at=:param_5,
                            finished_at=CASE
+                                           WHEN (EXISTS
+                                                   (SELECT *
+                                                    FROM beanflow_cancellations
+                                                    WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN clock_timestamp()
                                            WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
                                                  AND beanflow_tasks.crash_count + CASE
                                                                                       WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
@@ -51,11 +66,13 @@ WITH released AS
      released_events AS
   (INSERT INTO beanflow_events (task_id, TYPE, error_message) SELECT released.id AS task_id,
                                                                      CASE
-                                                                         WHEN (released.state = 'FAILED') THEN 'FAILED'
+                                                                         WHEN (released.state IN ('FAILED',
+                                                                                                  'CANCELLED')) THEN released.state
                                                                          ELSE 'REQUEUED'
                                                                      END AS TYPE,
                                                                      CASE
-                                                                         WHEN (released.state = 'FAILED') THEN released.error_message
+                                                                         WHEN (released.state IN ('FAILED',
+                                                                                                  'CANCELLED')) THEN released.error_message
                                                                          ELSE 'its worker stopped before finishing it'
                                                                      END AS error_message
    FROM released)

@@ -11,6 +11,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    exists,
     func,
     insert,
     literal_column,
@@ -24,6 +25,7 @@ PENDING = literal_column("'PENDING'")
 PROCESSING = literal_column("'PROCESSING'")
 DONE = literal_column("'DONE'")
 FAILED = literal_column("'FAILED'")
+CANCELLED = literal_column("'CANCELLED'")
 
 
 def channel_parameters(channels: list[str]) -> dict[str, str]:
@@ -48,8 +50,11 @@ class Statements:
         events: bool = True,
         channel_count: int = 1,
         batch_size: int = 1,
+        cancellation_model: type | None = None,
     ) -> None:
         self.task = task_model.__table__
+        # requests to cancel running tasks: honoured when a task is taken from its worker
+        self.cancellation = None if cancellation_model is None else cancellation_model.__table__
         self.worker = worker_model.__table__
         self.event = event_model.__table__
         self.events = events
@@ -82,13 +87,25 @@ class Statements:
         return statement.add_cte(written.cte(f"{source.name}_events"))
 
     @staticmethod
+    def _ended_event(source: Any, otherwise: str) -> dict[str, Any]:
+        """The event columns of a task taken from its worker (``_crash``): FAILED or
+        CANCELLED with its message, else REQUEUED saying ``otherwise`` (SQL text)."""
+        ended = source.c.state.in_([FAILED, CANCELLED])
+        return {
+            "task_id": source.c.id,
+            "type": case((ended, source.c.state), else_=literal_column("'REQUEUED'")),
+            "error_message": case((ended, source.c.error_message), else_=otherwise),
+        }
+
+    @staticmethod
     def _notify_channels(source: Any, channel: Any, *where: Any) -> Any:
         """``SELECT pg_notify(channel, '')`` once per distinct channel of ``source``."""
         channels = select(channel.label("channel")).where(*where).distinct().subquery()
         return select(func.pg_notify(channels.c.channel, ""))
 
     def _crash(self, charged: Any | None, reason: str, otherwise: Any) -> dict[str, Any]:
-        """The values that take a PROCESSING task from its worker and return it to PENDING.
+        """The values that take a PROCESSING task from its worker and return it to PENDING
+        (CANCELLED instead, when a cancellation of it was requested).
 
         When ``charged`` (SQL; None: always), the worker's death is charged to the task: its
         crash count goes up, and at :max_crashes it is FAILED with the message "<reason> N
@@ -102,13 +119,25 @@ class Statements:
         else:
             crashes = t.c.crash_count + case((charged, 1), else_=0)
             gives_up = and_(charged, crashes >= bindparam("max_crashes", type_=Integer))
+        ends = [(gives_up, FAILED)]
+        messages = [(gives_up, func.concat(f"{reason} ", crashes, " times while running it"))]
+        if self.cancellation is not None:
+            c = self.cancellation
+            cancelled = exists().where(c.c.task_id == t.c.id)
+            ends.insert(0, (cancelled, CANCELLED))
+            messages.insert(
+                0,
+                (
+                    cancelled,
+                    select(func.concat("cancelled by ", c.c.requested_by))
+                    .where(c.c.task_id == t.c.id)
+                    .scalar_subquery(),
+                ),
+            )
         return {
-            "state": case((gives_up, FAILED), else_=PENDING),
+            "state": case(*ends, else_=PENDING),
             "worker_id": None,
             "crash_count": crashes,
-            "finished_at": case((gives_up, func.clock_timestamp()), else_=None),
-            "error_message": case(
-                (gives_up, func.concat(f"{reason} ", crashes, " times while running it")),
-                else_=otherwise,
-            ),
+            "finished_at": case(*[(end, func.clock_timestamp()) for end, _ in ends], else_=None),
+            "error_message": case(*messages, else_=otherwise),
         }

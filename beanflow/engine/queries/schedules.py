@@ -12,11 +12,12 @@ from sqlalchemy.sql import Executable
 @functools.cache
 def schedule_seen(table: Table) -> Executable:
     """Record that the schedule :schedule exists, once; returns when it was first seen, by any
-    scheduler (its catch-up never reaches back past that moment)."""
+    scheduler, and its latest tick enqueued (its catch-up never reaches back past either: a
+    tick's task may be gone by retention, its unique key with it)."""
     seen = insert(table).values(name=bindparam("schedule", type_=String))
     return seen.on_conflict_do_update(
         index_elements=[table.c.name], set_={"name": seen.excluded.name}
-    ).returning(table.c.first_seen)
+    ).returning(table.c.first_seen, table.c.last_tick)
 
 
 @functools.cache

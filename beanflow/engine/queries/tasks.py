@@ -7,6 +7,7 @@ import functools
 from sqlalchemy import (
     ARRAY,
     DateTime,
+    Integer,
     String,
     Table,
     Text,
@@ -25,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 
-from .common import DONE, FAILED, PENDING, PROCESSING, Statements
+from .common import DONE, PENDING, PROCESSING, Statements
 
 
 @functools.cache
@@ -198,35 +199,35 @@ class TaskStatements(Statements):
         )
 
     @functools.cached_property
-    def fail(self) -> Executable:
-        """Record a failed attempt of :task_id held by :worker: FAILED, or back to PENDING at
-        :retry_at when :retry_at is not null; returns its id, or nothing when not held."""
+    def settle(self) -> Executable:
+        """End the attempt of :task_id held by :worker other than by completing it: :state
+        FAILED or CANCELLED, or PENDING again at :retry_at (a retry, or a snooze that gives
+        its attempt back with :refund 1), with an :event row carrying the error; returns its
+        id, or nothing when the worker no longer holds it."""
         t = self.task
         retry_at = bindparam("retry_at", type_=DateTime(timezone=True))
-        retrying = retry_at.is_not(None)
-        failed = (
+        state = bindparam("state", type_=String)
+        settled = (
             update(t)
             # by primary key, as ``complete`` (see there)
             .where(t.c.id == bindparam("task_id"), t.c.worker_id == bindparam("worker"))
             .values(
-                state=case((retrying, PENDING), else_=FAILED),
+                state=state,
                 scheduled_at=func.coalesce(retry_at, t.c.scheduled_at),
-                worker_id=case((retrying, None), else_=t.c.worker_id),
+                worker_id=case((state == PENDING, None), else_=t.c.worker_id),
+                attempts=t.c.attempts - bindparam("refund", type_=Integer),
                 error_message=bindparam("error", type_=Text),
                 finished_at=func.clock_timestamp(),
             )
-            .returning(t.c.id, t.c.state)
-            .cte("failed")
+            .returning(t.c.id)
+            .cte("settled")
         )
         return self._with_events(
-            select(failed.c.id),
-            failed,
+            select(settled.c.id),
+            settled,
             {
-                "task_id": failed.c.id,
-                "type": case(
-                    (failed.c.state == PENDING, literal_column("'FAILED_RETRY_SCHEDULED'")),
-                    else_=literal_column("'FAILED'"),
-                ),
+                "task_id": settled.c.id,
+                "type": bindparam("event", type_=String),
                 "error_message": bindparam("error", type_=Text),
                 "exception_type": bindparam("exception_type", type_=String),
                 "traceback": bindparam("traceback", type_=Text),

@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import Executable
 
-from .common import FAILED, PENDING, PROCESSING, Statements
+from .common import PENDING, PROCESSING, Statements
 
 
 class WorkerStatements(Statements):
@@ -79,17 +79,7 @@ class WorkerStatements(Statements):
         return self._with_events(
             statement,
             released,
-            {
-                "task_id": released.c.id,
-                "type": case(
-                    (released.c.state == FAILED, literal_column("'FAILED'")),
-                    else_=literal_column("'REQUEUED'"),
-                ),
-                "error_message": case(
-                    (released.c.state == FAILED, released.c.error_message),
-                    else_=literal_column("'its worker stopped before finishing it'"),
-                ),
-            },
+            self._ended_event(released, literal_column("'its worker stopped before finishing it'")),
         )
 
     @functools.cached_property
@@ -131,14 +121,5 @@ class WorkerStatements(Statements):
             .label("channels"),
         )
         return self._with_events(
-            counts,
-            requeued,
-            {
-                "task_id": requeued.c.id,
-                "type": case(
-                    (requeued.c.state == FAILED, literal_column("'FAILED'")),
-                    else_=literal_column("'REQUEUED'"),
-                ),
-                "error_message": requeued.c.error_message,
-            },
+            counts, requeued, self._ended_event(requeued, requeued.c.error_message)
         )

@@ -15,11 +15,11 @@ import click
 from psycopg2 import errors as pg_errors
 from sqlalchemy import exc, func
 
-from . import spec
-from .app import BeanQueue
-from .config import import_object, parse_duration
-from .deployment import Deployment, run_deployment, run_worker
-from .errors import BeanflowError, SpecError, TablesMissing, first_line
+from .. import spec
+from ..app import BeanQueue
+from ..config import import_object, parse_duration
+from ..deployment import Deployment, run_deployment, run_worker
+from ..errors import BeanflowError, SpecError, TablesMissing, first_line
 
 logger = logging.getLogger("beanflow")
 
@@ -84,7 +84,10 @@ def load_deployment(path: str) -> Deployment:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line, for machines."""
+    """One JSON object per log line, for machines, with the task's fields when the line is
+    about a task."""
+
+    FIELDS = ("task_id", "processor", "channel", "attempt", "state", "duration_ms", "worker")
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -94,9 +97,10 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
             "message": record.getMessage(),
         }
+        entry |= {key: getattr(record, key) for key in self.FIELDS if hasattr(record, key)}
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 @click.group(cls=Commands)
@@ -263,6 +267,8 @@ def run(
         )
     )
 
+
+from . import operations  # noqa: E402, F401 - registers the operations' commands
 
 if __name__ == "__main__":
     main()
