@@ -4,7 +4,15 @@ from . import models
 from .app import BeanQueue
 from .config import Config
 from .deployment import Deployment, enqueue, enqueue_many, run_deployment
-from .errors import BeanflowError, ConfigError, KwargsError, ProcessorNotFound, SpecError
+from .errors import (
+    BeanflowError,
+    Cancel,
+    ConfigError,
+    KwargsError,
+    ProcessorNotFound,
+    Retry,
+    SpecError,
+)
 from .models import (
     Event,
     EventModelMixin,
@@ -36,6 +44,7 @@ from .spec import load
 __all__ = [
     "BeanQueue",
     "BeanflowError",
+    "Cancel",
     "Config",
     "ConfigError",
     "DelayRetry",
@@ -50,6 +59,7 @@ __all__ = [
     "Processor",
     "ProcessorNotFound",
     "ProcessorRegistry",
+    "Retry",
     "SpecError",
     "Task",
     "TaskModelMixin",

@@ -18,6 +18,11 @@ from .processors.processor import ExceptionTypes, Processor
 from .processors.registry import ProcessorRegistry, processor
 from .processors.retry import RetryPolicy
 
+NONE_REGISTERED = (
+    "none (declare processors in a beanflow.yaml, which commands read from the current folder "
+    "or from --config, or name the app with -a MODULE.APP)"
+)
+
 
 class BeanQueue:
     """The application: what to run (its registry) and where (its database)."""
@@ -116,7 +121,9 @@ class BeanQueue:
                 f"processor {name!r} belongs to channel {elsewhere[0].channel!r}, not {channel!r}"
             )
         known = ", ".join(sorted(f"{p.name} ({p.channel})" for p in registry.processors.values()))
-        raise ProcessorNotFound(f"no processor named {name!r}; registered: {known or 'none'}")
+        raise ProcessorNotFound(
+            f"no processor named {name!r}; registered: {known or NONE_REGISTERED}"
+        )
 
     # ---- enqueue and work ------------------------------------------------------------------
 

@@ -18,9 +18,19 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import delete, exists, func, insert, literal, select, tuple_, update
+from sqlalchemy import (
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, aliased, defer
 
 from .app import BeanQueue
 from .engine.control import CONTROL_CHANNEL
@@ -33,7 +43,7 @@ from .models.task import notify_channels
 
 logger = logging.getLogger(__name__)
 
-# an error-text search looks through at most this many of the newest matching rows
+# an error-text search looks through the newest this many rows that match the other filters
 SEARCH_ROWS = 100_000
 # the tasks a listing or a bulk action takes at once
 PAGE = 50
@@ -141,7 +151,8 @@ class Operations:
 
     def __init__(self, app: BeanQueue, schedules: Sequence[Schedule] = ()) -> None:
         self.app = app
-        self.task, self.worker, self.event = app.task_model, app.worker_model, app.event_model
+        self.task_model, self.worker_model = app.task_model, app.worker_model
+        self.event_model = app.event_model
         self.schedule_list = list(schedules)
 
     # ---- reading ---------------------------------------------------------------------------
@@ -155,20 +166,22 @@ class Operations:
     ) -> Page:
         """A page of tasks matching ``where``, newest first; ``after`` is the previous page's
         ``next`` cursor."""
-        t = self.task
-        query = self._matching(where or TaskFilter()).options(defer(t.result))
-        if after is not None:
-            created, task_id = _cursor(after)
-            query = query.where(tuple_(t.created_at, t.id) < tuple_(created, task_id))
+        query, found = self._matching(where or TaskFilter(), after)
         rows = list(
-            session.scalars(query.order_by(t.created_at.desc(), t.id.desc()).limit(limit + 1))
+            session.scalars(
+                query.options(defer(found.result))
+                .order_by(found.created_at.desc(), found.id.desc())
+                .limit(limit + 1)
+            )
         )
         last = rows[limit - 1] if len(rows) > limit else None
         cursor = None if last is None else f"{last.created_at.isoformat()}|{last.id}"
         return Page(rows[:limit], cursor)
 
-    def _matching(self, where: TaskFilter) -> Any:
-        t = self.task
+    def _matching(self, where: TaskFilter, after: str | None = None) -> tuple[Any, Any]:
+        """``SELECT`` of the tasks matching ``where`` (older than the cursor ``after``), and
+        the entity to order it by."""
+        t = self.task_model
         conditions = []
         if where.state is not None:
             conditions.append(t.state == TaskState(where.state))
@@ -185,25 +198,26 @@ class Operations:
             conditions.append(t.created_at < where.until)
         if where.parent is not None:
             conditions.append(t.parent_id == where.parent)
-        query = select(t).where(*conditions)
-        if where.error:
-            # the newest SEARCH_ROWS rows that match the rest, searched for the text
-            searched = (
-                select(t.id)
-                .where(*conditions, t.error_message.is_not(None))
-                .order_by(t.created_at.desc(), t.id.desc())
-                .limit(SEARCH_ROWS)
-                .subquery()
-            )
-            pattern = "%" + _escape_like(where.error) + "%"
-            query = select(t).where(
-                t.id.in_(select(searched.c.id)), t.error_message.ilike(pattern, escape="\\")
-            )
-        return query
+        if after is not None:
+            created, task_id = _cursor(after)
+            conditions.append(tuple_(t.created_at, t.id) < tuple_(created, task_id))
+        if not where.error:
+            return select(t).where(*conditions), t
+        # the text is looked for in the newest SEARCH_ROWS rows that match the rest
+        recent = aliased(
+            t,
+            select(t)
+            .where(*conditions)
+            .order_by(t.created_at.desc(), t.id.desc())
+            .limit(SEARCH_ROWS)
+            .subquery("recent"),
+        )
+        pattern = "%" + _escape_like(where.error) + "%"
+        return select(recent).where(recent.error_message.ilike(pattern, escape="\\")), recent
 
     def task(self, session: Session, task_id: uuid.UUID) -> TaskDetail | None:
         """One task with its events (oldest first), its parent, its first 100 children."""
-        t, e = self.task, self.event
+        t, e = self.task_model, self.event_model
         found = session.get(t, task_id)
         if found is None:
             return None
@@ -230,7 +244,7 @@ class Operations:
     def counts(self, session: Session) -> list[ChannelCounts]:
         """Each channel's queue (channels with nothing pending, running or finished in the
         last hour are left out)."""
-        t = self.task
+        t = self.task_model
         now = func.now()
         by_channel: dict[str, ChannelCounts] = {}
 
@@ -259,9 +273,14 @@ class Operations:
         for channel, count in running:
             of(channel).running = count
         finished = session.execute(
-            select(t.channel, t.state, func.count())
-            .where(t.state.in_(FINAL_STATES), t.finished_at >= now - timedelta(hours=1))
-            .group_by(t.channel, t.state)
+            union_all(
+                *(  # one per state: each is served by its state's index
+                    select(t.channel, t.state, func.count())
+                    .where(t.state == state, t.finished_at >= now - timedelta(hours=1))
+                    .group_by(t.channel, t.state)
+                    for state in FINAL_STATES
+                )
+            )
         )
         for channel, state, count in finished:
             setattr(of(channel), f"{TaskState(state).value.lower()}_last_hour", count)
@@ -269,7 +288,7 @@ class Operations:
 
     def workers(self, session: Session, gone: int = 20) -> list[WorkerInfo]:
         """Running workers, and the ``gone`` most recently seen of the others."""
-        w, t = self.worker, self.task
+        w, t = self.worker_model, self.task_model
         timeout = timedelta(seconds=self.app.config.WORKER_HEARTBEAT_TIMEOUT)
         now = session.scalar(select(func.now()))
         running = list(session.scalars(select(w).where(w.state == "RUNNING")))
@@ -312,7 +331,7 @@ class Operations:
         for schedule in self.schedule_list:
             state = states.get(schedule.name)
             last_task = (
-                session.get(self.task, state.last_task_id)
+                session.get(self.task_model, state.last_task_id)
                 if state is not None and state.last_task_id
                 else None
             )
@@ -332,7 +351,7 @@ class Operations:
         """Take failed or cancelled tasks back to PENDING, due now, with a fresh count of
         attempts (their retry policy applies in full again; their history stays in their
         events). Other tasks in ``ids`` are left alone. Returns how many were retried."""
-        t = self.task
+        t = self.task_model
         retried = session.execute(
             update(t)
             .where(
@@ -364,9 +383,8 @@ class Operations:
         if state not in (TaskState.FAILED, TaskState.CANCELLED):
             raise BeanflowError(f"only FAILED or CANCELLED tasks can be retried, not {state}")
         chosen = dataclasses.replace(where, state=state)
-        ids = session.scalars(
-            self._matching(chosen).with_only_columns(self.task.id).limit(CHUNK)
-        ).all()
+        query, found = self._matching(chosen)
+        ids = session.scalars(query.with_only_columns(found.id).limit(CHUNK)).all()
         return self.retry(session, ids, by) if ids else 0
 
     def cancel(
@@ -381,7 +399,7 @@ class Operations:
         interrupts it the way a timeout does (its changes rolled back, then CANCELLED); a
         finished one is left alone."""
         by = by or operator()
-        t = self.task
+        t = self.task_model
         chosen = list(ids)
         if descendants and hasattr(t, "parent_id"):
             chosen = self._with_descendants(session, chosen)
@@ -421,7 +439,7 @@ class Operations:
         return CancelResult(list(pending), list(requested))
 
     def _with_descendants(self, session: Session, ids: list[uuid.UUID]) -> list[uuid.UUID]:
-        t = self.task
+        t = self.task_model
         tree = select(t.id).where(t.id.in_(ids)).cte("tree", recursive=True)
         tree = tree.union(select(t.id).where(t.parent_id == tree.c.id))
         return list(session.scalars(select(tree.c.id)))
@@ -429,7 +447,7 @@ class Operations:
     def _record(self, session: Session, ids: list[uuid.UUID], kind: str, message: str) -> None:
         if ids and self.app.config.EVENTS:
             session.execute(
-                insert(self.event),
+                insert(self.event_model),
                 [{"task_id": i, "type": kind, "error_message": message} for i in ids],
             )
 
@@ -447,7 +465,7 @@ class Operations:
         with each task its events), old events, long-gone workers' rows and settled
         cancellations. Returns the rows deleted per kind; call again (after a commit) until
         every count is 0. Each chunk locks only its own rows (SKIP LOCKED)."""
-        t, e, w = self.task, self.event, self.worker
+        t, e, w = self.task_model, self.event_model, self.worker_model
         deleted = {}
         for state in states:
             kept = retention.of(TaskState(state))
@@ -488,7 +506,7 @@ class Operations:
 
     def _leaf(self) -> Any:
         """True for a task that has no children (any task, when the model has no parents)."""
-        t = self.task
+        t = self.task_model
         if not hasattr(t, "parent_id"):
             return literal(True)
         child = t.__table__.alias("child")

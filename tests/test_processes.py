@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import func, select, text
 
 import beanflow as bq
+from beanflow import ops
 from beanflow.engine.queries import Queries
-from beanflow.models import EventType, TaskState, WorkerState
+from beanflow.models import Cancellation, EventType, TaskState, WorkerState
 
 from .helpers import wait_for
 from .workloads import app as workloads
@@ -275,3 +276,46 @@ def test_a_long_task_does_not_hold_its_batch_hostage(session, workers, effects, 
     assert all(EventType.REQUEUED in [e.type for e in task.events] for task in quick)
     first.kill()
     second.kill()
+
+
+def test_cancelling_a_running_task_interrupts_it_and_rolls_it_back(
+    session, workers, effects, tmp_path, app
+):
+    """The worker hears of the cancel by a notify on its control channel (it never polls:
+    heartbeat and poll are an hour), and interrupts the task the way a timeout does."""
+    flag = tmp_path / "started"
+    task = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=3600)
+    hour = {"WORKER_HEARTBEAT_PERIOD": 3600, "WORKER_HEARTBEAT_TIMEOUT": 7200, **NO_POLLING}
+    process = workers.start("work", **hour)
+    wait_for(flag.exists, "the task to start")
+    result = ops.Operations(app).cancel(session, [task.id], by="tester")
+    session.commit()
+    assert (result.cancelled, result.requested) == ([], [task.id])
+    wait_for(lambda: state_of(session, task) == TaskState.CANCELLED, "the task to be cancelled")
+    session.refresh(task)
+    requested = session.get(Cancellation, task.id).requested_at
+    print(f"cancelled {(task.finished_at - requested).total_seconds():.3f}s after the request")
+    assert session.scalar(select(func.count()).select_from(Effect)) == 0  # rolled back
+    assert task.error_message == "TaskCancelled: cancelled by tester"
+    assert [e.type for e in task.events][-1] == EventType.CANCELLED
+    assert process.poll() is None  # the worker goes on
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+def test_a_cancelled_task_whose_worker_died_is_not_run_again(
+    session, workers, effects, tmp_path, app
+):
+    flag = tmp_path / "started"
+    task = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=3600)
+    victim = workers.start("work", WORKER_HEARTBEAT_PERIOD=0.2)
+    wait_for(flag.exists, "the task to start")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert ops.Operations(app).cancel(session, [task.id], by="tester").requested == [task.id]
+    session.commit()
+    workers.start("work", WORKER_HEARTBEAT_PERIOD=0.2, WORKER_HEARTBEAT_TIMEOUT=1)
+    wait_for(lambda: state_of(session, task) == TaskState.CANCELLED, "the reaper to cancel it")
+    session.refresh(task)
+    assert task.error_message == "cancelled by tester"
+    assert task.attempts == 1  # never started again

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -81,6 +82,22 @@ def load_deployment(path: str) -> Deployment:
     """The deployment a file declares (its problems are reported by ``Commands``)."""
     click.get_current_context().meta["config_file"] = path
     return spec.load(path)
+
+
+DEFAULT_FILE = "beanflow.yaml"
+
+
+def deployment_or_app(config_file: str | None) -> tuple[BeanQueue, Deployment | None]:
+    """The file given, else ./beanflow.yaml if it exists (and no ``-a`` was given), else the
+    app of ``-a`` or of the BEANFLOW_* settings."""
+    context = click.get_current_context()
+    root = context.find_root()
+    if config_file is None and root.params.get("app_path") is None and Path(DEFAULT_FILE).is_file():
+        config_file = DEFAULT_FILE
+    if config_file is not None:
+        deployment = load_deployment(config_file)
+        return deployment.app, deployment
+    return root.obj(), None
 
 
 class JsonFormatter(logging.Formatter):
@@ -179,13 +196,11 @@ def process(make_app: Callable[[], BeanQueue], channels: tuple[str, ...], burst:
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
-    help="A beanflow.yaml declaring the processor NAME.",
+    help="A beanflow.yaml declaring the processor NAME (default: ./beanflow.yaml if present).",
 )
 @click.option("--at", "at", help="Run at this ISO 8601 time (local time unless it has an offset).")
 @click.option("--in", "delay", help="Run after this duration (30s, 5m, 1h).")
-@click.pass_obj
 def submit(
-    make_app: Callable[[], BeanQueue],
     channel: str,
     names: tuple[str, ...],
     kwargs_json: str,
@@ -208,12 +223,9 @@ def submit(
         fail(str(error))
     if not isinstance(kwargs, dict):
         fail(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
-    if config_file:
-        deployment = load_deployment(config_file)
-        app, processor = deployment.app, deployment.resolve(channel, ":".join(names))
-    else:
-        app = make_app()
-        processor = app.resolve(channel, ":".join(names))
+    app, deployment = deployment_or_app(config_file)
+    name = ":".join(names)
+    processor = (deployment or app).resolve(channel, name)
     task = processor.run(**kwargs)
     if scheduled_at is not None:
         task.scheduled_at = scheduled_at

@@ -14,7 +14,6 @@ import sys
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import click
@@ -25,14 +24,10 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
 from .. import db
-from ..app import BeanQueue
 from ..config import parse_duration
-from ..deployment import Deployment
 from ..models import FINAL_STATES, TaskState
 from ..ops import Operations, Retention, TaskFilter, operator
-from . import fail, load_deployment, main
-
-DEFAULT_FILE = "beanflow.yaml"
+from . import DEFAULT_FILE, deployment_or_app, fail, main
 
 config_option = click.option(
     "--config",
@@ -41,19 +36,6 @@ config_option = click.option(
     help=f"The beanflow.yaml to use (default: ./{DEFAULT_FILE} when it exists).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-
-
-def deployment_or_app(config_file: str | None) -> tuple[BeanQueue, Deployment | None]:
-    """The file given, else ./beanflow.yaml if it exists (and no ``-a`` was given), else the
-    app of ``-a`` or of the BEANFLOW_* settings."""
-    context = click.get_current_context()
-    root = context.find_root()
-    if config_file is None and root.params.get("app_path") is None and Path(DEFAULT_FILE).is_file():
-        config_file = DEFAULT_FILE
-    if config_file is not None:
-        deployment = load_deployment(config_file)
-        return deployment.app, deployment
-    return root.obj(), None
 
 
 def operations(config_file: str | None) -> Operations:

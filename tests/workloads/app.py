@@ -108,3 +108,9 @@ def quick(value: int) -> int:
 def hang_up(db: Session) -> None:
     """Has the server drop its own connection, mid-statement."""
     db.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+@app.processor(channel="work")
+def boom(message: str) -> None:
+    """Fails, with a traceback to show."""
+    raise ValueError(message)

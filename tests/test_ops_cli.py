@@ -1,0 +1,80 @@
+"""The operations' commands, run as a person would: in a folder with a beanflow.yaml, no
+--config, against a real database."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from .helpers import run_python
+
+SPEC = """\
+version: 1
+database: ${TEST_DB_URL}
+processors:
+  echo: {function: 'tests.workloads.app:echo', channel: work}
+  boom: {function: 'tests.workloads.app:boom', channel: work}
+"""
+
+
+@pytest.fixture
+def project(tmp_path, db_url):
+    (tmp_path / "beanflow.yaml").write_text(textwrap.dedent(SPEC))
+
+    def beanflow(*arguments: str) -> str:
+        result = run_python("-m", "beanflow", *arguments, cwd=tmp_path, TEST_DB_URL=db_url)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    return beanflow
+
+
+def test_submit_status_tasks_task_retry_cancel_purge(project):
+    # submit reads ./beanflow.yaml by itself
+    ok = project("submit", "work", "echo", "-k", '{"value": 1}').strip()
+    bad = project("submit", "work", "boom", "-k", '{"message": "it broke"}').strip()
+    later = project("submit", "work", "echo", "-k", '{"value": 2}', "--in", "1h").strip()
+    project("run", "--burst")
+
+    status = json.loads(project("status", "--json"))
+    (work,) = status["channels"]
+    assert (work["channel"], work["scheduled"], work["done_last_hour"]) == ("work", 1, 1)
+    assert work["failed_last_hour"] == 1
+    assert "work" in project("status")  # the tables, plain when not a terminal
+
+    failed = json.loads(project("tasks", "--state", "failed", "--json"))["tasks"]
+    assert [t["id"] for t in failed] == [bad]
+    page = json.loads(project("tasks", "--limit", "2", "--json"))
+    assert len(page["tasks"]) == 2 and page["next"]
+    rest = json.loads(project("tasks", "--limit", "2", "--after", page["next"], "--json"))
+    assert {t["id"] for t in page["tasks"] + rest["tasks"]} == {ok, bad, later}
+
+    shown = project("task", bad)
+    assert "ValueError: it broke" in shown and "Traceback (most recent call last)" in shown
+    detail = json.loads(project("task", bad, "--json"))
+    assert [e["type"] for e in detail["events"]] == ["CLAIMED", "FAILED"]
+
+    assert project("retry", bad).strip() == "1 task(s) retried"
+    assert json.loads(project("task", bad, "--json"))["task"]["state"] == "PENDING"
+    assert "1 pending task(s) cancelled" in project("cancel", later)
+    assert json.loads(project("task", later, "--json"))["task"]["state"] == "CANCELLED"
+    assert project("retry", "--cancelled", "--channel", "work").strip() == "1 task(s) retried"
+
+    deleted = project("purge", "--older-than", "0s", "--state", "done")
+    assert "1 tasks done" in deleted
+    assert json.loads(project("tasks", "--state", "done", "--json"))["tasks"] == []
+
+
+def test_bad_arguments_are_named(tmp_path, db_url):
+    (tmp_path / "beanflow.yaml").write_text(textwrap.dedent(SPEC))
+
+    def fails(*arguments: str) -> str:
+        result = run_python("-m", "beanflow", *arguments, cwd=tmp_path, TEST_DB_URL=db_url)
+        assert result.returncode != 0
+        return result.stderr
+
+    assert "'nope' is not a task id" in fails("task", "nope")
+    assert "give task ids, or filters" in fails("retry")
+    assert "--since 'yesterday'" in fails("tasks", "--since", "yesterday")
