@@ -26,7 +26,7 @@ from .engine.schedules import Schedule, Scheduler
 from .engine.service import PeriodicService
 from .errors import ProcessorNotFound, TablesMissing
 from .models.task import current_task, insert_task, notify_channels
-from .ops import Operations, Retention, RetentionService
+from .ops import Operations, Retention, RetentionService, database_now, report_burst
 from .processors.processor import Processor
 
 # how a supervisor hands the resolved database URL to its workers (not on the command line,
@@ -150,11 +150,14 @@ def run_deployment(
     burst: bool = False,
     create_tables: bool = False,
     log_arguments: Sequence[str] = (),
+    fail_on_pending: bool = False,
 ) -> int:
     """Run what a deployment declares until stopped (or, with ``burst``, until no task is due):
     its worker processes per channel, supervised and restarted, and its schedules. Returns
-    the exit status. Workers are ``beanflow run FILE --worker-channel C`` processes, which
-    compile the same file and run ``run_worker``."""
+    the exit status (a burst run ends with a summary line; its status says whether a task
+    failed, or with ``fail_on_pending`` whether tasks are left: ``ops.report_burst``).
+    Workers are ``beanflow run FILE --worker-channel C`` processes, which compile the same
+    file and run ``run_worker``."""
     app = deployment.app
     # resolved once (this may start the embedded server), then handed to the workers
     app.config.DATABASE_URL = db.database_url(app.config)
@@ -192,7 +195,11 @@ def run_deployment(
         due_channels=due_channels,
         env=os.environ | {WORKER_DATABASE_URL: app.config.DATABASE_URL},
     )
-    return supervisor.run()
+    started = database_now(app)
+    status = supervisor.run()
+    if burst and status == 0:
+        status = report_burst(app, [p.channel for p in plans], started, fail_on_pending)
+    return status
 
 
 def run_worker(deployment: Deployment, channel: str, *, burst: bool = False) -> int:

@@ -286,6 +286,30 @@ class Operations:
             setattr(of(channel), f"{TaskState(state).value.lower()}_last_hour", count)
         return sorted(by_channel.values(), key=lambda counts: counts.channel)
 
+    def run_summary(
+        self, session: Session, channels: Sequence[str], since: datetime
+    ) -> dict[str, int]:
+        """What became of the tasks of ``channels`` since ``since`` (a burst run's start):
+        done, failed, cancelled, retried (waiting for their retry), and still pending."""
+        t = self.task_model
+        summary = {"done": 0, "failed": 0, "cancelled": 0}
+        ended = union_all(
+            *(
+                select(literal(state.value), func.count()).where(
+                    t.state == state, t.finished_at >= since, t.channel.in_(channels)
+                )
+                for state in FINAL_STATES
+            )
+        )
+        for state, count in session.execute(ended):
+            summary[TaskState(state).value.lower()] += count
+        retried, pending = session.execute(
+            select(func.count().filter(t.finished_at >= since), func.count()).where(
+                t.state == TaskState.PENDING, t.channel.in_(channels)
+            )
+        ).one()
+        return summary | {"retried": retried, "pending": pending}
+
     def workers(self, session: Session, gone: int = 20) -> list[WorkerInfo]:
         """Running workers, and the ``gone`` most recently seen of the others."""
         w, t = self.worker_model, self.task_model
@@ -535,6 +559,37 @@ class Operations:
             if not any(count for kind, count in deleted.items() if kind != "cancellations"):
                 break
         return totals
+
+
+# exit statuses of a burst run (``beanflow run --burst``, ``process --burst``)
+TASKS_FAILED = 3
+TASKS_PENDING = 4
+
+
+def database_now(app: BeanQueue) -> datetime:
+    """The database server's clock (what the tasks' timestamps are read against)."""
+    with app.engine.connect() as connection:
+        return connection.scalar(select(func.now()))
+
+
+def report_burst(
+    app: BeanQueue, channels: Sequence[str], since: datetime, fail_on_pending: bool = False
+) -> int:
+    """Log one line saying what a burst run did, and return its exit status: TASKS_FAILED
+    when a task failed for good, TASKS_PENDING when tasks are still pending and
+    ``fail_on_pending``, else 0."""
+    with app.session_factory() as session:
+        summary = Operations(app).run_summary(session, channels, since)
+    logger.info(
+        "burst over: %s",
+        ", ".join(f"{count} {kind}" for kind, count in summary.items()),
+        extra={"summary": summary},
+    )
+    if summary["failed"]:
+        return TASKS_FAILED
+    if fail_on_pending and summary["pending"]:
+        return TASKS_PENDING
+    return 0
 
 
 class RetentionService(PeriodicService):

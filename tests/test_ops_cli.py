@@ -23,10 +23,10 @@ processors:
 def project(tmp_path, db_url):
     (tmp_path / "beanflow.yaml").write_text(textwrap.dedent(SPEC))
 
-    def beanflow(*arguments: str) -> str:
+    def beanflow(*arguments: str, status: int = 0) -> str:
         result = run_python("-m", "beanflow", *arguments, cwd=tmp_path, TEST_DB_URL=db_url)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        assert result.returncode == status, result.stderr
+        return result.stdout + result.stderr
 
     return beanflow
 
@@ -36,13 +36,15 @@ def test_submit_status_tasks_task_retry_cancel_purge(project):
     ok = project("submit", "work", "echo", "-k", '{"value": 1}').strip()
     bad = project("submit", "work", "boom", "-k", '{"message": "it broke"}').strip()
     later = project("submit", "work", "echo", "-k", '{"value": 2}', "--in", "1h").strip()
-    project("run", "--burst")
+    ran = project("run", "--burst", status=3)  # a task failed
+    assert "burst over: 1 done, 1 failed, 0 cancelled, 0 retried, 1 pending" in ran
 
     status = json.loads(project("status", "--json"))
     (work,) = status["channels"]
     assert (work["channel"], work["scheduled"], work["done_last_hour"]) == ("work", 1, 1)
     assert work["failed_last_hour"] == 1
     assert "work" in project("status")  # the tables, plain when not a terminal
+    assert "ValueError: it broke" in ran and "Traceback" in ran  # a failure for good
 
     failed = json.loads(project("tasks", "--state", "failed", "--json"))["tasks"]
     assert [t["id"] for t in failed] == [bad]

@@ -113,10 +113,15 @@ def test_burst_runs_a_pipeline_to_the_end_and_logs_json(runs, session, db_url):
         "--burst",
         SHOP_DATABASE_URL=db_url,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # one charge fails for good
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     assert {"time", "level", "logger", "pid", "message"} <= set(lines[0])
-    assert any("shop.charge done in" in line["message"] for line in lines)
+    done = [line for line in lines if "shop.charge done in" in line["message"]]
+    assert done and {"task_id", "processor", "channel", "duration_ms"} <= set(done[0])
+    failed = [line for line in lines if line["level"] == "ERROR" and "charge" in line["message"]]
+    assert failed and "Traceback" in failed[0]["exception"]
+    (summary,) = [line["summary"] for line in lines if "summary" in line]
+    assert summary == {"done": 4, "failed": 1, "cancelled": 0, "retried": 0, "pending": 0}
 
     rows = session.execute(
         text("SELECT customer, status, receipt_sent FROM orders ORDER BY id")

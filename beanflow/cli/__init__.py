@@ -21,6 +21,7 @@ from ..app import BeanQueue
 from ..config import import_object, parse_duration
 from ..deployment import Deployment, run_deployment, run_worker
 from ..errors import BeanflowError, SpecError, TablesMissing, first_line
+from ..ops import TASKS_FAILED, TASKS_PENDING, database_now, report_burst
 
 logger = logging.getLogger("beanflow")
 
@@ -104,7 +105,16 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per log line, for machines, with the task's fields when the line is
     about a task."""
 
-    FIELDS = ("task_id", "processor", "channel", "attempt", "state", "duration_ms", "worker")
+    FIELDS = (
+        "task_id",
+        "processor",
+        "channel",
+        "attempt",
+        "state",
+        "duration_ms",
+        "worker",
+        "summary",
+    )
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -172,13 +182,35 @@ def create_tables(make_app: Callable[[], BeanQueue], config_file: str | None) ->
 main.add_command(create_tables, "create_tables")
 
 
+FAIL_ON_PENDING = click.option(
+    "--fail-on-pending",
+    is_flag=True,
+    help=f"With --burst: exit with status {TASKS_PENDING} when tasks are still pending.",
+)
+
+
 @main.command()
 @click.argument("channels", nargs=-1, required=True)
-@click.option("--burst", is_flag=True, help="Exit once no task is due.")
+@click.option(
+    "--burst",
+    is_flag=True,
+    help=f"Exit once no task is due, with a summary (status {TASKS_FAILED} if a task failed).",
+)
+@FAIL_ON_PENDING
 @click.pass_obj
-def process(make_app: Callable[[], BeanQueue], channels: tuple[str, ...], burst: bool) -> None:
+def process(
+    make_app: Callable[[], BeanQueue],
+    channels: tuple[str, ...],
+    burst: bool,
+    fail_on_pending: bool,
+) -> None:
     """Run a worker on CHANNELS until SIGTERM or SIGINT."""
-    sys.exit(make_app().process_tasks(channels, burst=burst))
+    app = make_app()
+    started = database_now(app) if burst else None
+    status = app.process_tasks(channels, burst=burst)
+    if started is not None and status == 0:
+        status = report_burst(app, channels, started, fail_on_pending)
+    sys.exit(status)
 
 
 @main.command()
@@ -262,11 +294,22 @@ def validate(file: str) -> None:
 @main.command()
 @click.argument("file", default="beanflow.yaml", type=click.Path(dir_okay=False))
 @click.option("--create-tables", is_flag=True, help="Create beanflow's tables if missing.")
-@click.option("--burst", is_flag=True, help="Process until no task is due, then exit.")
+@click.option(
+    "--burst",
+    is_flag=True,
+    help=f"Process until no task is due, then exit with a summary (status {TASKS_FAILED} if a "
+    "task failed).",
+)
+@FAIL_ON_PENDING
 @click.option("--worker-channel", hidden=True)
 @click.pass_context
 def run(
-    context: click.Context, file: str, create_tables: bool, burst: bool, worker_channel: str | None
+    context: click.Context,
+    file: str,
+    create_tables: bool,
+    burst: bool,
+    fail_on_pending: bool,
+    worker_channel: str | None,
 ) -> None:
     """Run what FILE declares: worker processes per channel and the cron schedules."""
     deployment = load_deployment(file)
@@ -275,7 +318,11 @@ def run(
     log_arguments = context.meta["log"]
     sys.exit(
         run_deployment(
-            deployment, burst=burst, create_tables=create_tables, log_arguments=log_arguments
+            deployment,
+            burst=burst,
+            create_tables=create_tables,
+            log_arguments=log_arguments,
+            fail_on_pending=fail_on_pending,
         )
     )
 
