@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 
-from . import db
+from . import db, metrics
 from .app import BeanQueue
 from .engine.pool import ChannelPlan, Supervisor
 from .engine.queries import Queries
@@ -44,6 +44,8 @@ class Deployment:
     channels: list[ChannelPlan] = dataclasses.field(default_factory=list)
     schedules: list[Schedule] = dataclasses.field(default_factory=list)
     retention: Retention = dataclasses.field(default_factory=Retention)
+    # where a running deployment serves /metrics and /healthz: (host, port); None: it does not
+    metrics: tuple[str, int] | None = None
     path: Path | None = None  # the file it was compiled from (workers compile it again)
 
     def resolve(self, channel: str | None, name: str) -> Processor:
@@ -151,14 +153,21 @@ def run_deployment(
     create_tables: bool = False,
     log_arguments: Sequence[str] = (),
     fail_on_pending: bool = False,
+    metrics_port: int | None = None,
 ) -> int:
     """Run what a deployment declares until stopped (or, with ``burst``, until no task is due):
     its worker processes per channel, supervised and restarted, and its schedules. Returns
     the exit status (a burst run ends with a summary line; its status says whether a task
     failed, or with ``fail_on_pending`` whether tasks are left: ``ops.report_burst``).
     Workers are ``beanflow run FILE --worker-channel C`` processes, which compile the same
-    file and run ``run_worker``."""
+    file and run ``run_worker``. ``metrics_port`` serves /metrics and /healthz there (over
+    the file's ``metrics:``)."""
     app = deployment.app
+    serving = deployment.metrics
+    if metrics_port is not None:
+        serving = (serving[0] if serving else "127.0.0.1", metrics_port)
+    if serving is not None:
+        metrics.enable_multiprocess()  # before the workers start: they inherit it
     # resolved once (this may start the embedded server), then handed to the workers
     app.config.DATABASE_URL = db.database_url(app.config)
     if create_tables:
@@ -196,7 +205,16 @@ def run_deployment(
         env=os.environ | {WORKER_DATABASE_URL: app.config.DATABASE_URL},
     )
     started = database_now(app)
-    status = supervisor.run()
+    server = None
+    if serving is not None:
+        ops = Operations(app, deployment.schedules)
+        server = metrics.MetricsServer(ops, supervisor.worker_processes, *serving)
+        server.start()
+    try:
+        status = supervisor.run()
+    finally:
+        if server is not None:
+            server.stop()
     if burst and status == 0:
         status = report_burst(app, [p.channel for p in plans], started, fail_on_pending)
     return status

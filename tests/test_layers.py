@@ -23,6 +23,7 @@ LAYER = {
     "engine": 4,
     "app": 5,
     "ops": 6,
+    "metrics": 6,
     "deployment": 7,
     "spec": 8,
     "cli": 9,

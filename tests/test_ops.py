@@ -3,6 +3,9 @@ purge; and a processor cancelling or snoozing itself."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -10,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, event, func, select, text
 
 import beanflow as bq
-from beanflow import ops
+from beanflow import metrics, ops
 from beanflow.models import Cancellation, EventType, TaskState
 
 from .conftest import create_database, database_url, drop_database
@@ -324,3 +327,57 @@ def test_every_operation_is_served_by_an_index_on_a_large_table(big_table):
     for statement, root in plans:
         scans = [n for n in nodes(root) if n.get("Relation Name") == "beanflow_tasks"]
         assert not [n for n in scans if n["Node Type"] == "Seq Scan"], statement
+
+
+def test_health_says_what_is_missing(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    running = [1]
+    server = metrics.MetricsServer(ops.Operations(app), lambda: (running[0], 1), port=0)
+    server.start()
+    try:
+
+        def health() -> tuple[int, dict]:
+            url = f"http://127.0.0.1:{server.port}/healthz"
+            try:
+                with urllib.request.urlopen(url, timeout=10) as reply:
+                    return reply.status, json.loads(reply.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        assert health() == (
+            200,
+            {"workers": {"running": 1, "expected": 1}, "database": "ok", "healthy": True},
+        )
+        running[0] = 0  # a worker died and is not back yet
+        status, report = health()
+        assert status == 503 and report["healthy"] is False
+    finally:
+        server.stop()
+
+
+def test_retention_runs_one_instance_at_a_time(session, app, echo):
+    add(session, echo, 5, state=TaskState.DONE, finished_at=func.now() - timedelta(days=30))
+    service = ops.RetentionService(ops.Operations(app), ops.Retention())
+    with app.engine.connect() as other:  # another deployment's retention at work
+        other.execute(select(func.pg_advisory_lock(ops.RetentionService.LOCK_KEY)))
+        other.commit()
+        service.run_once()
+        assert session.scalar(select(func.count()).select_from(bq.Task)) == 5
+        other.execute(select(func.pg_advisory_unlock(ops.RetentionService.LOCK_KEY)))
+        other.commit()
+    service.run_once()
+    assert session.scalar(select(func.count()).select_from(bq.Task)) == 0
+
+
+def test_validate_refuses_a_catch_up_longer_than_retention(tmp_path):
+    spec = tmp_path / "beanflow.yaml"
+    spec.write_text(
+        "version: 1\n"
+        "processors:\n"
+        "  echo: {function: 'tests.workloads.app:echo', channel: work}\n"
+        "schedules:\n"
+        "  daily: {processor: echo, cron: '0 3 * * *', kwargs: {value: 1}, catch_up: 10}\n"
+        "retention: {done: 7d}\n"
+    )
+    with pytest.raises(bq.SpecError, match="catch_up 10 reaches back"):
+        bq.load(spec, default=False)

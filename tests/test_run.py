@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
+import socket
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -292,3 +296,44 @@ def test_submit_with_config(runs, session):
     assert session.get(bq.Task, at.stdout.strip()).scheduled_at.year == 2030
     wrong = runs.run("submit", "work", "echo", "--config", path, "--at", "tomorrow")
     assert wrong.returncode == 2 and "--at 'tomorrow' is not an ISO 8601 time" in wrong.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_metrics_and_health_are_served_during_a_run(runs, session):
+    port = free_port()
+    runs.spec()
+    process = runs.start("run", str(runs.folder / "beanflow.yaml"), "--metrics-port", str(port))
+    tasks = [enqueue(session, workloads.echo, value=n) for n in range(3)]
+    wait_for(lambda: all(state_of(session, t) == TaskState.DONE for t in tasks), "the tasks")
+    later = workloads.echo.run(value="later")
+    later.scheduled_at = func.now() + datetime.timedelta(hours=1)
+    session.add(later)
+    session.commit()
+
+    def scrape(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError:
+            return 0, ""
+
+    status, body = wait_for(lambda: (r := scrape("/metrics"))[0] == 200 and r, "/metrics")
+    done = (
+        'beanflow_tasks_total{channel="work",outcome="done",'
+        'processor="tests.workloads.app.echo"} 3.0'
+    )
+    assert done in body
+    assert 'beanflow_queue_tasks{channel="work",state="scheduled"} 1.0' in body
+    assert "beanflow_task_duration_seconds_bucket" in body
+    assert 'beanflow_worker_processes{kind="running"} 1.0' in body
+    status, body = scrape("/healthz")
+    assert status == 200 and json.loads(body)["healthy"] is True
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0

@@ -301,6 +301,11 @@ def validate(file: str) -> None:
     "task failed).",
 )
 @FAIL_ON_PENDING
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve /metrics (Prometheus) and /healthz on this port (over the file's metrics:).",
+)
 @click.option("--worker-channel", hidden=True)
 @click.pass_context
 def run(
@@ -309,6 +314,7 @@ def run(
     create_tables: bool,
     burst: bool,
     fail_on_pending: bool,
+    metrics_port: int | None,
     worker_channel: str | None,
 ) -> None:
     """Run what FILE declares: worker processes per channel and the cron schedules."""
@@ -323,6 +329,7 @@ def run(
             create_tables=create_tables,
             log_arguments=log_arguments,
             fail_on_pending=fail_on_pending,
+            metrics_port=metrics_port,
         )
     )
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from .. import db
 from ..errors import first_line
 from ..processors.processor import Processor
+from . import metrics
 from .connections import WorkerConnections
 from .outcomes import record_failure
 from .queries import Prepared, Queries
@@ -58,6 +59,7 @@ class Finished:
     task: Any
     processor: Processor
     result: str | None  # JSON text
+    seconds: float  # how long it ran
 
 
 class Pace:
@@ -186,6 +188,7 @@ class Batch:
             innocent = [entry.task.id for entry in self.finished]
             self.abort(session, [], innocent, charged=[task.id])
         self.counts[outcome] += 1
+        metrics.task_ended(task, outcome)
 
     def abort(
         self,

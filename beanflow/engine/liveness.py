@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from ..models.worker import WorkerState
+from . import metrics
 from .interface import QueueApp
 from .queries import Queries
 from .service import PeriodicService
@@ -113,6 +114,7 @@ class Reaper(PeriodicService):
             logger.warning(
                 "found %d dead worker(s); %d task(s) re-queued or failed", workers, tasks
             )
+            metrics.workers_reaped(workers)
         return workers, tasks
 
 

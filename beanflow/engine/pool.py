@@ -102,6 +102,12 @@ class Supervisor:
                 signal.signal(number, handler)
         return status
 
+    def worker_processes(self) -> tuple[int, int]:
+        """(worker processes running, worker processes expected to run)."""
+        expected = [slot for slot in self.slots if not slot.finished]
+        running = [s for s in expected if s.process is not None and s.process.poll() is None]
+        return len(running), len(expected)
+
     def _on_signal(self, number: int, frame: object) -> None:
         self.signals += 1
         os.write(self._wake_write, b"\0")

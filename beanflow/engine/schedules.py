@@ -21,6 +21,7 @@ from sqlalchemy import exc
 from ..errors import first_line
 from ..models.schedule import ScheduleState
 from ..processors.processor import Processor
+from . import metrics
 from .interface import QueueApp
 from .queries import enqueue_unique, schedule_seen, schedule_ticked
 from .service import PeriodicService
@@ -143,4 +144,5 @@ class Scheduler(PeriodicService):
             logger.info(
                 "schedule %s: enqueued task %s for %s", schedule.name, inserted.id, tick.isoformat()
             )
+            metrics.schedule_ticked(schedule.name)
         return inserted is not None

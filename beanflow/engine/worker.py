@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from .. import db
 from ..errors import ProcessorNotFound, first_line
 from ..models.cancellation import Cancellation
+from . import metrics
 from .batch import Batch, BatchAborted, ConnectionLost, Finished, Pace, Unstarted
 from .connections import WorkerConnections
 from .control import Control
@@ -392,7 +393,7 @@ class TaskWorker:
             return
         if savepoint is not None and savepoint.is_active:
             savepoint.commit()
-        self.batch.finished.append(Finished(task, processor, result))
+        self.batch.finished.append(Finished(task, processor, result, duration))
         if logger.isEnabledFor(logging.INFO):
             fields = {
                 "task_id": str(task.id),
@@ -418,7 +419,8 @@ class TaskWorker:
         disk flush, for both). If any task was taken from this worker meanwhile (it was found
         dead), roll the whole transaction back instead, and stop: no task is completed twice.
         Returns the tasks claimed."""
-        finished = len(self.batch.finished)
+        committed = list(self.batch.finished)
+        finished = len(committed)
         if finished:
             done = self.batch.complete(session)
             if done != finished:
@@ -441,6 +443,8 @@ class TaskWorker:
         session.commit()
         self.batch.reset()
         self.counts["done"] += finished
+        for entry in committed:
+            metrics.task_ended(entry.task, "done", entry.seconds)
         return claimed
 
     def _sleep(self) -> None:

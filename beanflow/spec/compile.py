@@ -80,6 +80,9 @@ class _Compiler:
         self.channels(deployment)
         self.schedules(deployment)
         self.retention(deployment)
+        serving = self.section("metrics")
+        if isinstance(serving.get("port"), int):
+            deployment.metrics = (str(serving.get("host", "127.0.0.1")), serving["port"])
         return deployment
 
     def settings(self, values: dict[str, tuple[Path_, Any]]) -> dict[str, Any] | None:
