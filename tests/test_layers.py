@@ -23,12 +23,12 @@ LAYER = {
     "engine": 4,
     "app": 5,
     "ops": 6,
-    "metrics": 6,
-    "deployment": 7,
-    "spec": 8,
-    "cli": 9,
-    "__init__": 10,
-    "__main__": 10,
+    "metrics": 7,
+    "deployment": 8,
+    "spec": 9,
+    "cli": 10,
+    "__init__": 11,
+    "__main__": 11,
 }
 
 

@@ -324,12 +324,14 @@ def test_metrics_and_health_are_served_during_a_run(runs, session):
         except OSError:
             return 0, ""
 
-    status, body = wait_for(lambda: (r := scrape("/metrics"))[0] == 200 and r, "/metrics")
     done = (
         'beanflow_tasks_total{channel="work",outcome="done",'
         'processor="tests.workloads.app.echo"} 3.0'
     )
-    assert done in body
+    # a worker counts a task just after the commit that made it DONE
+    status, body = wait_for(
+        lambda: (r := scrape("/metrics"))[0] == 200 and done in r[1] and r, "/metrics"
+    )
     assert 'beanflow_queue_tasks{channel="work",state="scheduled"} 1.0' in body
     assert "beanflow_task_duration_seconds_bucket" in body
     assert 'beanflow_worker_processes{kind="running"} 1.0' in body
