@@ -18,6 +18,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from sqlalchemy import create_engine, func, text
 from sqlalchemy.engine import make_url
 
 import beanflow as bq
+from beanflow import ops
 
 from . import ceiling, peers
 from .processors import noop, sleep_for, write_row
@@ -50,6 +52,7 @@ class Sizes:
     stale: int
     slow: tuple[int, float]  # the mixed workload's slow tasks: how many, how long
     mixed: int  # and its no-op tasks
+    purged: int  # old finished rows purged while a drain runs
 
 
 FULL = Sizes(
@@ -65,6 +68,7 @@ FULL = Sizes(
     stale=200_000,
     slow=(8, 2.0),
     mixed=4_000,
+    purged=1_000_000,
 )
 QUICK = Sizes(
     repeats=1,
@@ -79,6 +83,7 @@ QUICK = Sizes(
     stale=20_000,
     slow=(4, 0.5),
     mixed=1_000,
+    purged=100_000,
 )
 
 
@@ -279,6 +284,34 @@ class Bench:
         first = tenth / float(times[tenth] - times[0])
         last = tenth / float(times[-1] - times[-1 - tenth])
         return first, last
+
+    def drain_while_purging(self) -> tuple[float, bool]:
+        """W2's drain (4 workers, default settings) while retention purges ``sizes.purged``
+        finished rows a month old, chunk by chunk; (tasks/s, whether the purge was still
+        running when the drain ended)."""
+        self.reset()
+        self.sql(
+            "INSERT INTO beanflow_tasks (id, channel, module, name, state, finished_at) SELECT "
+            "gen_random_uuid(), 'old', 'benchmarks.processors', 'noop', 'DONE', "
+            "now() - interval '30 days' FROM generate_series(1, :n)",
+            n=self.sizes.purged,
+        )
+        self.sql("ANALYZE beanflow_tasks")
+        operations = ops.Operations(self.app)
+        purging = threading.Thread(target=operations.purge_all, args=(ops.Retention(),))
+        purging.start()
+        with self.app.session_factory() as session:
+            bq.enqueue_many(session, noop, [{}] * self.sizes.drain)
+            session.commit()
+        for process in self.workers(4, burst=True):
+            process.wait()
+        still_purging = purging.is_alive()
+        purging.join()
+        done, seconds = self.sql(
+            "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at)) "
+            "FROM beanflow_tasks WHERE state = 'DONE' AND channel = 'bench'"
+        )
+        return done / float(seconds), still_purging
 
     def wake_up(self) -> list[float]:
         """start − commit (ms) of tasks committed every 20 ms to one idle worker."""
@@ -606,6 +639,20 @@ def mixed(bench: Bench) -> list[Figure]:
     ]
 
 
+def purge_under_load(bench: Bench) -> list[Figure]:
+    rate, overlapped = bench.drain_while_purging()
+    note = "" if overlapped else " (the purge ended first)"
+    return [
+        Figure(
+            f"W9 drain, 4 workers, defaults, while {bench.sizes.purged:,} old rows are purged"
+            f"{note} (ceiling: W2)",
+            "tasks/s",
+            rate,
+            bench.noop_rate(4, None),
+        )
+    ]
+
+
 WORKLOADS: dict[str, Callable[[Bench], list[Figure]]] = {
     "W1": enqueue,
     "W2": drain,
@@ -615,6 +662,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[Figure]]] = {
     "W6": end_to_end,
     "W8": mixed,
     "W7": stale,
+    "W9": purge_under_load,
 }
 
 
