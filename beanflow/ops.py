@@ -13,6 +13,7 @@ import getpass
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -542,13 +543,17 @@ class Operations:
         states: Iterable[TaskState] = FINAL_STATES,
         progress: Callable[[dict[str, int]], None] | None = None,
         stopping: threading.Event | None = None,
+        pause: float = 0.0,
     ) -> dict[str, int]:
         """``purge`` chunk after chunk, each in its own transaction, until nothing is left to
-        delete (or ``stopping`` is set); ``progress`` is told each chunk's counts. Returns the
-        totals."""
+        delete (or ``stopping`` is set); ``progress`` is told each chunk's counts. After each
+        chunk it rests ``pause`` times as long as the chunk took (a background purge leaves
+        the server to the workers). Returns the totals."""
         totals: dict[str, int] = {}
         states = list(states)
-        while stopping is None or not stopping.is_set():
+        stopping = stopping or threading.Event()
+        while not stopping.is_set():
+            started = time.monotonic()
             with self.app.session_factory() as session:
                 deleted = self.purge(session, retention, states)
                 session.commit()
@@ -558,6 +563,8 @@ class Operations:
                 progress(deleted)
             if not any(count for kind, count in deleted.items() if kind != "cancellations"):
                 break
+            if pause:
+                stopping.wait((time.monotonic() - started) * pause)
         return totals
 
 
@@ -599,6 +606,7 @@ class RetentionService(PeriodicService):
 
     name = "retention"
     LOCK_KEY = 0x6265616E666C6F77  # "beanflow"
+    PAUSE = 1.0  # rest as long as each chunk took: at most half of one connection's time
 
     def __init__(self, ops: Operations, retention: Retention) -> None:
         super().__init__(retention.every.total_seconds(), threading.Event())
@@ -611,7 +619,9 @@ class RetentionService(PeriodicService):
             if not held:
                 return  # another deployment's retention is at work
             try:
-                totals = self.ops.purge_all(self.retention, stopping=self.stopping)
+                totals = self.ops.purge_all(
+                    self.retention, stopping=self.stopping, pause=self.PAUSE
+                )
             finally:
                 lock.execute(select(func.pg_advisory_unlock(self.LOCK_KEY)))
                 lock.commit()

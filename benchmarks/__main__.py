@@ -298,7 +298,11 @@ class Bench:
         )
         self.sql("ANALYZE beanflow_tasks")
         operations = ops.Operations(self.app)
-        purging = threading.Thread(target=operations.purge_all, args=(ops.Retention(),))
+        purging = threading.Thread(  # as a running deployment's retention does
+            target=operations.purge_all,
+            args=(ops.Retention(),),
+            kwargs={"pause": ops.RetentionService.PAUSE},
+        )
         purging.start()
         with self.app.session_factory() as session:
             bq.enqueue_many(session, noop, [{}] * self.sizes.drain)

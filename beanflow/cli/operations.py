@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from .. import db
 from ..config import parse_duration
-from ..models import FINAL_STATES, TaskState
+from ..models import FINAL_STATES, EventType, TaskState, WorkerState
 from ..ops import Operations, Retention, TaskFilter, operator
 from . import DEFAULT_FILE, deployment_or_app, fail, main
 
@@ -44,7 +44,8 @@ def operations(config_file: str | None) -> Operations:
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    """Colours and the terminal's width on a terminal; plain and 160 columns otherwise."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _age(delta: timedelta | None) -> str:
@@ -211,7 +212,7 @@ def status(config_file: str | None, as_json: bool) -> None:
     for header in ("worker", "pid", "state", "heartbeat", "channels", "running"):
         table.add_column(header)
     for w in workers:
-        state = "[green]alive[/]" if w.alive else f"[red]{w.worker.state}[/]"
+        state = "[green]alive[/]" if w.alive else f"[red]{WorkerState(w.worker.state).value}[/]"
         if w.worker.state == "RUNNING" and not w.alive:
             state = "[red]silent[/]"
         table.add_row(
@@ -267,7 +268,7 @@ def tasks(
     out = console()
     table = Table()
     for header in ("id", "state", "channel", "processor", "attempts", "created", "error"):
-        table.add_column(header, overflow="fold" if header == "id" else "ellipsis")
+        table.add_column(header, no_wrap=header in ("id", "created"), overflow="ellipsis")
     for row in rows:
         table.add_row(
             str(row["id"]),
@@ -299,7 +300,7 @@ def task(task_id: str, config_file: str | None, as_json: bool) -> None:
         data = task_data(detail.task)
         events = [
             {
-                "type": e.type,
+                "type": EventType(e.type).value,
                 "at": e.created_at,
                 "error": e.error_message,
                 "exception_type": e.exception_type,

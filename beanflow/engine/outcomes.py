@@ -8,6 +8,7 @@ import logging
 import traceback
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exc, select
@@ -59,9 +60,20 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
+_PACKAGE = str(Path(__file__).resolve().parent.parent)
+
+
 def _traceback(error: BaseException) -> str:
+    """The traceback from the task's own code on (beanflow's frames above it left out)."""
     try:
-        return "".join(traceback.format_exception(error))
+        frames = error.__traceback__
+        while (
+            frames is not None
+            and frames.tb_next is not None
+            and frames.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+        ):
+            frames = frames.tb_next
+        return "".join(traceback.format_exception(type(error), error, frames))
     except Exception as failure:  # noqa: BLE001
         return f"<the traceback could not be formatted: {type(failure).__name__}>"
 
