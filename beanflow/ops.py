@@ -606,7 +606,7 @@ class RetentionService(PeriodicService):
 
     name = "retention"
     LOCK_KEY = 0x6265616E666C6F77  # "beanflow"
-    PAUSE = 1.0  # rest as long as each chunk took: at most half of one connection's time
+    PAUSE = 3.0  # rest three times as long as each chunk took: a quarter of one connection
 
     def __init__(self, ops: Operations, retention: Retention) -> None:
         super().__init__(retention.every.total_seconds(), threading.Event())
