@@ -14,6 +14,7 @@ from .config import Config, import_object
 from .errors import ConfigError, ProcessorNotFound
 from .models.cancellation import Cancellation
 from .models.schedule import ScheduleState
+from .models.waiter import Waiter
 from .processors.processor import ExceptionTypes, Processor
 from .processors.registry import ProcessorRegistry, processor
 from .processors.retry import RetryPolicy
@@ -57,7 +58,14 @@ class BeanQueue:
     @property
     def models(self) -> list[type]:
         """The models whose tables beanflow uses."""
-        return [self.worker_model, self.task_model, self.event_model, ScheduleState, Cancellation]
+        return [
+            self.worker_model,
+            self.task_model,
+            self.event_model,
+            ScheduleState,
+            Cancellation,
+            Waiter,
+        ]
 
     def create_tables(self) -> None:
         """Create beanflow's tables and their indexes where missing (a newer version's new

@@ -39,7 +39,7 @@ from .engine.queries import notify
 from .engine.schedules import Schedule
 from .engine.service import PeriodicService
 from .errors import BeanflowError
-from .models import FINAL_STATES, Cancellation, ScheduleState, TaskState
+from .models import FINAL_STATES, Cancellation, ScheduleState, TaskState, Waiter
 from .models.task import notify_channels
 
 logger = logging.getLogger(__name__)
@@ -527,6 +527,14 @@ class Operations:
             .where(~exists().where(t.id == Cancellation.task_id, t.state == TaskState.PROCESSING))
             .execution_options(synchronize_session=False)
         ).rowcount
+        deleted["waiters"] = session.execute(  # of tasks ended, or gone, a day ago
+            delete(Waiter)
+            .where(
+                Waiter.since < func.now() - timedelta(days=1),
+                ~exists().where(t.id == Waiter.task_id, t.state.not_in(FINAL_STATES)),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
         return deleted
 
     def _leaf(self) -> Any:
@@ -561,7 +569,7 @@ class Operations:
                 totals[kind] = totals.get(kind, 0) + count
             if progress is not None:
                 progress(deleted)
-            if not any(count for kind, count in deleted.items() if kind != "cancellations"):
+            if not any(n for kind, n in deleted.items() if kind not in _SIDE_TABLES):
                 break
             if pause:
                 stopping.wait((time.monotonic() - started) * pause)
@@ -597,6 +605,10 @@ def report_burst(
     if fail_on_pending and summary["pending"]:
         return TASKS_PENDING
     return 0
+
+
+# what a purge also clears, without its counts deciding whether another chunk is needed
+_SIDE_TABLES = ("cancellations", "waiters")
 
 
 class RetentionService(PeriodicService):

@@ -26,7 +26,7 @@ from beanflow.engine.queries import (
     schedule_seen,
     schedule_ticked,
 )
-from beanflow.models import Cancellation, Event, ScheduleState, Task, Worker
+from beanflow.models import Cancellation, Event, ScheduleState, Task, Waiter, Worker
 
 FOLDER = Path(__file__).resolve().parent / "sql"
 _NAMED = PGDialect_psycopg2(paramstyle="named")
@@ -41,6 +41,7 @@ def _queries(events: bool, channels: int) -> Queries:
         channel_count=channels,
         batch_size=10,
         cancellation_model=Cancellation,
+        waiter_model=Waiter,
     )
 
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from .. import db
 from ..errors import ProcessorNotFound, first_line
 from ..models.cancellation import Cancellation
+from ..models.waiter import Waiter
 from . import metrics
 from .batch import Batch, BatchAborted, ConnectionLost, Finished, Pace, Unstarted
 from .connections import WorkerConnections
@@ -84,6 +85,7 @@ class TaskWorker:
             channel_count=len(self.channels),
             batch_size=app.config.BATCH_SIZE,
             cancellation_model=Cancellation,
+            waiter_model=Waiter,
         )
         self.engine = app.engine
         self._channel_parameters = channel_parameters(self.channels)

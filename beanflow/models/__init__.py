@@ -14,11 +14,13 @@ from .task import (
     TaskState,
     listen_events,
 )
+from .waiter import DONE_CHANNEL, Waiter
 from .worker import Worker, WorkerModelMixin, WorkerRefMixin, WorkerState
 
 __all__ = [
     "Base",
     "Cancellation",
+    "DONE_CHANNEL",
     "Event",
     "EventModelMixin",
     "EventModelRefTaskMixin",
@@ -31,6 +33,7 @@ __all__ = [
     "TaskModelRefParentMixin",
     "TaskModelRefWorkerMixin",
     "TaskState",
+    "Waiter",
     "Worker",
     "WorkerModelMixin",
     "WorkerRefMixin",

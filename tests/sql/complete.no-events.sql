@@ -13,5 +13,9 @@ WITH done AS
              unnest(:task_results::TEXT[]) AS RESULT) AS finished
    WHERE beanflow_tasks.id = finished.id
      AND beanflow_tasks.worker_id = :worker::UUID RETURNING beanflow_tasks.id)
-SELECT count(*) AS count_1
+SELECT count(*) AS count_1,
+
+  (SELECT count(pg_notify('beanflow_done', CAST(beanflow_waiters.task_id AS TEXT))) AS count_2
+   FROM beanflow_waiters
+   WHERE beanflow_waiters.task_id = ANY (:task_ids::UUID[])) AS anon_1
 FROM done;

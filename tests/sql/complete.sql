@@ -17,5 +17,9 @@ WITH done AS
   (INSERT INTO beanflow_events (task_id, TYPE) SELECT done.id AS task_id,
                                                       'COMPLETE' AS TYPE
    FROM done)
-SELECT count(*) AS count_1
+SELECT count(*) AS count_1,
+
+  (SELECT count(pg_notify('beanflow_done', CAST(beanflow_waiters.task_id AS TEXT))) AS count_2
+   FROM beanflow_waiters
+   WHERE beanflow_waiters.task_id = ANY (:task_ids::UUID[])) AS anon_1
 FROM done;

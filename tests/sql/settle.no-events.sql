@@ -15,5 +15,9 @@ WITH settled AS
                  END
    WHERE beanflow_tasks.id = :task_id::UUID
      AND beanflow_tasks.worker_id = :worker::UUID RETURNING beanflow_tasks.id)
-SELECT settled.id
+SELECT settled.id,
+
+  (SELECT count(pg_notify('beanflow_done', CAST(beanflow_waiters.task_id AS TEXT))) AS count_1
+   FROM beanflow_waiters
+   WHERE beanflow_waiters.task_id = :task_id::UUID) AS anon_1
 FROM settled;

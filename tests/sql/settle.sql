@@ -23,5 +23,9 @@ WITH settled AS
                                                                                                               :traceback AS traceback,
                                                                                                               :retry_at AS scheduled_at
    FROM settled)
-SELECT settled.id
+SELECT settled.id,
+
+  (SELECT count(pg_notify('beanflow_done', CAST(beanflow_waiters.task_id AS TEXT))) AS count_1
+   FROM beanflow_waiters
+   WHERE beanflow_waiters.task_id = :task_id::UUID) AS anon_1
 FROM settled;

@@ -8,9 +8,11 @@ from typing import Any
 from sqlalchemy import (
     Integer,
     String,
+    Text,
     and_,
     bindparam,
     case,
+    cast,
     exists,
     func,
     insert,
@@ -51,10 +53,13 @@ class Statements:
         channel_count: int = 1,
         batch_size: int = 1,
         cancellation_model: type | None = None,
+        waiter_model: type | None = None,
     ) -> None:
         self.task = task_model.__table__
         # requests to cancel running tasks: honoured when a task is taken from its worker
         self.cancellation = None if cancellation_model is None else cancellation_model.__table__
+        # clients waiting for tasks to end: woken by the statement that ends them
+        self.waiter = None if waiter_model is None else waiter_model.__table__
         self.worker = worker_model.__table__
         self.event = event_model.__table__
         self.events = events
@@ -85,6 +90,16 @@ class Statements:
             select(*[value.label(name) for name, value in columns.items()]).select_from(source),
         )
         return statement.add_cte(written.cte(f"{source.name}_events"))
+
+    def _wake_waiters(self, ended: Any) -> list[Any]:
+        """The column that notifies ``beanflow_done`` (payload: the task id) for each task
+        ``ended`` matches that a client waits for (none when waiters are not configured):
+        a probe of a table that is nearly always empty."""
+        if self.waiter is None:
+            return []
+        w = self.waiter
+        notified = func.pg_notify(literal_column("'beanflow_done'"), cast(w.c.task_id, Text))
+        return [select(func.count(notified)).where(ended(w.c.task_id)).scalar_subquery()]
 
     @staticmethod
     def _ended_event(source: Any, otherwise: str) -> dict[str, Any]:

@@ -192,8 +192,11 @@ class TaskStatements(Statements):
             .returning(t.c.id)
             .cte("done")
         )
+        ids = bindparam("task_ids", type_=ARRAY(t.c.id.type))
         return self._with_events(
-            select(func.count()).select_from(done),
+            select(
+                func.count(), *self._wake_waiters(lambda task_id: task_id == any_(ids))
+            ).select_from(done),
             done,
             {"task_id": done.c.id, "type": literal_column("'COMPLETE'")},
         )
@@ -222,8 +225,9 @@ class TaskStatements(Statements):
             .returning(t.c.id)
             .cte("settled")
         )
+        task_id = bindparam("task_id", type_=t.c.id.type)
         return self._with_events(
-            select(settled.c.id),
+            select(settled.c.id, *self._wake_waiters(lambda waited: waited == task_id)),
             settled,
             {
                 "task_id": settled.c.id,
