@@ -35,11 +35,12 @@ from sqlalchemy.orm import Session, aliased, defer
 
 from .app import BeanQueue
 from .engine.control import CONTROL_CHANNEL
+from .engine.notify import Listener
 from .engine.queries import notify
 from .engine.schedules import Schedule
 from .engine.service import PeriodicService
 from .errors import BeanflowError
-from .models import FINAL_STATES, Cancellation, ScheduleState, TaskState, Waiter
+from .models import DONE_CHANNEL, FINAL_STATES, Cancellation, ScheduleState, TaskState, Waiter
 from .models.task import notify_channels
 
 logger = logging.getLogger(__name__)
@@ -475,6 +476,34 @@ class Operations:
                 insert(self.event_model),
                 [{"task_id": i, "type": kind, "error_message": message} for i in ids],
             )
+
+    def watch(self, session: Session, task_id: uuid.UUID) -> None:
+        """Have the end of ``task_id`` announced to ``wait`` (in the caller's transaction,
+        best the one that enqueues the task)."""
+        session.execute(pg_insert(Waiter).values(task_id=task_id).on_conflict_do_nothing())
+
+    def wait(self, task_id: uuid.UUID, timeout: float | None = None) -> Any | None:
+        """Sleep on LISTEN until the watched task ``task_id`` ends; returns it (detached), or
+        None after ``timeout`` seconds. The statement that ends a task announces it; a look
+        every 30 s also catches an end that does not (a dead worker's task failed by the
+        reaper). Removes the task's Waiter row."""
+        t = self.task_model
+        deadline = None if timeout is None else time.monotonic() + timeout
+        listener = Listener(self.app.engine, [DONE_CHANNEL])  # before the first look
+        try:
+            while True:
+                with self.app.session_factory(expire_on_commit=False) as session:
+                    task = session.get(t, task_id)
+                    if task is None or task.state in FINAL_STATES:
+                        session.execute(delete(Waiter).where(Waiter.task_id == task_id))
+                        session.commit()
+                        return task
+                left = 30.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                listener.wait(min(left, 30.0))
+        finally:
+            listener.close()
 
     # ---- retention -------------------------------------------------------------------------
 

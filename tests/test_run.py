@@ -7,9 +7,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import textwrap
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import psutil
@@ -339,3 +341,40 @@ def test_metrics_and_health_are_served_during_a_run(runs, session):
     assert status == 200 and json.loads(body)["healthy"] is True
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
+
+
+def test_submit_wait_prints_the_result_or_the_failure(runs):
+    spec = runs.spec(
+        SPEC.replace(
+            "channels:",
+            "  boom: {function: 'tests.workloads.app:boom', channel: work}\nchannels:",
+            1,
+        )
+    )
+    runs.start("run", str(spec))
+
+    def submit(*arguments: str) -> subprocess.CompletedProcess:
+        return runs.run("submit", "--config", str(spec), "work", *arguments, "--wait")
+
+    done = submit("echo", "-k", '{"value": {"n": 5}}')
+    assert done.returncode == 0, done.stderr
+    task_id, result = done.stdout.splitlines()
+    assert uuid.UUID(task_id) and json.loads(result) == {"n": 5}
+    failed = submit("boom", "-k", '{"message": "no"}')
+    assert failed.returncode == 3
+    assert "FAILED: ValueError: no" in failed.stderr
+    late = runs.run(
+        "submit",
+        "--config",
+        str(spec),
+        "work",
+        "echo",
+        "-k",
+        '{"value": 1}',
+        "--in",
+        "1h",
+        "--wait",
+        "--timeout",
+        "0.5s",
+    )
+    assert late.returncode == 4 and "still not ended after 0.5s" in late.stderr

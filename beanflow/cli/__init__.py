@@ -21,7 +21,8 @@ from ..app import BeanQueue
 from ..config import import_object, parse_duration
 from ..deployment import Deployment, run_deployment, run_worker
 from ..errors import BeanflowError, SpecError, TablesMissing, first_line
-from ..ops import TASKS_FAILED, TASKS_PENDING, database_now, report_burst
+from ..models import TaskState
+from ..ops import TASKS_FAILED, TASKS_PENDING, Operations, database_now, report_burst
 
 logger = logging.getLogger("beanflow")
 
@@ -232,6 +233,13 @@ def process(
 )
 @click.option("--at", "at", help="Run at this ISO 8601 time (local time unless it has an offset).")
 @click.option("--in", "delay", help="Run after this duration (30s, 5m, 1h).")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help=f"Wait for the task to end (on LISTEN): print its result, or its failure and exit "
+    f"with status {TASKS_FAILED}.",
+)
+@click.option("--timeout", help=f"With --wait: give up after this long (status {TASKS_PENDING}).")
 def submit(
     channel: str,
     names: tuple[str, ...],
@@ -239,6 +247,8 @@ def submit(
     config_file: str | None,
     at: str | None,
     delay: str | None,
+    wait: bool,
+    timeout: str | None,
 ) -> None:
     """Enqueue a task for the processor NAME of CHANNEL; prints the task's id."""
     if len(names) > 2:
@@ -261,10 +271,32 @@ def submit(
     task = processor.run(**kwargs)
     if scheduled_at is not None:
         task.scheduled_at = scheduled_at
+    try:
+        seconds = None if timeout is None else parse_duration(timeout)
+    except ValueError as error:
+        fail(f"--timeout: {error}")
+    ops = Operations(app)
     with app.session_factory() as session:
         session.add(task)
+        if wait:
+            ops.watch(session, task.id)
         session.commit()
         click.echo(str(task.id))
+        task_id = task.id
+    if wait:
+        sys.exit(_report_end(ops.wait(task_id, seconds), seconds))
+
+
+def _report_end(task: Any, timeout: float | None) -> int:
+    """Print how a waited-for task ended; returns the exit status."""
+    if task is None:
+        click.echo(f"still not ended after {timeout:g}s", err=True)
+        return TASKS_PENDING
+    if task.state == TaskState.DONE:
+        click.echo(json.dumps(task.result))
+        return 0
+    click.echo(f"{TaskState(task.state).value}: {task.error_message}", err=True)
+    return TASKS_FAILED
 
 
 def _when(at: str | None, delay: str | None) -> Any:
