@@ -31,7 +31,7 @@ def project(tmp_path, db_url):
     return beanflow
 
 
-def test_submit_status_tasks_task_retry_cancel_purge(project):
+def test_submit_status_tasks_task_retry_cancel_purge(project, db_url):
     # submit reads ./beanflow.yaml by itself
     ok = project("submit", "work", "echo", "-k", '{"value": 1}').strip()
     bad = project("submit", "work", "boom", "-k", '{"message": "it broke"}').strip()
@@ -63,6 +63,8 @@ def test_submit_status_tasks_task_retry_cancel_purge(project):
     assert "1 pending task(s) cancelled" in project("cancel", later)
     assert json.loads(project("task", later, "--json"))["task"]["state"] == "CANCELLED"
     assert project("retry", "--cancelled", "--channel", "work").strip() == "1 task(s) retried"
+
+    assert project("db", "url").strip().endswith(db_url.rsplit("/", 1)[1])
 
     deleted = project("purge", "--older-than", "0s", "--state", "done")
     assert "1 tasks done" in deleted

@@ -296,9 +296,10 @@ class TaskWorker:
     def _claim_in(self, session: Session) -> list[Any]:
         """Claim as many tasks as the pace of recent ones says fit in the batch window."""
         parameters = {"worker": self.id} | self._channel_parameters
-        claim = self.connections.claim(self.pace.size())
-        tasks = list(session.scalars(claim, parameters))
+        size = self.pace.size()
+        tasks = list(session.scalars(self.connections.claim(size), parameters))
         self.held.add(task.id for task in tasks)
+        logger.debug("worker %s claimed %d task(s) (up to %d)", self.id, len(tasks), size)
         return tasks
 
     def _process(self, tasks: list[Any]) -> list[Any] | None:
@@ -443,6 +444,9 @@ class TaskWorker:
             # this transaction rather than in one more of its own
             self._due_in = self._next_due(session)
         session.commit()
+        if logger.isEnabledFor(logging.DEBUG):
+            claimed_too = f" and a claim of {len(claimed)}" if claim_next else ""
+            logger.debug("worker %s committed %d completion(s)%s", self.id, finished, claimed_too)
         self.batch.reset()
         self.counts["done"] += finished
         for entry in committed:
