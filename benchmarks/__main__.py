@@ -324,9 +324,7 @@ class Bench:
         wait_until(lambda: self.sql("SELECT count(*) FROM beanflow_workers")[0] == 1)
 
         def add(session: Any) -> uuid.UUID:
-            task = bq.enqueue(session, noop)
-            task.id = uuid.uuid4()
-            return task.id
+            return bq.enqueue(session, noop).id
 
         committed = stream(add, self.app.session_factory, self.sizes.stream_seconds)
         wait_until(

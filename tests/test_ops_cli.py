@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
-from .helpers import run_python
+from .helpers import environment, run_python
 
 SPEC = """\
 version: 1
@@ -82,3 +85,20 @@ def test_bad_arguments_are_named(tmp_path, db_url):
     assert "'nope' is not a task id" in fails("task", "nope")
     assert "give task ids, or filters" in fails("retry")
     assert "--since 'yesterday'" in fails("tasks", "--since", "yesterday")
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
+def test_db_shell_opens_psql_on_the_database(tmp_path, db_url):
+    (tmp_path / "beanflow.yaml").write_text(textwrap.dedent(SPEC))
+    result = subprocess.run(
+        [sys.executable, "-m", "beanflow", "db", "shell"],
+        cwd=tmp_path,
+        env=environment(TEST_DB_URL=db_url),
+        input="SELECT count(*) AS beanflow_tables FROM pg_tables "
+        "WHERE tablename LIKE 'beanflow_%';\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "beanflow_tables" in result.stdout and "6" in result.stdout

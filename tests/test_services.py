@@ -238,3 +238,24 @@ def test_the_pace_claims_what_fits_in_the_window():
     assert pace.would_overrun("never seen", elapsed=0.0)
     assert pace.would_overrun("slow", elapsed=0.0)
     assert not pace.would_overrun("noop", elapsed=0.05)
+
+
+def test_control_backs_off_while_the_database_cannot_be_reached(server_url, caplog):
+    """A database that is gone (dropped, unreachable) is retried with a growing pause, one
+    warning line each time, never in a tight loop."""
+    from sqlalchemy.engine import make_url
+
+    from beanflow.engine.control import Control
+
+    gone = make_url(server_url).set(database="beanflow_no_such_database")
+    app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=gone.render_as_string(False)))
+    control = Control(app, uuid.uuid4(), threading.Event(), lambda *a: None)
+    delays = []
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            control.run_once()
+            delays.append(control.next_wait())
+    control.join()
+    assert delays == [0.5, 1.0, 2.0]
+    assert [r.message.startswith("control: ") for r in caplog.records] == [True] * 3
+    app.engine.dispose()
