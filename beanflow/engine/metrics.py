@@ -44,6 +44,11 @@ def _metrics() -> _Metrics | None:
     return _Metrics() if os.environ.get(MULTIPROCESS_DIR) else None
 
 
+def enabled() -> bool:
+    """Whether this process counts (metrics are on)."""
+    return _metrics() is not None
+
+
 def task_ended(task: Any, outcome: str, seconds: float | None = None) -> None:
     """Count a task attempt that ended with ``outcome`` (after ``seconds`` of running)."""
     metrics = _metrics()

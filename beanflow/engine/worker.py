@@ -422,7 +422,7 @@ class TaskWorker:
         disk flush, for both). If any task was taken from this worker meanwhile (it was found
         dead), roll the whole transaction back instead, and stop: no task is completed twice.
         Returns the tasks claimed."""
-        committed = list(self.batch.finished)
+        committed = self.batch.finished  # complete() replaces the list, leaving this one
         finished = len(committed)
         if finished:
             done = self.batch.complete(session)
@@ -449,8 +449,9 @@ class TaskWorker:
             logger.debug("worker %s committed %d completion(s)%s", self.id, finished, claimed_too)
         self.batch.reset()
         self.counts["done"] += finished
-        for entry in committed:
-            metrics.task_ended(entry.task, "done", entry.seconds)
+        if metrics.enabled():
+            for entry in committed:
+                metrics.task_ended(entry.task, "done", entry.seconds)
         return claimed
 
     def _sleep(self) -> None:

@@ -66,11 +66,8 @@ def _worker(dsn: str, batch_size: int) -> None:
 def drain(dsn: str, count: int, workers: int, batch_size: int) -> float:
     """Jobs per second draining ``count`` no-op jobs with ``workers`` processes
     (``batch_size`` 0: PgQueuer's default)."""
-    enqueue(dsn, count, 1000)
-    done, rate = span.drain(_worker, workers, dsn, batch_size)
-    if done != count:
-        raise RuntimeError(f"PgQueuer ran {done} of {count} jobs")
-    return rate
+    fill = lambda: enqueue(dsn, count, 1000)  # noqa: E731
+    return span.fill_and_drain("PgQueuer", fill, count, _worker, workers, dsn, batch_size)
 
 
 if __name__ == "__main__":

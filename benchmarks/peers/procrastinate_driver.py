@@ -51,11 +51,8 @@ def _worker(dsn: str, concurrency: int) -> None:
 def drain(dsn: str, count: int, workers: int, concurrency: int) -> float:
     """Jobs per second draining ``count`` no-op jobs with ``workers`` processes
     (``concurrency`` 0: procrastinate's default)."""
-    enqueue(dsn, count, 1000)
-    done, rate = span.drain(_worker, workers, dsn, concurrency)
-    if done != count:
-        raise RuntimeError(f"procrastinate ran {done} of {count} jobs")
-    return rate
+    fill = lambda: enqueue(dsn, count, 1000)  # noqa: E731
+    return span.fill_and_drain("procrastinate", fill, count, _worker, workers, dsn, concurrency)
 
 
 if __name__ == "__main__":

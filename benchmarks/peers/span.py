@@ -49,6 +49,23 @@ def drain(run: Callable[..., None], workers: int, *arguments: Any) -> tuple[int,
     return count, count / (last - first)
 
 
+def fill_and_drain(
+    peer: str,
+    fill: Callable[[], Any],
+    count: int,
+    run: Callable[..., None],
+    workers: int,
+    *arguments: Any,
+) -> float:
+    """``fill()`` the queue with ``count`` no-op jobs, then ``drain`` them; jobs per second.
+    Raises if the workers ran another number of jobs."""
+    fill()
+    done, rate = drain(run, workers, *arguments)
+    if done != count:
+        raise RuntimeError(f"{peer} ran {done} of {count} jobs")
+    return rate
+
+
 def timed(count: int, step: Callable[[], None]) -> float:
     """``count`` calls of ``step`` per second."""
     started = time.perf_counter()
