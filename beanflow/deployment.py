@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from . import db, metrics
 from .app import BeanQueue
+from .dashboard import DashboardServer, DashboardSettings
 from .engine.pool import ChannelPlan, Supervisor
 from .engine.queries import Queries
 from .engine.queries import enqueue_many as enqueue_many_statement
@@ -46,6 +47,7 @@ class Deployment:
     retention: Retention = dataclasses.field(default_factory=Retention)
     # where a running deployment serves /metrics and /healthz: (host, port); None: it does not
     metrics: tuple[str, int] | None = None
+    dashboard: DashboardSettings | None = None  # served by a running deployment when set
     path: Path | None = None  # the file it was compiled from (workers compile it again)
 
     def resolve(self, channel: str | None, name: str) -> Processor:
@@ -161,7 +163,7 @@ def run_deployment(
     failed, or with ``fail_on_pending`` whether tasks are left: ``ops.report_burst``).
     Workers are ``beanflow run FILE --worker-channel C`` processes, which compile the same
     file and run ``run_worker``. ``metrics_port`` serves /metrics and /healthz there (over
-    the file's ``metrics:``)."""
+    the file's ``metrics:``); the file's ``dashboard:`` serves the dashboard."""
     app = deployment.app
     serving = deployment.metrics
     if metrics_port is not None:
@@ -205,15 +207,18 @@ def run_deployment(
         env=os.environ | {WORKER_DATABASE_URL: app.config.DATABASE_URL},
     )
     started = database_now(app)
-    server = None
+    ops = Operations(app, deployment.schedules)
+    servers: list[metrics.MetricsServer | DashboardServer] = []
     if serving is not None:
-        ops = Operations(app, deployment.schedules)
-        server = metrics.MetricsServer(ops, supervisor.worker_processes, *serving)
+        servers.append(metrics.MetricsServer(ops, supervisor.worker_processes, *serving))
+    if deployment.dashboard is not None:
+        servers.append(DashboardServer(ops, deployment.dashboard))
+    for server in servers:
         server.start()
     try:
         status = supervisor.run()
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
     if burst and status == 0:
         status = report_burst(app, [p.channel for p in plans], started, fail_on_pending)

@@ -34,6 +34,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, defer
 
 from .app import BeanQueue
+from .config import parse_duration
 from .engine.control import CONTROL_CHANNEL
 from .engine.notify import Listener
 from .engine.queries import notify
@@ -124,6 +125,16 @@ class ScheduleInfo:
 
 
 @dataclasses.dataclass
+class Throughput:
+    """Tasks that ended in each ``step`` of time, from ``start`` (the oldest) to now."""
+
+    start: datetime
+    step: timedelta
+    done: list[int]
+    failed: list[int]
+
+
+@dataclasses.dataclass
 class CancelResult:
     cancelled: list[uuid.UUID]  # pending tasks, CANCELLED now
     requested: list[uuid.UUID]  # running tasks, their workers told to stop them
@@ -146,6 +157,13 @@ class Retention:
     def shortest_for_tasks(self) -> timedelta | None:
         kept = [self.of(state) for state in FINAL_STATES if self.of(state) is not None]
         return min(kept, default=None)
+
+    def older_than(self, age: timedelta, states: Iterable[TaskState]) -> Retention:
+        """This retention, but keeping tasks of ``states`` and events only ``age`` (a purge
+        on demand)."""
+        return dataclasses.replace(
+            self, **{TaskState(state).value.lower(): age for state in states}, events=age
+        )
 
 
 class Operations:
@@ -288,6 +306,32 @@ class Operations:
             setattr(of(channel), f"{TaskState(state).value.lower()}_last_hour", count)
         return sorted(by_channel.values(), key=lambda counts: counts.channel)
 
+    def throughput(
+        self, session: Session, window: timedelta = timedelta(hours=1), buckets: int = 60
+    ) -> Throughput:
+        """How many tasks ended DONE and FAILED in each of ``buckets`` slices of the last
+        ``window`` (read from each state's index of finished rows)."""
+        t = self.task_model
+        step = window / buckets
+        now = session.scalar(select(func.now()))
+        start = now - step * buckets
+        bucket = func.floor(func.extract("epoch", t.finished_at - start) / step.total_seconds())
+        rows = session.execute(
+            union_all(
+                *(
+                    select(literal(state.value), bucket, func.count())
+                    .where(t.state == state, t.finished_at >= start)
+                    .group_by(bucket)
+                    for state in (TaskState.DONE, TaskState.FAILED)
+                )
+            )
+        )
+        found = Throughput(start, step, [0] * buckets, [0] * buckets)
+        for state, index, count in rows:
+            if 0 <= index < buckets:
+                getattr(found, state.lower())[int(index)] += count
+        return found
+
     def run_summary(
         self, session: Session, channels: Sequence[str], since: datetime
     ) -> dict[str, int]:
@@ -412,6 +456,18 @@ class Operations:
         query, found = self._matching(chosen)
         ids = session.scalars(query.with_only_columns(found.id).limit(CHUNK)).all()
         return self.retry(session, ids, by) if ids else 0
+
+    def retry_all(self, where: TaskFilter, by: str | None = None) -> int:
+        """``retry_matching`` chunk after chunk, each in its own transaction, until none is
+        left; returns how many were retried."""
+        total = 0
+        while True:
+            with self.app.session_factory() as session:
+                count = self.retry_matching(session, where, by)
+                session.commit()
+            if not count:
+                return total
+            total += count
 
     def cancel(
         self,
@@ -673,6 +729,33 @@ class RetentionService(PeriodicService):
             )
 
 
+def parse_moment(text: str) -> datetime:
+    """A moment given as an ISO 8601 time (local time when it names no zone) or as a
+    duration back from now (``30m``, ``1h``, ``7d``); ValueError says what is wrong."""
+    try:
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo else moment.astimezone()
+    except ValueError:
+        pass
+    try:
+        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30m, 1h, 7d) nor an ISO 8601 time"
+        ) from None
+
+
+def format_age(delta: timedelta | None) -> str:
+    """``4.2s``, ``3.0m``, ``1.5h``, ``2.0d``; ``-`` for None."""
+    if delta is None:
+        return "-"
+    seconds = max(delta.total_seconds(), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
 def _cursor(text: str) -> tuple[datetime, uuid.UUID]:
     try:
         created, task_id = text.split("|")
@@ -695,6 +778,9 @@ __all__ = [
     "ScheduleInfo",
     "TaskDetail",
     "TaskFilter",
+    "Throughput",
     "WorkerInfo",
+    "format_age",
     "operator",
+    "parse_moment",
 ]

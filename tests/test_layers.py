@@ -24,6 +24,7 @@ LAYER = {
     "app": 5,
     "ops": 6,
     "metrics": 7,
+    "dashboard": 7,
     "deployment": 8,
     "spec": 9,
     "cli": 10,

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
@@ -25,8 +25,9 @@ from sqlalchemy.engine import make_url
 
 from .. import db
 from ..config import parse_duration
+from ..dashboard import TOKEN_ENV, DashboardSettings, serve
 from ..models import FINAL_STATES, EventType, TaskState, WorkerState
-from ..ops import Operations, Retention, TaskFilter, operator
+from ..ops import Operations, Retention, TaskFilter, format_age, operator, parse_moment
 from . import DEFAULT_FILE, deployment_or_app, fail, main
 
 config_option = click.option(
@@ -46,16 +47,6 @@ def operations(config_file: str | None) -> Operations:
 def console() -> Console:
     """Colours and the terminal's width on a terminal; plain and 160 columns otherwise."""
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-
-
-def _age(delta: timedelta | None) -> str:
-    if delta is None:
-        return "-"
-    seconds = max(delta.total_seconds(), 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.1f}s"
 
 
 def _when(moment: datetime | None) -> str:
@@ -95,14 +86,9 @@ def _since(text: str | None, option: str) -> datetime | None:
     if text is None:
         return None
     try:
-        moment = datetime.fromisoformat(text)
-        return moment if moment.tzinfo else moment.astimezone()
-    except ValueError:
-        pass
-    try:
-        return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
-    except ValueError:
-        fail(f"{option} {text!r} is neither a duration (30m, 1h, 7d) nor an ISO 8601 time")
+        return parse_moment(text)
+    except ValueError as error:
+        fail(f"{option} {error}")
 
 
 def _ids(values: tuple[str, ...]) -> list[uuid.UUID]:
@@ -200,7 +186,7 @@ def status(config_file: str | None, as_json: bool) -> None:
             f"{c.due:,}",
             f"{c.scheduled:,}",
             f"{c.running:,}",
-            _age(c.oldest_due_age),
+            format_age(c.oldest_due_age),
             f"[green]{c.done_last_hour:,}[/]",
             f"[red]{c.failed_last_hour:,}[/]" if c.failed_last_hour else "0",
             f"{c.cancelled_last_hour:,}",
@@ -219,7 +205,7 @@ def status(config_file: str | None, as_json: bool) -> None:
             f"{w.worker.name} {str(w.worker.id)[:8]}",
             str(w.worker.pid or "-"),
             state,
-            f"{_age(w.heartbeat_age)} ago",
+            f"{format_age(w.heartbeat_age)} ago",
             ", ".join(w.worker.channels),
             ", ".join(f"{t.name} {str(t.id)[:8]}" for t in w.running) or "-",
         )
@@ -370,7 +356,6 @@ def retry(
     the filters (e.g. --channel images --since 1h). Their attempts start again from 0."""
     ops = operations(config_file)
     by = operator()
-    total = 0
     if task_ids:
         with ops.app.session_factory() as session:
             total = ops.retry(session, _ids(task_ids), by)
@@ -378,14 +363,7 @@ def retry(
     else:
         if not any(given.values()):
             fail("give task ids, or filters (--channel, --processor, --since, …) to retry by")
-        where = make_filter("CANCELLED" if cancelled else "FAILED", **given)
-        while True:
-            with ops.app.session_factory() as session:
-                count = ops.retry_matching(session, where, by)
-                session.commit()
-            total += count
-            if not count:
-                break
+        total = ops.retry_all(make_filter("CANCELLED" if cancelled else "FAILED", **given), by)
     click.echo(f"{total} task(s) retried")
 
 
@@ -428,9 +406,7 @@ def purge(config_file: str | None, older_than: str | None, states: tuple[str, ..
             age = timedelta(seconds=parse_duration(older_than))
         except ValueError as error:
             fail(f"--older-than: {error}")
-        retention = dataclasses.replace(
-            retention, **{state.value.lower(): age for state in chosen}, events=age
-        )
+        retention = retention.older_than(age, chosen)
     ops = Operations(app)
     with Progress(console=console(), transient=True) as progress:
         bar = progress.add_task("purging", total=None)
@@ -440,6 +416,26 @@ def purge(config_file: str | None, older_than: str | None, states: tuple[str, ..
 
         totals = ops.purge_all(retention, chosen, progress=advance)
     click.echo(", ".join(f"{count:,} {kind}" for kind, count in totals.items()) + " deleted")
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", help="Address to listen on (default 127.0.0.1, or the file's).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default 8787, or the file's).")
+@click.option("--read-only", is_flag=True, default=None, help="Show the queue; refuse actions.")
+def dashboard(file: str | None, host: str | None, port: int | None, read_only: bool | None) -> None:
+    """Serve the web dashboard for FILE (default ./beanflow.yaml): the queue at a glance,
+    tasks, workers, schedules; retry, cancel, purge. Listening beyond 127.0.0.1 needs
+    BEANFLOW_DASHBOARD_TOKEN (the password a browser asks for)."""
+    app, deployment = deployment_or_app(file)
+    settings = (deployment.dashboard if deployment else None) or DashboardSettings(
+        token=os.environ.get(TOKEN_ENV) or None
+    )
+    chosen = {"host": host, "port": port, "read_only": read_only}
+    settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
+    ops = Operations(app, deployment.schedules if deployment else ())
+    click.echo(f"beanflow dashboard on http://{settings.host}:{settings.port}/", err=True)
+    serve(ops, settings)
 
 
 @main.group("db")

@@ -30,9 +30,11 @@ from ..config import (
     parse_duration,
     parse_setting,
 )
+from ..dashboard import TOKEN_ENV, DashboardSettings
 from ..deployment import Deployment
 from ..engine.pool import ChannelPlan
 from ..engine.schedules import Schedule
+from ..errors import BeanflowError
 from ..models.task import check_channel
 from ..processors.processor import Processor
 from .load import Document, Path_, Problem
@@ -83,7 +85,22 @@ class _Compiler:
         serving = self.section("metrics")
         if isinstance(serving.get("port"), int):
             deployment.metrics = (str(serving.get("host", "127.0.0.1")), serving["port"])
+        if isinstance(self.data.get("dashboard"), dict):
+            deployment.dashboard = self.dashboard(self.section("dashboard"))
         return deployment
+
+    def dashboard(self, given: dict[str, Any]) -> DashboardSettings:
+        settings = DashboardSettings(
+            host=given.get("host", "127.0.0.1"),
+            port=given.get("port", 8787),
+            read_only=given.get("read_only", False),
+            token=given.get("token") or self.env.get(TOKEN_ENV) or None,
+        )
+        try:
+            settings.check()
+        except BeanflowError as error:
+            self.problem(("dashboard", "host") if "host" in given else ("dashboard",), str(error))
+        return settings
 
     def settings(self, values: dict[str, tuple[Path_, Any]]) -> dict[str, Any] | None:
         """Config fields → their values parsed (``values``: field → (path, raw value)); None,
