@@ -295,7 +295,7 @@ def big_table(server_url, template_database):
 @pytest.mark.slow
 def test_every_operation_is_served_by_an_index_on_a_large_table(big_table):
     """No sequential scan of the task table in any statement of a listing (with each filter),
-    a task's page, the counts, a retry by filter or a purge chunk."""
+    a task's page, the counts, the throughput, a retry by filter or a purge chunk."""
     plans: list[tuple[str, dict]] = []
 
     @event.listens_for(big_table.engine, "before_cursor_execute")
@@ -318,6 +318,7 @@ def test_every_operation_is_served_by_an_index_on_a_large_table(big_table):
             operations.tasks(session, where)
         operations.task(session, page.tasks[0].id)
         operations.counts(session)
+        operations.throughput(session)
         operations.workers(session)
         operations.retry_matching(session, ops.TaskFilter(channel="c2"))
         operations.purge(session, ops.Retention(done=timedelta(days=7)))

@@ -114,3 +114,13 @@ def hang_up(db: Session) -> None:
 def boom(message: str) -> None:
     """Fails, with a traceback to show."""
     raise ValueError(message)
+
+
+@app.processor(channel="work")
+def fails_once(flag: str) -> str:
+    """Fails on its first run (leaving the file ``flag``), succeeds on any later one."""
+    path = Path(flag)
+    if not path.exists():
+        path.write_text("failed once")
+        raise RuntimeError("the first run fails")
+    return "ran again"
