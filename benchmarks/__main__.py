@@ -53,6 +53,7 @@ class Sizes:
     slow: tuple[int, float]  # the mixed workload's slow tasks: how many, how long
     mixed: int  # and its no-op tasks
     purged: int  # old finished rows purged while a drain runs
+    dashboard: tuple[int, int]  # the dashboard's table: task rows, event rows
 
 
 FULL = Sizes(
@@ -69,6 +70,7 @@ FULL = Sizes(
     slow=(8, 2.0),
     mixed=4_000,
     purged=1_000_000,
+    dashboard=(1_000_000, 10_000_000),
 )
 QUICK = Sizes(
     repeats=1,
@@ -84,6 +86,7 @@ QUICK = Sizes(
     slow=(4, 0.5),
     mixed=1_000,
     purged=100_000,
+    dashboard=(100_000, 1_000_000),
 )
 
 
@@ -316,6 +319,61 @@ class Bench:
             "FROM beanflow_tasks WHERE state = 'DONE' AND channel = 'bench'"
         )
         return done / float(seconds), still_purging
+
+    def dashboard_pages(self) -> dict[str, float]:
+        """Server time (ms, median of 20) of each dashboard page over ``sizes.dashboard``
+        task and event rows: a month of history, 1% pending, 1% failed, 10 events per task,
+        analyzed as autovacuum would have."""
+        from starlette.testclient import TestClient
+
+        from beanflow.dashboard.web import create_app
+
+        tasks, events = self.sizes.dashboard
+        self.reset()
+        self.sql(
+            "INSERT INTO beanflow_tasks (id, channel, module, name, state, created_at, "
+            "scheduled_at, started_at, finished_at, error_message) SELECT gen_random_uuid(), "
+            "'c' || (n % 4), 'm', 'f' || (n % 7), s, at, at, at, "
+            "CASE WHEN s = 'PENDING' THEN NULL ELSE at END, "
+            "CASE WHEN s = 'FAILED' THEN 'E: failure ' || n END FROM (SELECT n, "
+            "now() - n * (interval '30 days' / :n) AS at, CASE WHEN n % 100 = 1 THEN 'PENDING' "
+            "WHEN n % 100 = 2 THEN 'FAILED' ELSE 'DONE' END AS s "
+            "FROM generate_series(1, :n) AS n) AS rows",
+            n=tasks,
+        )
+        with self.app.engine.begin() as connection:  # no foreign-key check per row
+            connection.execute(text("SET LOCAL session_replication_role = replica"))
+            connection.execute(
+                text(
+                    "INSERT INTO beanflow_events (task_id, type, created_at) SELECT id, "
+                    "'CLAIMED', created_at FROM beanflow_tasks, generate_series(1, :per)"
+                ),
+                {"per": events // tasks},
+            )
+        self.sql("ANALYZE")
+        client = TestClient(create_app(ops.Operations(self.app)))
+        failed = self.sql("SELECT id FROM beanflow_tasks WHERE state = 'FAILED' LIMIT 1")[0]
+        pages = {
+            "overview": "/",
+            "tasks": "/tasks",
+            "tasks, failed of one channel": "/tasks?state=FAILED&channel=c2",
+            "tasks, error text": "/tasks?error=failure+12345",
+            "tasks, page 2": None,
+            "a task with its events": f"/tasks/{failed}",
+            "workers": "/workers",
+        }
+        first = client.get("/tasks").text
+        cursor = first.split('href="?after=', 1)[1].split('"', 1)[0].replace("&amp;", "&")
+        pages["tasks, page 2"] = "/tasks?after=" + cursor
+        timings = {}
+        for name, path in pages.items():
+            times = []
+            for _ in range(20):
+                started = time.perf_counter()
+                assert client.get(path).status_code == 200, path
+                times.append((time.perf_counter() - started) * 1000)
+            timings[name] = statistics.median(times)
+        return timings
 
     def wake_up(self) -> list[float]:
         """start − commit (ms) of tasks committed every 20 ms to one idle worker."""
@@ -655,6 +713,14 @@ def purge_under_load(bench: Bench) -> list[Figure]:
     ]
 
 
+def dashboard(bench: Bench) -> list[Figure]:
+    tasks, events = bench.sizes.dashboard
+    return [
+        Figure(f"W10 dashboard, {tasks:,} tasks, {events:,} events: {page}", "ms", ms)
+        for page, ms in bench.dashboard_pages().items()
+    ]
+
+
 WORKLOADS: dict[str, Callable[[Bench], list[Figure]]] = {
     "W1": enqueue,
     "W2": drain,
@@ -665,6 +731,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[Figure]]] = {
     "W8": mixed,
     "W7": stale,
     "W9": purge_under_load,
+    "W10": dashboard,
 }
 
 
