@@ -236,3 +236,31 @@ def test_a_database_that_does_not_answer_is_a_503_page():
     client = client_for(bq.BeanQueue(config))
     page = client.get("/")
     assert page.status_code == 503 and "the database did not answer" in page.text
+
+
+def test_the_file_declares_the_dashboard_and_a_public_one_needs_its_token(tmp_path, monkeypatch):
+    from beanflow import spec
+
+    path = tmp_path / "beanflow.yaml"
+    path.write_text(
+        "version: 1\ndatabase: postgresql://u@db.example/x\n"
+        "dashboard: {host: 0.0.0.0, port: 9000}\n"
+    )
+    monkeypatch.delenv("BEANFLOW_DASHBOARD_TOKEN", raising=False)
+    deployment, problems = spec.check(path)
+    assert [str(p).removeprefix(f"{path}:") for p in problems] == [
+        "3:13: dashboard.host: refusing to serve the dashboard on 0.0.0.0 without "
+        "authentication: set BEANFLOW_DASHBOARD_TOKEN (or dashboard: token: in beanflow.yaml), "
+        "or bind 127.0.0.1"
+    ]
+    monkeypatch.setenv("BEANFLOW_DASHBOARD_TOKEN", "s3cret")
+    deployment, problems = spec.check(path)
+    assert problems == []
+    assert deployment.dashboard == DashboardSettings("0.0.0.0", 9000, False, "s3cret")
+    path.write_text(
+        "version: 1\ndatabase: postgresql://u@db.example/x\n"
+        "dashboard: {read_only: true, token: '${MY_TOKEN}'}\n"
+    )
+    monkeypatch.setenv("MY_TOKEN", "t0ken")
+    deployment, problems = spec.check(path)
+    assert deployment.dashboard == DashboardSettings(read_only=True, token="t0ken")
