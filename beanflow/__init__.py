@@ -3,7 +3,7 @@
 from . import models
 from .app import BeanQueue
 from .config import Config
-from .deployment import Deployment, enqueue, enqueue_many, run_deployment
+from .deployment import Deployment, enqueue, enqueue_many, run_deployment, start
 from .errors import (
     BeanflowError,
     Cancel,
@@ -23,6 +23,7 @@ from .models import (
     TaskModelRefEventMixin,
     TaskModelRefParentMixin,
     TaskModelRefWorkerMixin,
+    TaskModelRefWorkflowMixin,
     TaskState,
     Worker,
     WorkerModelMixin,
@@ -66,6 +67,7 @@ __all__ = [
     "TaskModelRefEventMixin",
     "TaskModelRefParentMixin",
     "TaskModelRefWorkerMixin",
+    "TaskModelRefWorkflowMixin",
     "TaskState",
     "Worker",
     "WorkerModelMixin",
@@ -79,4 +81,5 @@ __all__ = [
     "models",
     "processor",
     "run_deployment",
+    "start",
 ]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import Engine, inspect
+from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
 from .config import Config, import_object
@@ -15,6 +15,7 @@ from .errors import ConfigError, ProcessorNotFound
 from .models.cancellation import Cancellation
 from .models.schedule import ScheduleState
 from .models.waiter import Waiter
+from .models.workflow import WorkflowRun, WorkflowStep
 from .processors.processor import ExceptionTypes, Processor
 from .processors.registry import ProcessorRegistry, processor
 from .processors.retry import RetryPolicy
@@ -31,6 +32,8 @@ class BeanQueue:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config()
         self.registry = ProcessorRegistry()
+        # see QueueApp.task_end_hooks
+        self.task_end_hooks: list[Callable[[Session, Sequence[Any]], None]] = []
 
     # ---- models and database ---------------------------------------------------------------
 
@@ -65,14 +68,25 @@ class BeanQueue:
             ScheduleState,
             Cancellation,
             Waiter,
+            WorkflowRun,
+            WorkflowStep,
         ]
 
     def create_tables(self) -> None:
         """Create beanflow's tables and their indexes where missing (a newer version's new
-        tables and indexes are added to an existing database)."""
+        tables, nullable columns and indexes are added to an existing database)."""
         for model in self.models:
-            model.metadata.create_all(self.engine, tables=[model.__table__])
-            for index in model.__table__.indexes:
+            table = model.__table__
+            model.metadata.create_all(self.engine, tables=[table])
+            present = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+            with self.engine.begin() as connection:
+                for column in table.columns:
+                    if column.name not in present and column.nullable:
+                        kind = column.type.compile(dialect=self.engine.dialect)
+                        connection.exec_driver_sql(
+                            f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'
+                        )
+            for index in table.indexes:
                 index.create(self.engine, checkfirst=True)
 
     # ---- processors ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .errors import ProcessorNotFound, TablesMissing
 from .models.task import current_task, insert_task, notify_channels
 from .ops import Operations, Retention, RetentionService, database_now, report_burst
 from .processors.processor import Processor
+from .workflows import Workflows, WorkflowService
 
 # how a supervisor hands the resolved database URL to its workers (not on the command line,
 # where `ps` would show its password)
@@ -48,6 +49,7 @@ class Deployment:
     # where a running deployment serves /metrics and /healthz: (host, port); None: it does not
     metrics: tuple[str, int] | None = None
     dashboard: DashboardSettings | None = None  # served by a running deployment when set
+    workflows: Workflows | None = None  # the workflows it declares
     path: Path | None = None  # the file it was compiled from (workers compile it again)
 
     def resolve(self, channel: str | None, name: str) -> Processor:
@@ -148,6 +150,16 @@ def enqueue_many(
     return len(arguments)
 
 
+def start(session: Session, workflow: str, /, input: Any = None, key: str | None = None) -> Any:
+    """Start a run of the default deployment's ``workflow`` in ``session``'s transaction (it
+    and its first steps exist once the caller commits); with ``key``, a second start with the
+    same key returns the first run. Returns the WorkflowRun."""
+    workflows = default().workflows
+    if workflows is None:
+        raise ProcessorNotFound(f"no workflow {workflow!r}: the loaded file declares none")
+    return workflows.start(session, workflow, input, key)
+
+
 def run_deployment(
     deployment: Deployment,
     *,
@@ -197,6 +209,8 @@ def run_deployment(
     ]
     if deployment.schedules:
         services.insert(0, Scheduler(app, deployment.schedules))
+    if deployment.workflows is not None:
+        services.append(WorkflowService(deployment.workflows))
     supervisor = Supervisor(
         plans,
         command,

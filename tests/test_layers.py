@@ -23,13 +23,14 @@ LAYER = {
     "engine": 4,
     "app": 5,
     "ops": 6,
-    "metrics": 7,
-    "dashboard": 7,
-    "deployment": 8,
-    "spec": 9,
-    "cli": 10,
-    "__init__": 11,
-    "__main__": 11,
+    "workflows": 7,
+    "metrics": 8,
+    "dashboard": 8,
+    "deployment": 9,
+    "spec": 10,
+    "cli": 11,
+    "__init__": 12,
+    "__main__": 12,
 }
 
 

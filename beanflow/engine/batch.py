@@ -119,10 +119,11 @@ class Batch:
         self.connections, self.release, self.counts = connections, release, counts
         self.finished: list[Finished] = []  # completed at the commit
         self.started: list[Any] = []  # ids of the tasks run in it (charged if it dies)
+        self.failed: list[Any] = []  # tasks failed or cancelled for good in it
 
     def reset(self) -> None:
         """The transaction ended (committed, or lost with its connection)."""
-        self.finished, self.started = [], []
+        self.finished, self.started, self.failed = [], [], []
 
     def complete(self, session: Session) -> int:
         """Mark the finished tasks DONE with one statement; returns how many this worker still
@@ -188,6 +189,8 @@ class Batch:
             innocent = [entry.task.id for entry in self.finished]
             self.abort(session, [], innocent, charged=[task.id])
         self.counts[outcome] += 1
+        if outcome in ("failed", "cancelled"):
+            self.failed.append(task)
         metrics.task_ended(task, outcome)
 
     def abort(

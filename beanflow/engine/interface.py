@@ -6,9 +6,11 @@ engine never imports the app or the declarative layer.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from ..config import Config
 from ..processors.registry import ProcessorRegistry
@@ -19,6 +21,9 @@ class QueueApp(Protocol):
 
     config: Config
     registry: ProcessorRegistry
+    # called in the transaction that ends tasks (DONE, or FAILED or CANCELLED for good), before
+    # it commits, with those tasks (a deployment's workflows advance their runs there)
+    task_end_hooks: list[Callable[[Session, Sequence[Any]], None]]
 
     @property
     def task_model(self) -> type: ...

@@ -11,11 +11,13 @@ from .task import (
     TaskModelRefEventMixin,
     TaskModelRefParentMixin,
     TaskModelRefWorkerMixin,
+    TaskModelRefWorkflowMixin,
     TaskState,
     listen_events,
 )
 from .waiter import DONE_CHANNEL, Waiter
 from .worker import Worker, WorkerModelMixin, WorkerRefMixin, WorkerState
+from .workflow import RunState, StepOutcome, WorkflowRun, WorkflowStep
 
 __all__ = [
     "Base",
@@ -32,11 +34,16 @@ __all__ = [
     "TaskModelRefEventMixin",
     "TaskModelRefParentMixin",
     "TaskModelRefWorkerMixin",
+    "TaskModelRefWorkflowMixin",
     "TaskState",
     "Waiter",
     "Worker",
     "WorkerModelMixin",
     "WorkerRefMixin",
     "WorkerState",
+    "RunState",
+    "StepOutcome",
+    "WorkflowRun",
+    "WorkflowStep",
     "listen_events",
 ]

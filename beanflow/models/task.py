@@ -164,6 +164,7 @@ class TaskModelMixin:
                 for column, suffix, where in (
                     ("worker_id", "processing_worker", "state = 'PROCESSING'"),
                     ("parent_id", "parent", "parent_id IS NOT NULL"),
+                    ("workflow_run_id", "workflow_run", "workflow_run_id IS NOT NULL"),
                 )
                 if _declares(cls, column)
             ),
@@ -235,6 +236,14 @@ class TaskModelRefParentMixin:
         return relationship(cls.__name__, back_populates="parent")
 
 
+class TaskModelRefWorkflowMixin:
+    """The workflow run this task is a step of (None for a task enqueued on its own)."""
+
+    @declared_attr
+    def workflow_run_id(cls) -> Mapped[uuid.UUID | None]:
+        return mapped_column(UUID(as_uuid=True), nullable=True)
+
+
 class TaskModelRefEventMixin:
     """The task's events, oldest first."""
 
@@ -249,6 +258,7 @@ class Task(
     TaskModelMixin,
     TaskModelRefWorkerMixin,
     TaskModelRefParentMixin,
+    TaskModelRefWorkflowMixin,
     TaskModelRefEventMixin,
     Base,
 ):

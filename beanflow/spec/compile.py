@@ -37,8 +37,10 @@ from ..engine.schedules import Schedule
 from ..errors import BeanflowError
 from ..models.task import check_channel
 from ..processors.processor import Processor
+from ..workflows import Workflows
 from .load import Document, Path_, Problem
 from .policies import PolicyCompiler
+from .workflows import WorkflowCompiler
 
 # worker: key → Config field
 _WORKER_SETTINGS = {
@@ -81,6 +83,7 @@ class _Compiler:
         self.processors(deployment)
         self.channels(deployment)
         self.schedules(deployment)
+        self.workflows(deployment)
         self.retention(deployment)
         serving = self.section("metrics")
         if isinstance(serving.get("port"), int):
@@ -308,6 +311,15 @@ class _Compiler:
                 deployment.schedules.append(
                     Schedule(name, processor, cron, timezone, kwargs, spec.get("catch_up", 1))
                 )
+
+    def workflows(self, deployment: Deployment) -> None:
+        compiler = WorkflowCompiler(
+            self.section("workflows"), deployment, self.policies, self.timeout, self.problem, _BAD
+        )
+        compiled = compiler.compile_all()
+        if compiled:
+            deployment.workflows = Workflows(deployment.app, compiled)
+            deployment.app.task_end_hooks.append(deployment.workflows.on_tasks_ended)
 
     def retention(self, deployment: Deployment) -> None:
         kept = {}

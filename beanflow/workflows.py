@@ -1,0 +1,679 @@
+"""Workflows declared in beanflow.yaml: steps, dependencies, fan-out and fan-in, conditions,
+an ``on_failure`` step, the run's result — and their progression.
+
+Each step is a task of its processor. When a step's task ends, the worker that ends it calls
+``Workflows.on_tasks_ended`` in the same transaction: it locks the run's row, reads its steps,
+and inserts the tasks of the steps now released (or fails the run, or finishes it). So a
+step's database writes, its completion and the release of what depends on it commit together,
+and a step with several upstreams is released once (the run's lock orders the transactions
+that end its upstreams; the key (run, step, index) refuses a second release). A step that
+ends by another path (its worker died and the reaper failed it; an operator cancelled it) is
+taken up by ``WorkflowService``, which advances runs with no task pending or running.
+
+How a step's kwargs are built (documented in the README):
+- ``kwargs:`` declared on the step, whose string values ``$input.…``, ``$STEP.…`` and
+  ``$item.…`` are references (``$$`` writes a literal ``$``); without it, a first step (no
+  ``after``) gets the run's input as its kwargs, the others none;
+- then, for parameters the function declares and the kwargs do not set: ``input`` (the run's
+  input), ``results`` (each upstream step's result by name; a fan-out's is the list of its
+  elements' results in order; a skipped step's is None), ``item`` (the element, in a fan-out).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jsonschema
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from .app import BeanQueue
+from .engine.notify import Listener
+from .engine.queries import notify
+from .engine.service import PeriodicService
+from .errors import BeanflowError, KwargsError, first_line
+from .models import (
+    FINAL_STATES,
+    RunState,
+    StepOutcome,
+    TaskState,
+    WorkflowRun,
+    WorkflowStep,
+)
+from .models.task import notify_channels
+from .ops import Operations, operator
+from .processors.processor import Processor
+
+logger = logging.getLogger(__name__)
+
+RUNS_CHANNEL = "beanflow_runs"  # notified when a run ends (``wait``)
+NO_TASK = -1  # the index of a step row that has no task (skipped, or an empty fan-out)
+_TRUTHY = object()  # a condition that asks only whether a value is truthy
+_PENDING = object()  # a step released now, whose result is not known yet
+_NO_ITEM = object()  # a step that is not a fan-out
+
+
+class WorkflowError(BeanflowError):
+    """A run cannot go on: a reference that does not resolve, kwargs that do not fit."""
+
+
+# ---- what a file declares ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """``source.path…``: the run's ``input``, a fan-out's ``item``, or a step's result."""
+
+    source: str
+    path: tuple[str | int, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Ref:
+        parts = text.split(".")
+        if not all(parts):
+            raise ValueError(f"{text!r} is not a reference (STEP.key.0, input.key, item)")
+        return cls(parts[0], tuple(int(p) if p.isdigit() else p for p in parts[1:]))
+
+    def __str__(self) -> str:
+        return ".".join([self.source, *map(str, self.path)])
+
+    def resolve(self, context: dict[str, Any]) -> Any:
+        value = context[self.source]
+        for depth, key in enumerate(self.path):
+            where = ".".join([self.source, *map(str, self.path[:depth])])
+            if isinstance(key, int) and isinstance(value, list):
+                if key >= len(value):
+                    raise WorkflowError(f"{self}: {where} has {len(value)} element(s)")
+                value = value[key]
+            elif isinstance(value, dict) and str(key) in value:
+                value = value[str(key)]
+            else:
+                kind = type(value).__name__ if value is not None else "null"
+                raise WorkflowError(f"{self}: {where} ({kind}) has no {key!r}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """``if:`` a reference (true when its value is truthy), or ``{reference: value}`` pairs
+    (true when each equals its value)."""
+
+    tests: tuple[tuple[Ref, Any], ...]
+
+    @classmethod
+    def truthy(cls, ref: Ref) -> Condition:
+        return cls(((ref, _TRUTHY),))
+
+    def holds(self, context: dict[str, Any]) -> bool:
+        for ref, expected in self.tests:
+            value = ref.resolve(context)
+            if not (bool(value) if expected is _TRUTHY else value == expected):
+                return False
+        return True
+
+    @property
+    def refs(self) -> list[Ref]:
+        return [ref for ref, _ in self.tests]
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    processor: Processor
+    after: tuple[str, ...] = ()
+    for_each: Ref | None = None
+    condition: Condition | None = None
+    kwargs: dict[str, Any] | None = None  # values may be Refs
+
+    def parameters(self) -> set[str]:
+        return set(inspect.signature(self.processor.func).parameters)
+
+
+@dataclasses.dataclass
+class Workflow:
+    name: str
+    steps: dict[str, Step]  # in an order where each step comes after its upstreams
+    result: str  # the step whose result is the run's
+    on_failure: Step | None = None
+    input_schema: dict[str, Any] | None = None
+
+    def levels(self) -> dict[str, int]:
+        """Each step's depth: 0 for first steps, 1 + the deepest upstream otherwise."""
+        depth: dict[str, int] = {}
+        for name, step in self.steps.items():
+            depth[name] = 1 + max((depth[a] for a in step.after), default=-1)
+        return depth
+
+
+def resolve_values(value: Any, context: dict[str, Any]) -> Any:
+    """``value`` with each Ref in it (in lists and mappings too) replaced by what it names."""
+    if isinstance(value, Ref):
+        return value.resolve(context)
+    if isinstance(value, dict):
+        return {k: resolve_values(v, context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_values(v, context) for v in value]
+    return value
+
+
+# ---- runs ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepView:
+    """One row of a run's step: its index (-1: no task), how it ended without a task, its
+    task (None when it has none, or when the task was purged)."""
+
+    step: str
+    index: int
+    outcome: StepOutcome | None
+    task: Any | None
+
+
+@dataclasses.dataclass
+class RunDetail:
+    run: WorkflowRun
+    steps: list[StepView]
+
+    def of(self, step: str) -> list[StepView]:
+        return [view for view in self.steps if view.step == step]
+
+
+class Workflows:
+    """A deployment's workflows: start runs, advance them, cancel, retry, read."""
+
+    def __init__(self, app: BeanQueue, workflows: dict[str, Workflow]) -> None:
+        self.app, self.definitions = app, workflows
+        self.ops = Operations(app)
+
+    # ---- starting --------------------------------------------------------------------------
+
+    def start(
+        self, session: Session, name: str, input: Any = None, key: str | None = None
+    ) -> WorkflowRun:
+        """Add a run of workflow ``name`` and the tasks of its first steps to ``session``'s
+        transaction (nothing exists until the caller commits). With ``key``, a second start
+        with the same key returns the first run instead."""
+        workflow = self.definitions.get(name)
+        if workflow is None:
+            known = ", ".join(sorted(self.definitions)) or "none is declared"
+            raise WorkflowError(f"no workflow {name!r} ({known})")
+        input = {} if input is None else input
+        if workflow.input_schema is not None:
+            try:
+                jsonschema.validate(input, workflow.input_schema)
+            except jsonschema.ValidationError as error:
+                where = "/".join(map(str, error.absolute_path)) or "the input"
+                raise KwargsError(f"input of {name}: {where}: {error.message}") from None
+        run_id = session.scalar(
+            pg_insert(WorkflowRun)
+            .values(id=uuid.uuid4(), workflow=name, state=RunState.RUNNING, input=input)
+            .values(unique_key=key)
+            .on_conflict_do_nothing(
+                index_elements=["unique_key"], index_where=WorkflowRun.unique_key.is_not(None)
+            )
+            .returning(WorkflowRun.id)
+        )
+        if run_id is None:  # a run with this key exists
+            return session.scalars(select(WorkflowRun).where(WorkflowRun.unique_key == key)).one()
+        run = session.get(WorkflowRun, run_id)
+        self._advance_run(session, run, workflow)
+        return run
+
+    # ---- progression -----------------------------------------------------------------------
+
+    def on_tasks_ended(self, session: Session, tasks: Sequence[Any]) -> None:
+        """The engine's hook: advance the runs of the steps that ended in this transaction,
+        in it. A failure here is logged and left to WorkflowService (the tasks' own outcomes
+        commit regardless)."""
+        runs = {task.workflow_run_id for task in tasks if getattr(task, "workflow_run_id", None)}
+        if not runs:
+            return
+        savepoint = session.begin_nested()
+        try:
+            self.advance(session, runs)
+            savepoint.commit()
+        except Exception:  # noqa: BLE001 - the service retries the run, and charges it
+            savepoint.rollback()
+            logger.exception("workflow runs %s: not advanced (the service will)", sorted(runs))
+
+    def advance(self, session: Session, run_ids: Iterable[uuid.UUID], wait: bool = True) -> int:
+        """Lock the runs (in id order) and take each a step further: release what its ended
+        steps allow, fail it, or finish it. Without ``wait``, runs locked elsewhere are left.
+        Returns how many runs were advanced."""
+        query = (
+            select(WorkflowRun)
+            .where(WorkflowRun.id.in_(sorted(run_ids)), WorkflowRun.state == RunState.RUNNING)
+            .order_by(WorkflowRun.id)
+            .with_for_update(skip_locked=not wait)
+            .execution_options(populate_existing=True)
+        )
+        runs = list(session.scalars(query))
+        for run in runs:
+            workflow = self.definitions.get(run.workflow)
+            if workflow is None:
+                logger.warning("run %s: workflow %r is not declared here", run.id, run.workflow)
+                continue
+            self._advance_run(session, run, workflow)
+        return len(runs)
+
+    def _advance_run(self, session: Session, run: WorkflowRun, workflow: Workflow) -> None:
+        t = self.app.task_model
+        rows = session.execute(
+            select(WorkflowStep.step, WorkflowStep.index, WorkflowStep.outcome, t.state, t.result)
+            .outerjoin(t, t.id == WorkflowStep.task_id)
+            .where(WorkflowStep.run_id == run.id)
+            .order_by(WorkflowStep.step, WorkflowStep.index)
+        ).all()
+        released: dict[str, list[Any]] = {}
+        for row in rows:
+            released.setdefault(row.step, []).append(row)
+        handler = workflow.on_failure.name if workflow.on_failure else None
+        for step, its in released.items():
+            ended_badly = [
+                r for r in its if r.outcome is None and r.state in (None, *FINAL_STATES[1:])
+            ]
+            if step != handler and ended_badly:
+                return self._fail(session, run, workflow, step, ended_badly[0].state)
+        context: dict[str, Any] = {"input": run.input}
+        for name, its in released.items():
+            if all(r.outcome is not None or r.state == TaskState.DONE for r in its):
+                context[name] = _result_of(workflow.steps.get(name), its)
+        try:
+            for name, step in workflow.steps.items():
+                if name in released or not all(a in context for a in step.after):
+                    continue
+                decided = self._release(session, run, step, context)
+                if decided is not _PENDING:
+                    context[name] = decided
+        except (WorkflowError, KwargsError) as error:
+            return self._fail(session, run, workflow, name, None, str(error))
+        if all(name in context for name in workflow.steps):
+            self._finish(session, run, RunState.DONE, result=context[workflow.result])
+
+    def _release(
+        self, session: Session, run: WorkflowRun, step: Step, context: dict[str, Any]
+    ) -> Any:
+        """Insert the tasks of ``step`` (a row without a task when it is skipped or fans out
+        over nothing); returns its result when that is decided at once, else _PENDING."""
+        if step.condition is not None and not step.condition.holds(context):
+            self._insert(session, run, step, [], StepOutcome.SKIPPED)
+            return None
+        if step.for_each is None:
+            self._insert(session, run, step, [self._kwargs(step, context, run)])
+            return _PENDING
+        items = step.for_each.resolve(context)
+        if not isinstance(items, list):
+            kind = type(items).__name__ if items is not None else "null"
+            raise WorkflowError(f"for_each {step.for_each} is {kind}, not a list")
+        if not items:
+            self._insert(session, run, step, [], StepOutcome.EMPTY)
+            return []
+        self._insert(session, run, step, [self._kwargs(step, context, run, item) for item in items])
+        return _PENDING
+
+    def _kwargs(
+        self, step: Step, context: dict[str, Any], run: WorkflowRun, item: Any = _NO_ITEM
+    ) -> dict[str, Any]:
+        scope = context if item is _NO_ITEM else context | {"item": item}
+        if step.kwargs is not None:
+            kwargs = resolve_values(step.kwargs, scope)
+        elif not step.after and isinstance(run.input, dict):
+            kwargs = dict(run.input)
+        else:
+            kwargs = {}
+        offered = {"input": run.input}
+        if step.after:
+            offered["results"] = {name: context[name] for name in step.after}
+        if item is not _NO_ITEM:
+            offered["item"] = item
+        wanted = step.parameters()
+        kwargs |= {k: v for k, v in offered.items() if k in wanted and k not in kwargs}
+        step.processor.check_kwargs(kwargs)
+        return kwargs
+
+    def _insert(
+        self,
+        session: Session,
+        run: WorkflowRun,
+        step: Step,
+        kwargs_list: list[dict[str, Any]],
+        outcome: StepOutcome | None = None,
+    ) -> None:
+        """The step's rows and tasks; a row already there (a second release) is left, and so
+        is its task."""
+        if outcome is not None:
+            session.execute(
+                pg_insert(WorkflowStep)
+                .values(run_id=run.id, step=step.name, index=NO_TASK, outcome=outcome)
+                .on_conflict_do_nothing()
+            )
+            return
+        ids = [uuid.uuid4() for _ in kwargs_list]
+        fresh = set(
+            session.scalars(
+                pg_insert(WorkflowStep)
+                .values(
+                    [
+                        {"run_id": run.id, "step": step.name, "index": i, "task_id": task_id}
+                        for i, task_id in enumerate(ids)
+                    ]
+                )
+                .on_conflict_do_nothing()
+                .returning(WorkflowStep.task_id)
+            )
+        )
+        processor = step.processor
+        rows = [
+            {
+                "id": task_id,
+                "channel": processor.channel,
+                "module": processor.module,
+                "name": processor.name,
+                "kwargs": kwargs,
+                "workflow_run_id": run.id,
+            }
+            for task_id, kwargs in zip(ids, kwargs_list, strict=True)
+            if task_id in fresh
+        ]
+        if rows:
+            session.execute(insert(processor.task_class), rows)
+            notify_channels(session, [processor.channel])
+
+    def _fail(
+        self,
+        session: Session,
+        run: WorkflowRun,
+        workflow: Workflow,
+        step: str,
+        state: TaskState | None,
+        error: str | None = None,
+    ) -> None:
+        """The run fails at ``step``: its pending steps are cancelled, ``on_failure`` runs."""
+        if error is None:
+            error = self._step_error(session, run, step, state)
+        t = self.app.task_model
+        handler = workflow.on_failure
+        session.execute(
+            update(t)
+            .where(t.workflow_run_id == run.id, t.state == TaskState.PENDING)
+            .values(
+                state=TaskState.CANCELLED,
+                finished_at=func.clock_timestamp(),
+                error_message=f"cancelled: the run failed at step {step}",
+            )
+            .execution_options(synchronize_session=False)
+        )
+        run.failed_step = step
+        self._finish(session, run, RunState.FAILED, error=f"step {step}: {error}")
+        if handler is not None:
+            context = {
+                "input": run.input,
+                "error": run.error,
+                "step": step,
+                "run_id": str(run.id),
+            }
+            kwargs = resolve_values(handler.kwargs or {}, context)
+            wanted = handler.parameters()
+            kwargs |= {k: v for k, v in context.items() if k in wanted and k not in kwargs}
+            try:
+                handler.processor.check_kwargs(kwargs)
+            except KwargsError as refused:
+                logger.error("run %s: on_failure not run: %s", run.id, refused)
+                return
+            self._insert(session, run, handler, [kwargs])
+
+    def _step_error(
+        self, session: Session, run: WorkflowRun, step: str, state: TaskState | None
+    ) -> str:
+        t = self.app.task_model
+        message = session.scalar(
+            select(t.error_message)
+            .join(WorkflowStep, WorkflowStep.task_id == t.id)
+            .where(WorkflowStep.run_id == run.id, WorkflowStep.step == step)
+            .where(t.state.in_([TaskState.FAILED, TaskState.CANCELLED]))
+            .limit(1)
+        )
+        if state is None:
+            return "its task is gone"
+        return message or TaskState(state).value.lower()
+
+    def _finish(
+        self,
+        session: Session,
+        run: WorkflowRun,
+        state: RunState,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        run.state, run.result, run.error = state, result, error
+        run.finished_at = func.clock_timestamp()
+        session.flush()
+        session.execute(notify(RUNS_CHANNEL))
+
+    # ---- steering --------------------------------------------------------------------------
+
+    def cancel(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> bool:
+        """Cancel a running run: it becomes CANCELLED, its pending steps are cancelled and its
+        running ones interrupted. Returns False when the run was not running."""
+        run = session.get(WorkflowRun, run_id, with_for_update=True)
+        if run is None or run.state != RunState.RUNNING:
+            return False
+        by = by or operator()
+        t = self.app.task_model
+        ids = session.scalars(
+            select(t.id).where(
+                t.workflow_run_id == run_id,
+                t.state.in_([TaskState.PENDING, TaskState.PROCESSING]),
+            )
+        ).all()
+        self.ops.cancel(session, ids, by=by)
+        self._finish(session, run, RunState.CANCELLED, error=f"cancelled by {by}")
+        return True
+
+    def retry(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> int:
+        """Resume a failed or cancelled run from where it stopped: its failed and cancelled
+        steps run again (with fresh attempts), what succeeded is not run again. Returns how
+        many step tasks were retried."""
+        run = session.get(WorkflowRun, run_id, with_for_update=True)
+        if run is None or run.state not in (RunState.FAILED, RunState.CANCELLED):
+            raise WorkflowError(f"run {run_id} is not failed or cancelled")
+        workflow = self.definitions.get(run.workflow)
+        if workflow is None:
+            raise WorkflowError(f"workflow {run.workflow!r} is not declared here")
+        t = self.app.task_model
+        handler = workflow.on_failure.name if workflow.on_failure else None
+        ids = session.scalars(
+            select(t.id)
+            .join(WorkflowStep, WorkflowStep.task_id == t.id)
+            .where(WorkflowStep.run_id == run_id, WorkflowStep.step != handler)
+            .where(t.state.in_([TaskState.FAILED, TaskState.CANCELLED]))
+        ).all()
+        retried = self.ops.retry(session, ids, by)
+        if handler is not None:  # a later failure runs it again
+            session.execute(
+                delete(WorkflowStep).where(
+                    WorkflowStep.run_id == run_id, WorkflowStep.step == handler
+                )
+            )
+        run.state, run.error, run.failed_step, run.finished_at = RunState.RUNNING, None, None, None
+        session.flush()
+        self._advance_run(session, run, workflow)
+        return retried
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def runs(
+        self,
+        session: Session,
+        workflow: str | None = None,
+        state: RunState | None = None,
+        limit: int = 50,
+    ) -> list[WorkflowRun]:
+        """The newest runs (of ``workflow``, in ``state``)."""
+        query = select(WorkflowRun).order_by(WorkflowRun.created_at.desc(), WorkflowRun.id)
+        if workflow is not None:
+            query = query.where(WorkflowRun.workflow == workflow)
+        if state is not None:
+            query = query.where(WorkflowRun.state == RunState(state))
+        return list(session.scalars(query.limit(limit)))
+
+    def run(self, session: Session, run_id: uuid.UUID) -> RunDetail | None:
+        """A run and each row of its steps, with their tasks."""
+        run = session.get(WorkflowRun, run_id)
+        if run is None:
+            return None
+        t = self.app.task_model
+        rows = session.execute(
+            select(WorkflowStep, t)
+            .outerjoin(t, t.id == WorkflowStep.task_id)
+            .where(WorkflowStep.run_id == run_id)
+            .order_by(WorkflowStep.released_at, WorkflowStep.index)
+        ).all()
+        return RunDetail(run, [StepView(s.step, s.index, s.outcome, task) for s, task in rows])
+
+    def wait(self, run_id: uuid.UUID, timeout: float | None = None) -> WorkflowRun | None:
+        """Sleep on LISTEN until run ``run_id`` ends; returns it (detached), or None after
+        ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        listener = Listener(self.app.engine, [RUNS_CHANNEL])
+        try:
+            while True:
+                with self.app.session_factory(expire_on_commit=False) as session:
+                    run = session.get(WorkflowRun, run_id)
+                    if run is None or run.state != RunState.RUNNING:
+                        return run
+                left = 30.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                listener.wait(min(left, 30.0))
+        finally:
+            listener.close()
+
+    def draw(self, detail: RunDetail | None, workflow: Workflow) -> list[str]:
+        """The workflow as text, a line per step by depth, with each step's upstreams and
+        (given a run) its state."""
+        depth = workflow.levels()
+        lines = []
+        width = max(len(name) for name in workflow.steps)
+        steps = list(workflow.steps.values())
+        if workflow.on_failure is not None:
+            steps.append(workflow.on_failure)
+        for step in steps:
+            level = depth.get(step.name)
+            marker = f"{level + 1}." if level is not None else "!"
+            indent = "  " * (level if level is not None else 0)
+            upstream = f" ← {', '.join(step.after)}" if step.after else ""
+            if step is workflow.on_failure:
+                upstream = " ← any step failing for good"
+            fan = f" (for each {step.for_each})" if step.for_each else ""
+            when = ""
+            if step.condition is not None:
+                when = " (if " + ", ".join(map(str, step.condition.refs)) + ")"
+            state = "" if detail is None else "  " + describe(detail.of(step.name))
+            lines.append(f"{marker:>3} {indent}{step.name:<{width}}{upstream}{fan}{when}{state}")
+        return lines
+
+
+def describe(views: list[StepView]) -> str:
+    """A step's state in a run: waiting, skipped, empty, or its tasks' states counted."""
+    if not views:
+        return "waiting"
+    if views[0].outcome is not None:
+        return views[0].outcome.value.lower()
+    counts: dict[str, int] = {}
+    for view in views:
+        state = "GONE" if view.task is None else TaskState(view.task.state).value
+        counts[state] = counts.get(state, 0) + 1
+    if len(views) == 1:
+        return next(iter(counts)).lower()
+    return f"×{len(views)}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+
+
+def _result_of(step: Step | None, rows: list[Any]) -> Any:
+    """A completed step's result: its task's, the list of its elements' (a fan-out), None
+    when it was skipped, [] when it fanned out over nothing."""
+    if rows[0].outcome == StepOutcome.SKIPPED:
+        return None
+    if rows[0].outcome == StepOutcome.EMPTY:
+        return []
+    if step is not None and step.for_each is not None:
+        return [row.result for row in rows]
+    return rows[0].result
+
+
+class WorkflowService(PeriodicService):
+    """Advances runs that nothing else will: a running run with no step task pending or
+    running (a step ended outside a worker's completion, or its release failed). A run whose
+    progression fails again is failed, saying why."""
+
+    name = "workflows"
+    PERIOD = 5.0
+    BATCH = 100
+
+    def __init__(self, workflows: Workflows, period: float = PERIOD) -> None:
+        super().__init__(period, threading.Event())
+        self.workflows = workflows
+
+    def run_once(self) -> None:
+        t = self.workflows.app.task_model
+        active = (
+            select(t.id)
+            .where(t.workflow_run_id == WorkflowRun.id)
+            .where(t.state.in_([TaskState.PENDING, TaskState.PROCESSING]))
+            .exists()
+        )
+        with self.workflows.app.session_factory() as session:
+            stalled = session.scalars(
+                select(WorkflowRun.id)
+                .where(WorkflowRun.state == RunState.RUNNING, ~active)
+                .limit(self.BATCH)
+            ).all()
+        for run_id in stalled:
+            with self.workflows.app.session_factory() as session:
+                try:
+                    self.workflows.advance(session, [run_id], wait=False)
+                    session.commit()
+                except Exception as error:  # noqa: BLE001 - charged to the run
+                    session.rollback()
+                    logger.exception("run %s cannot advance; it fails", run_id)
+                    self._charge(session, run_id, error)
+
+    def _charge(self, session: Session, run_id: uuid.UUID, error: BaseException) -> None:
+        run = session.get(WorkflowRun, run_id, with_for_update=True)
+        if run is not None and run.state == RunState.RUNNING:
+            message = f"its progression failed: {type(error).__name__}: {first_line(error)}"
+            self.workflows._finish(session, run, RunState.FAILED, error=message)
+            session.commit()
+
+
+def step_copy(processor: Processor, name: str, **overrides: Any) -> Processor:
+    """``processor`` registered again as ``name`` with its retry policy or timeout
+    overridden (a step's own settings)."""
+    derived = copy.copy(processor)
+    derived.name = name
+    for key, value in overrides.items():
+        setattr(derived, key, value)
+    return derived
+
+
+__all__ = [
+    "Condition",
+    "Ref",
+    "RunDetail",
+    "Step",
+    "StepView",
+    "Workflow",
+    "WorkflowError",
+    "WorkflowService",
+    "Workflows",
+]

@@ -1,0 +1,166 @@
+"""Workflows declared in beanflow.yaml (tests/workloads/flows.yaml), advanced by a worker in
+this process on a real database; real worker processes in test_workflow_processes.py."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+import beanflow as bq
+from beanflow import spec
+from beanflow.models import RunState, StepOutcome, TaskState, WorkflowRun, WorkflowStep
+from beanflow.workflows import WorkflowService
+from tests.workloads.flows import FlowBase, FlowEffect
+
+FLOWS = "tests/workloads/flows.yaml"
+
+
+@pytest.fixture
+def flows(db_url, monkeypatch):
+    monkeypatch.setenv("TEST_DB_URL", db_url)
+    deployment = spec.load(FLOWS)
+    FlowBase.metadata.create_all(deployment.app.engine)
+    yield deployment
+    deployment.app.engine.dispose()
+
+
+@pytest.fixture
+def session(flows):
+    with flows.app.session_factory() as session:
+        yield session
+
+
+def start(flows, session, name, **input):
+    run = flows.workflows.start(session, name, input)
+    session.commit()
+    return run.id
+
+
+def drain(flows) -> None:
+    assert flows.app.process_tasks(["flows"], burst=True) == 0
+
+
+def run_of(session, run_id) -> WorkflowRun:
+    session.expire_all()
+    return session.get(WorkflowRun, run_id)
+
+
+def effects(session) -> list[str]:
+    return sorted(session.scalars(select(FlowEffect.key)))
+
+
+def test_a_diamond_runs_each_step_once_and_joins(flows, session):
+    run_id = start(flows, session, "diamond")
+    drain(flows)
+    run = run_of(session, run_id)
+    assert run.state == RunState.DONE
+    assert effects(session) == sorted(f"{run_id}/{s}/0" for s in ("top", "left", "right", "bottom"))
+    assert run.result == f"{run_id}/bottom/0"  # the last step's result
+
+
+def test_onboarding_fans_out_over_a_result_and_joins_in_order(flows, session):
+    run_id = start(flows, session, "onboard", user_id=4, emails=3)
+    drain(flows)
+    run = run_of(session, run_id)
+    assert run.state == RunState.DONE, run.error
+    assert run.result == {
+        "user": 4,
+        "avatar": "avatar of 4",
+        "sent": [f"welcomed user4+{n}@example.com" for n in range(3)],
+    }
+    detail = flows.workflows.run(session, run_id)
+    assert [v.index for v in detail.of("welcome")] == [0, 1, 2]
+    assert detail.of("gift")[0].task.result == "gift for 4"  # 4 is a VIP: the condition held
+
+
+def test_a_false_condition_skips_and_an_empty_fan_out_passes(flows, session):
+    run_id = start(flows, session, "onboard", user_id=3, emails=0)
+    drain(flows)
+    run = run_of(session, run_id)
+    assert run.state == RunState.DONE, run.error
+    assert run.result["sent"] == []
+    detail = flows.workflows.run(session, run_id)
+    assert [(v.index, v.outcome) for v in detail.of("gift")] == [(-1, StepOutcome.SKIPPED)]
+    assert [(v.index, v.outcome) for v in detail.of("welcome")] == [(-1, StepOutcome.EMPTY)]
+
+
+@pytest.mark.parametrize("count", [1, 1000])
+def test_a_fan_out_of_n_joins_once(flows, session, count):
+    run_id = start(flows, session, "fan", user_id=1, emails=count)
+    drain(flows)
+    assert run_of(session, run_id).state == RunState.DONE
+    keys = effects(session)
+    assert len(keys) == count + 1 and f"{run_id}/join/0" in keys
+
+
+def test_a_failing_step_fails_the_run_cancels_the_rest_and_runs_on_failure_once(flows, session):
+    run_id = start(flows, session, "failing", message="card declined")
+    drain(flows)
+    run = run_of(session, run_id)
+    assert run.state == RunState.FAILED and run.failed_step == "breaks"
+    assert run.error == "step breaks: RuntimeError: card declined"
+    detail = flows.workflows.run(session, run_id)
+    assert detail.of("never") == []  # never released
+    (handler,) = detail.of("on_failure")
+    assert handler.task.state == TaskState.DONE
+    assert handler.task.result == (
+        f"admin told: run {run_id} failed at breaks: step breaks: RuntimeError: card declined"
+    )
+
+
+def test_retrying_a_failed_run_resumes_without_rerunning_what_succeeded(flows, session, tmp_path):
+    flag = tmp_path / "ready"
+    run_id = start(flows, session, "resumable", flag=str(flag))
+    drain(flows)
+    assert run_of(session, run_id).state == RunState.FAILED
+    flag.write_text("now")
+    assert flows.workflows.retry(session, run_id, by="tester") == 1
+    session.commit()
+    drain(flows)
+    run = run_of(session, run_id)
+    assert run.state == RunState.DONE, run.error
+    assert effects(session) == sorted(f"{run_id}/{s}/0" for s in ("first", "second", "third"))
+
+
+def test_cancelling_a_run_cancels_its_pending_steps(flows, session, tmp_path):
+    run_id = start(flows, session, "cancellable", flag=str(tmp_path / "x"))
+    assert flows.workflows.cancel(session, run_id, by="tester") is True
+    session.commit()
+    drain(flows)
+    run = run_of(session, run_id)
+    assert (run.state, run.error) == (RunState.CANCELLED, "cancelled by tester")
+    tasks = session.scalars(select(bq.Task).where(bq.Task.workflow_run_id == run_id)).all()
+    assert [t.state for t in tasks] == [TaskState.CANCELLED]
+    assert flows.workflows.cancel(session, run_id) is False  # not running any more
+
+
+def test_a_run_started_with_a_key_is_started_once(flows, session):
+    first = flows.workflows.start(session, "linear", key="order-42")
+    second = flows.workflows.start(session, "linear", key="order-42")
+    session.commit()
+    assert first.id == second.id
+    assert session.scalar(select(func.count()).select_from(WorkflowRun)) == 1
+    assert session.scalar(select(func.count()).select_from(WorkflowStep)) == 1
+
+
+def test_nothing_exists_until_the_start_commits(flows, session):
+    flows.workflows.start(session, "linear")
+    session.rollback()
+    assert session.scalar(select(func.count()).select_from(WorkflowRun)) == 0
+    assert session.scalar(select(func.count()).select_from(bq.Task)) == 0
+
+
+def test_bad_input_is_refused_at_start_naming_the_field(flows, session):
+    with pytest.raises(bq.KwargsError, match="input of onboard: emails: 'many' is not of type"):
+        flows.workflows.start(session, "onboard", {"user_id": 1, "emails": "many"})
+
+
+def test_a_step_ended_outside_a_worker_is_taken_up_by_the_service(flows, session):
+    """An operator cancels a step's task: the run fails by the service's round."""
+    run_id = start(flows, session, "linear")
+    (task,) = session.scalars(select(bq.Task).where(bq.Task.workflow_run_id == run_id))
+    flows.workflows.ops.cancel(session, [task.id], by="tester")
+    session.commit()
+    WorkflowService(flows.workflows).run_once()
+    run = run_of(session, run_id)
+    assert run.state == RunState.FAILED and run.error == "step one: cancelled by tester"
