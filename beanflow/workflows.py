@@ -560,18 +560,16 @@ class Workflows:
             listener.close()
 
     def draw(self, detail: RunDetail | None, workflow: Workflow) -> list[str]:
-        """The workflow as text, a line per step by depth, with each step's upstreams and
-        (given a run) its state."""
+        """The workflow as text, a line per step by depth (its upstreams after ←) and, given a
+        run, each step's state in a column."""
         depth = workflow.levels()
-        lines = []
-        width = max(len(name) for name in workflow.steps)
         steps = list(workflow.steps.values())
         if workflow.on_failure is not None:
             steps.append(workflow.on_failure)
+        left = []
         for step in steps:
             level = depth.get(step.name)
             marker = f"{level + 1}." if level is not None else "!"
-            indent = "  " * (level if level is not None else 0)
             upstream = f" ← {', '.join(step.after)}" if step.after else ""
             if step is workflow.on_failure:
                 upstream = " ← any step failing for good"
@@ -579,9 +577,15 @@ class Workflows:
             when = ""
             if step.condition is not None:
                 when = " (if " + ", ".join(map(str, step.condition.refs)) + ")"
-            state = "" if detail is None else "  " + describe(detail.of(step.name))
-            lines.append(f"{marker:>3} {indent}{step.name:<{width}}{upstream}{fan}{when}{state}")
-        return lines
+            indent = "  " * (level or 0)
+            left.append(f"{marker:>3} {indent}{step.name}{upstream}{fan}{when}")
+        if detail is None:
+            return left
+        width = max(map(len, left))
+        return [
+            f"{line:<{width}}  {describe(detail.of(step.name))}"
+            for line, step in zip(left, steps, strict=True)
+        ]
 
 
 def describe(views: list[StepView]) -> str:

@@ -164,3 +164,89 @@ def test_a_step_ended_outside_a_worker_is_taken_up_by_the_service(flows, session
     WorkflowService(flows.workflows).run_once()
     run = run_of(session, run_id)
     assert run.state == RunState.FAILED and run.error == "step one: cancelled by tester"
+
+
+HEAD = """\
+version: 1
+database: postgresql://u@db.example/x
+processors:
+  fetch: {function: 'tests.workloads.flows:fetch', channel: flows}
+  avatar: {function: 'tests.workloads.flows:avatar', channel: flows}
+  welcome: {function: 'tests.workloads.flows:welcome', channel: flows}
+  effect: {function: 'tests.workloads.flows:effect', channel: flows}
+workflows:
+  w:
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            "    steps:\n      a: {processor: nothing}\n",
+            "11:11: workflows.w.steps.a.processor: no processor named 'nothing'; declared: "
+            "avatar, effect, fetch, welcome",
+        ),
+        (
+            "    steps:\n      a: {processor: effect, after: [b]}\n",
+            "11:30: workflows.w.steps.a.after: no step named 'b'; steps: a",
+        ),
+        (
+            "    steps:\n      a: {processor: effect, after: [c]}\n"
+            "      b: {processor: effect, after: [a]}\n      c: {processor: effect, after: [b]}\n",
+            "11:30: workflows.w.steps.a.after: steps wait for each other in a cycle: a → c → b → a",
+        ),
+        (
+            "    steps:\n      a: {processor: effect}\n      b: {processor: effect}\n"
+            "      c: {processor: welcome, after: [a], for_each: b.emails}\n",
+            "13:43: workflows.w.steps.c.for_each: b.emails: 'b' is not upstream of 'c' "
+            "(list it in after)",
+        ),
+        (
+            "    steps:\n      a: {processor: effect, kwargs: {item: $item}}\n",
+            "11:39: workflows.w.steps.a.kwargs.item: item: 'item' is not the element of a "
+            "fan-out (for_each)",
+        ),
+        (
+            "    steps:\n      a: {processor: effect}\n      b: {processor: avatar, after: [a],"
+            " if: {a.x: 1}, kwargs: {nope: 1}}\n",
+            "12:56: workflows.w.steps.b.kwargs: kwargs do not fit avatar(results): got an "
+            "unexpected keyword argument 'nope'",
+        ),
+        (
+            "    input: {user_id: integer}\n    steps:\n      a: {processor: fetch}\n",
+            "12:11: workflows.w.steps.a.processor: kwargs do not fit fetch(user_id, emails): "
+            "missing a required argument: 'emails' (a first step gets the run's input as "
+            "kwargs; declare kwargs: to choose)",
+        ),
+        (
+            "    input: {user_id: int}\n    steps:\n      a: {processor: effect}\n",
+            "10:13: workflows.w.input.user_id: 'int' is not one of string, integer, number, "
+            "boolean, array, object",
+        ),
+        (
+            "    steps:\n      a: {processor: effect}\n    result: b\n",
+            "12:5: workflows.w.result: no step named 'b'; steps: a",
+        ),
+    ],
+)
+def test_every_mistake_in_a_workflow_is_located(tmp_path, body, expected):
+    path = tmp_path / "beanflow.yaml"
+    path.write_text(HEAD + body)
+    deployment, problems = spec.check(path)
+    assert [str(p).removeprefix(f"{path}:") for p in problems] == [expected]
+
+
+def test_the_drawing_shows_each_step_its_upstreams_and_state(flows, session):
+    run_id = start(flows, session, "onboard", user_id=2, emails=2)
+    drain(flows)
+    workflow = flows.workflows.definitions["onboard"]
+    lines = flows.workflows.draw(flows.workflows.run(session, run_id), workflow)
+    assert lines == [
+        " 1. fetch                                      done",
+        " 2.   avatar ← fetch                           done",
+        " 2.   welcome ← fetch (for each fetch.emails)  ×2: 2 done",
+        " 2.   gift ← fetch (if fetch.vip)              done",
+        " 3.     report ← avatar, welcome, gift         done",
+        "  ! on_failure ← any step failing for good     waiting",
+    ]
