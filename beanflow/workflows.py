@@ -209,11 +209,14 @@ class Workflows:
             raise WorkflowError(f"no workflow {name!r} ({known})")
         input = {} if input is None else input
         if workflow.input_schema is not None:
-            try:
-                jsonschema.validate(input, workflow.input_schema)
-            except jsonschema.ValidationError as error:
-                where = "/".join(map(str, error.absolute_path)) or "the input"
-                raise KwargsError(f"input of {name}: {where}: {error.message}") from None
+            validator = jsonschema.Draft202012Validator(workflow.input_schema)
+            errors = sorted(validator.iter_errors(input), key=lambda e: list(e.absolute_path))
+            if errors:
+                wrong = "; ".join(
+                    f"{'/'.join(map(str, e.absolute_path)) or 'the input'}: {e.message}"
+                    for e in errors
+                )
+                raise KwargsError(f"input of {name}: {wrong}")
         run_id = session.scalar(
             pg_insert(WorkflowRun)
             .values(id=uuid.uuid4(), workflow=name, state=RunState.RUNNING, input=input)

@@ -151,7 +151,9 @@ def test_nothing_exists_until_the_start_commits(flows, session):
 
 
 def test_bad_input_is_refused_at_start_naming_the_field(flows, session):
-    with pytest.raises(bq.KwargsError, match="input of onboard: emails: 'many' is not of type"):
+    with pytest.raises(
+        bq.KwargsError, match="input of onboard: emails: 'many' is not of type 'integer'"
+    ):
         flows.workflows.start(session, "onboard", {"user_id": 1, "emails": "many"})
 
 

@@ -366,7 +366,7 @@ def run(
     )
 
 
-from . import operations  # noqa: E402, F401 - registers the operations' commands
+from . import operations, workflows  # noqa: E402, F401 - registers their commands
 
 if __name__ == "__main__":
     main()
