@@ -41,7 +41,16 @@ from .engine.queries import notify
 from .engine.schedules import Schedule
 from .engine.service import PeriodicService
 from .errors import BeanflowError
-from .models import DONE_CHANNEL, FINAL_STATES, Cancellation, ScheduleState, TaskState, Waiter
+from .models import (
+    DONE_CHANNEL,
+    FINAL_STATES,
+    Cancellation,
+    RunState,
+    ScheduleState,
+    TaskState,
+    Waiter,
+    WorkflowRun,
+)
 from .models.task import notify_channels
 
 logger = logging.getLogger(__name__)
@@ -584,6 +593,7 @@ class Operations:
             chosen = (
                 select(t.id)
                 .where(t.state == state, t.finished_at < func.now() - kept, self._leaf())
+                .where(self._not_in_a_running_run())
                 .order_by(t.finished_at)
                 .limit(chunk)
                 .with_for_update(skip_locked=True)
@@ -591,6 +601,23 @@ class Operations:
             deleted[f"tasks {TaskState(state).value.lower()}"] = session.execute(
                 delete(t).where(t.id.in_(chosen)).execution_options(synchronize_session=False)
             ).rowcount
+        for state in states:  # runs ended that long ago, with their steps' rows
+            kept = retention.of(TaskState(state))
+            if kept is not None:
+                ended = (
+                    select(WorkflowRun.id)
+                    .where(
+                        WorkflowRun.state == RunState(TaskState(state).value),
+                        WorkflowRun.finished_at < func.now() - kept,
+                    )
+                    .limit(chunk)
+                    .with_for_update(skip_locked=True)
+                )
+                deleted[f"runs {TaskState(state).value.lower()}"] = session.execute(
+                    delete(WorkflowRun)
+                    .where(WorkflowRun.id.in_(ended))
+                    .execution_options(synchronize_session=False)
+                ).rowcount
         if retention.events is not None:
             oldest = select(e.id).order_by(e.id).limit(chunk)
             deleted["events"] = session.execute(
@@ -621,6 +648,17 @@ class Operations:
             .execution_options(synchronize_session=False)
         ).rowcount
         return deleted
+
+    def _not_in_a_running_run(self) -> Any:
+        """True for a task that is no step of a running workflow run (whose later steps may
+        still read its result)."""
+        t = self.task_model
+        if not hasattr(t, "workflow_run_id"):
+            return literal(True)
+        running = exists().where(
+            WorkflowRun.id == t.workflow_run_id, WorkflowRun.state == RunState.RUNNING
+        )
+        return t.workflow_run_id.is_(None) | ~running
 
     def _leaf(self) -> Any:
         """True for a task that has no children (any task, when the model has no parents)."""

@@ -252,3 +252,30 @@ def test_the_drawing_shows_each_step_its_upstreams_and_state(flows, session):
         " 3.     report ← avatar, welcome, gift         done",
         "  ! on_failure ← any step failing for good     waiting",
     ]
+
+
+def test_retention_keeps_the_steps_of_a_running_run_and_purges_ended_runs(flows, session):
+    from datetime import timedelta
+
+    from beanflow.ops import Retention
+
+    ended = start(flows, session, "linear")
+    drain(flows)
+    running = start(flows, session, "resumable", flag="/nonexistent")
+    assert flows.app.process_tasks(["flows"], burst=True) == 0  # first done, second failed
+    flows.workflows.retry(session, running, by="tester")  # running again, its first step done
+    session.commit()
+    session.execute(bq.Task.__table__.update().values(finished_at=func.now() - timedelta(days=30)))
+    session.execute(
+        WorkflowRun.__table__.update()
+        .where(WorkflowRun.finished_at.is_not(None))
+        .values(finished_at=func.now() - timedelta(days=30))
+    )
+    session.commit()
+    deleted = flows.workflows.ops.purge_all(Retention(done=timedelta(days=7)))
+    assert deleted["runs done"] == 1 and deleted["tasks done"] == 3
+    assert [r.id for r in session.scalars(select(WorkflowRun))] == [running]
+    kept = session.scalars(select(bq.Task.state).where(bq.Task.workflow_run_id == running))
+    assert sorted(kept) == [TaskState.DONE, TaskState.PENDING]
+    assert session.scalar(select(func.count()).select_from(WorkflowStep)) == 2
+    assert ended not in session.scalars(select(WorkflowStep.run_id)).all()

@@ -57,6 +57,11 @@ class WorkflowRun(Base):
 
     __table_args__ = (
         Index("ix_beanflow_workflow_runs_created", "created_at", "id"),
+        Index(  # retention
+            "ix_beanflow_workflow_runs_finished",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
         Index(
             "ix_beanflow_workflow_runs_running",
             "id",

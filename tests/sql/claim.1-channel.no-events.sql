@@ -45,7 +45,8 @@ WITH candidates AS MATERIALIZED
                                               beanflow_tasks.started_at,
                                               beanflow_tasks.finished_at,
                                               beanflow_tasks.worker_id,
-                                              beanflow_tasks.parent_id)
+                                              beanflow_tasks.parent_id,
+                                              beanflow_tasks.workflow_run_id)
 SELECT claimed.id,
        claimed.channel,
        claimed.module,
@@ -62,6 +63,7 @@ SELECT claimed.id,
        claimed.started_at,
        claimed.finished_at,
        claimed.worker_id,
-       claimed.parent_id
+       claimed.parent_id,
+       claimed.workflow_run_id
 FROM claimed
 ORDER BY claimed.scheduled_at;

@@ -45,7 +45,8 @@ WITH candidates AS MATERIALIZED
                                               beanflow_tasks.started_at,
                                               beanflow_tasks.finished_at,
                                               beanflow_tasks.worker_id,
-                                              beanflow_tasks.parent_id),
+                                              beanflow_tasks.parent_id,
+                                              beanflow_tasks.workflow_run_id),
                             claimed_events AS
   (INSERT INTO beanflow_events (task_id, TYPE) SELECT claimed.id AS task_id,
                                                       'CLAIMED' AS TYPE
@@ -66,6 +67,7 @@ SELECT claimed.id,
        claimed.started_at,
        claimed.finished_at,
        claimed.worker_id,
-       claimed.parent_id
+       claimed.parent_id,
+       claimed.workflow_run_id
 FROM claimed
 ORDER BY claimed.scheduled_at;
