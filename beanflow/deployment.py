@@ -226,7 +226,7 @@ def run_deployment(
     if serving is not None:
         servers.append(metrics.MetricsServer(ops, supervisor.worker_processes, *serving))
     if deployment.dashboard is not None:
-        servers.append(DashboardServer(ops, deployment.dashboard))
+        servers.append(DashboardServer(ops, deployment.dashboard, deployment.workflows))
     for server in servers:
         server.start()
     try:

@@ -586,9 +586,18 @@ class Workflows:
             return left
         width = max(map(len, left))
         return [
-            f"{line:<{width}}  {describe(detail.of(step.name))}"
+            f"{line:<{width}}  {step_state(detail, step.name, step is workflow.on_failure)}"
             for line, step in zip(left, steps, strict=True)
         ]
+
+
+def step_state(detail: RunDetail, step: str, handler: bool = False) -> str:
+    """A step's state in a run (``describe``); the on_failure step, when it has not run, is
+    "if it fails" while the run runs, "not needed" once it has ended otherwise."""
+    views = detail.of(step)
+    if handler and not views:
+        return "if it fails" if detail.run.state == RunState.RUNNING else "not needed"
+    return describe(views)
 
 
 def describe(views: list[StepView]) -> str:

@@ -115,10 +115,10 @@ def project(tmp_path, db_url):
     class Project:
         file = spec
 
-        def dashboard(self, *options: str, **env: str) -> str:
+        def dashboard(self, *options: str, file: str | Path = spec, **env: str) -> str:
             """Start ``beanflow dashboard`` and return its URL once it answers."""
             port = free_port()
-            process = processes.start("dashboard", str(spec), "--port", str(port), *options, **env)
+            process = processes.start("dashboard", str(file), "--port", str(port), *options, **env)
             url = f"http://127.0.0.1:{port}"
             wait_for(lambda: answers(url + "/") or process.poll() is not None, "the dashboard")
             assert process.poll() is None, processes.output(process)
@@ -285,3 +285,39 @@ def test_beanflow_run_serves_the_dashboard_its_file_declares(project, tmp_path, 
     assert 'id="read-only"' in page
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
+
+
+def test_a_run_page_draws_its_graph_and_resumes_a_failed_run(project, watched, db_url, tmp_path):
+    from beanflow import spec
+    from tests.workloads.flows import FlowBase
+
+    os.environ["TEST_DB_URL"] = db_url
+    try:
+        flows = spec.load("tests/workloads/flows.yaml", default=False)
+    finally:
+        del os.environ["TEST_DB_URL"]
+    FlowBase.metadata.create_all(flows.app.engine)
+    flag = tmp_path / "ready"
+    with flows.app.session_factory() as session:
+        done = flows.workflows.start(session, "onboard", {"user_id": 8, "emails": 3}).id
+        failed = flows.workflows.start(session, "resumable", {"flag": str(flag)}).id
+        session.commit()
+    assert flows.app.process_tasks(["flows"], burst=True) == 0
+    url = project.dashboard(file="tests/workloads/flows.yaml")
+    browser = watched()
+    page = browser.page
+    page.goto(url + f"/runs/{done}")
+    assert page.locator("svg.graph g.step").count() == 6  # five steps and on_failure
+    assert page.locator("svg.graph .tone-done").count() == 5
+    browser.shot("run")
+    page.goto(url + "/runs")
+    browser.shot("runs")
+    page.goto(url + f"/runs/{failed}")
+    assert "RuntimeError: not yet" in page.inner_text("#run-error")
+    flag.write_text("now")
+    page.click("#retry-run")
+    assert "run resumed" in page.inner_text(".notice")
+    assert flows.app.process_tasks(["flows"], burst=True) == 0
+    page.wait_for_selector("#run-state .state-done", timeout=30_000)  # a live refresh
+    assert browser.errors == []
+    flows.app.engine.dispose()

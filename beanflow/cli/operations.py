@@ -435,7 +435,7 @@ def dashboard(file: str | None, host: str | None, port: int | None, read_only: b
     settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
     ops = Operations(app, deployment.schedules if deployment else ())
     click.echo(f"beanflow dashboard on http://{settings.host}:{settings.port}/", err=True)
-    serve(ops, settings)
+    serve(ops, settings, deployment.workflows if deployment else None)
 
 
 @main.group("db")

@@ -24,6 +24,7 @@ from ..errors import BeanflowError
 
 if TYPE_CHECKING:
     from ..ops import Operations
+    from ..workflows import Workflows
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ class DashboardServer:
     """The dashboard served by uvicorn on a thread of its own (``beanflow run`` with a
     ``dashboard:`` section)."""
 
-    def __init__(self, ops: Operations, settings: DashboardSettings) -> None:
+    def __init__(
+        self, ops: Operations, settings: DashboardSettings, workflows: Workflows | None = None
+    ) -> None:
         import uvicorn
 
         from .web import create_app
@@ -62,7 +65,7 @@ class DashboardServer:
         settings.check()
         self.settings = settings
         config = uvicorn.Config(
-            create_app(ops, settings),
+            create_app(ops, settings, workflows),
             host=settings.host,
             port=settings.port,
             log_level="warning",
@@ -80,7 +83,7 @@ class DashboardServer:
         self.thread.join(10)
 
 
-def serve(ops: Operations, settings: DashboardSettings) -> None:
+def serve(ops: Operations, settings: DashboardSettings, workflows: Workflows | None = None) -> None:
     """Serve the dashboard in the foreground until interrupted (``beanflow dashboard``)."""
     import uvicorn
 
@@ -89,7 +92,7 @@ def serve(ops: Operations, settings: DashboardSettings) -> None:
     settings.check()
     logger.info("dashboard on http://%s:%d/", settings.host, settings.port)
     uvicorn.run(
-        create_app(ops, settings),
+        create_app(ops, settings, workflows),
         host=settings.host,
         port=settings.port,
         log_level="warning",

@@ -30,8 +30,9 @@ from starlette.templating import Jinja2Templates
 
 from ..config import parse_duration
 from ..errors import BeanflowError
-from ..models import FINAL_STATES, TaskState
+from ..models import FINAL_STATES, RunState, TaskState
 from ..ops import Operations, Retention, TaskFilter, Throughput, format_age, operator, parse_moment
+from ..workflows import RunDetail, Workflow, WorkflowError, Workflows, step_state
 from . import DashboardSettings
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,14 @@ CSRF_COOKIE = "beanflow_csrf"
 REFRESH_SECONDS = 5  # how often a page refreshes its live parts (paused while hidden)
 
 
-def create_app(ops: Operations, settings: DashboardSettings | None = None) -> Starlette:
-    """The dashboard's ASGI application over ``ops``."""
+def create_app(
+    ops: Operations,
+    settings: DashboardSettings | None = None,
+    workflows: Workflows | None = None,
+) -> Starlette:
+    """The dashboard's ASGI application over ``ops`` (and a deployment's ``workflows``)."""
     settings = settings or DashboardSettings()
-    pages = _Pages(ops, settings)
+    pages = _Pages(ops, settings, workflows)
     routes = [
         Route("/", pages.overview),
         Route("/tasks", pages.tasks),
@@ -54,6 +59,10 @@ def create_app(ops: Operations, settings: DashboardSettings | None = None) -> St
         Route("/tasks/{task_id}/cancel", pages.cancel, methods=["POST"]),
         Route("/workers", pages.workers),
         Route("/schedules", pages.schedules),
+        Route("/runs", pages.runs),
+        Route("/runs/{run_id}", pages.run),
+        Route("/runs/{run_id}/cancel", pages.cancel_run, methods=["POST"]),
+        Route("/runs/{run_id}/retry", pages.retry_run, methods=["POST"]),
         Route("/purge", pages.purge, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
@@ -108,8 +117,10 @@ class _Guard:
 class _Pages:
     """The pages and actions; each runs its database work on Starlette's thread pool."""
 
-    def __init__(self, ops: Operations, settings: DashboardSettings) -> None:
-        self.ops, self.settings = ops, settings
+    def __init__(
+        self, ops: Operations, settings: DashboardSettings, workflows: Workflows | None
+    ) -> None:
+        self.ops, self.settings, self.workflows = ops, settings, workflows
         environment = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -215,6 +226,45 @@ class _Pages:
         found = await self._read(self.ops.schedules)
         return self.render(request, "schedules.html", schedules=found)
 
+    async def runs(self, request: Request) -> Response:
+        workflow = request.query_params.get("workflow") or None
+        state = request.query_params.get("state") or None
+        if state is not None and state not in RunState.__members__:
+            raise HTTPException(400, f"bad filter: {state!r} is not a run state")
+        found = []
+        if self.workflows is not None:
+            workflows = self.workflows
+            found = await self._read(
+                lambda session: workflows.runs(session, workflow, state and RunState(state))
+            )
+        return self.render(
+            request,
+            "runs.html",
+            runs=found,
+            declared=sorted(self.workflows.definitions) if self.workflows else [],
+            states=[s.value for s in RunState],
+            query=request.query_params,
+        )
+
+    async def run(self, request: Request) -> Response:
+        run_id = _uuid(request.path_params["run_id"], "run")
+        workflows = self.workflows
+        detail = None
+        if workflows is not None:
+            detail = await self._read(lambda session: workflows.run(session, run_id))
+        if workflows is None or detail is None:
+            raise HTTPException(404, f"no run {run_id}")
+        definition = workflows.definitions.get(detail.run.workflow)
+        return self.render(
+            request,
+            "run.html",
+            detail=detail,
+            run=detail.run,
+            graph=_graph(definition, detail) if definition else None,
+            drawing=workflows.draw(detail, definition) if definition else [],
+            ended=detail.run.state != RunState.RUNNING,
+        )
+
     # ---- actions ---------------------------------------------------------------------------
 
     async def retry(self, request: Request) -> Response:
@@ -236,6 +286,28 @@ class _Pages:
             f"{len(result.cancelled)} pending task(s) cancelled, "
             f"{len(result.requested)} running task(s) being stopped",
         )
+
+    async def cancel_run(self, request: Request) -> Response:
+        await self._form(request)
+        run_id = _uuid(request.path_params["run_id"], "run")
+        workflows = self._workflows()
+        done = await self._act(lambda session: workflows.cancel(session, run_id, operator()))
+        return _back(request, f"/runs/{run_id}", "run cancelled" if done else "not running")
+
+    async def retry_run(self, request: Request) -> Response:
+        await self._form(request)
+        run_id = _uuid(request.path_params["run_id"], "run")
+        workflows = self._workflows()
+        try:
+            count = await self._act(lambda session: workflows.retry(session, run_id, operator()))
+        except WorkflowError as error:
+            raise HTTPException(400, str(error)) from None
+        return _back(request, f"/runs/{run_id}", f"run resumed: {count} step task(s) retried")
+
+    def _workflows(self) -> Workflows:
+        if self.workflows is None:
+            raise HTTPException(404, "no workflows are declared")
+        return self.workflows
 
     async def retry_matching(self, request: Request) -> Response:
         form = await self._form(request)
@@ -284,10 +356,14 @@ def _back(request: Request, path: str, notice: str) -> Response:
 
 
 def _task_id(text: str) -> uuid.UUID:
+    return _uuid(text, "task")
+
+
+def _uuid(text: str, kind: str) -> uuid.UUID:
     try:
         return uuid.UUID(text)
     except ValueError:
-        raise HTTPException(404, f"{text!r} is not a task id") from None
+        raise HTTPException(404, f"{text!r} is not a {kind} id") from None
 
 
 def _filter(given: Any) -> TaskFilter:
@@ -340,6 +416,52 @@ def _timings(task: Any) -> list[tuple[str, str]]:
     if task.started_at and task.finished_at:
         rows.append(("ran", format_age(task.finished_at - task.started_at)))
     return rows
+
+
+BOX_WIDTH, BOX_HEIGHT, COLUMN, ROW = 170, 46, 220, 64
+
+
+def _graph(workflow: Workflow, detail: RunDetail) -> dict[str, Any]:
+    """The run's steps as boxes in columns by depth, each coloured by its state, and an arrow
+    from each upstream step (the on_failure step apart, under the rest)."""
+    depth = workflow.levels()
+    rows: dict[int, int] = {}
+    boxes: dict[str, dict[str, Any]] = {}
+    for name in workflow.steps:
+        column = depth[name]
+        row = rows.get(column, 0)
+        rows[column] = row + 1
+        boxes[name] = {"x": 10 + column * COLUMN, "y": 10 + row * ROW}
+    bottom = max(rows.values()) * ROW + 10
+    if workflow.on_failure is not None:
+        boxes["on_failure"] = {"x": 10, "y": bottom + 10}
+        bottom += ROW + 10
+    for name, box in boxes.items():
+        state = step_state(detail, name, handler=name == "on_failure")
+        box |= {"name": name, "state": state, "tone": _tone(state), "w": BOX_WIDTH}
+        box["h"] = BOX_HEIGHT
+    edges = []
+    for name, step in workflow.steps.items():
+        for upstream in step.after:
+            a, b = boxes[upstream], boxes[name]
+            x1, y1 = a["x"] + BOX_WIDTH, a["y"] + BOX_HEIGHT / 2
+            x2, y2 = b["x"], b["y"] + BOX_HEIGHT / 2
+            middle = (x1 + x2) / 2
+            edges.append(f"M{x1},{y1} C{middle},{y1} {middle},{y2} {x2 - 6},{y2}")
+    width = 10 + (max(depth.values(), default=0) + 1) * COLUMN
+    return {"boxes": list(boxes.values()), "edges": edges, "width": width, "height": bottom}
+
+
+def _tone(state: str) -> str:
+    if "failed" in state or "cancelled" in state or "gone" in state:
+        return "failed"
+    if state.startswith("×") and all(part.endswith("done") for part in state[1:].split(", ")):
+        return "done"
+    if state in ("done", "skipped", "empty"):
+        return "done" if state == "done" else "skipped"
+    if state in ("waiting", "if it fails", "not needed"):
+        return "waiting"
+    return "running"
 
 
 def _chart(found: Throughput, width: int = 720, height: int = 140) -> dict[str, Any]:
