@@ -13,7 +13,7 @@ taken up by ``WorkflowService``, which advances runs with no task pending or run
 How a step's kwargs are built (documented in the README):
 - ``kwargs:`` declared on the step, whose string values ``$input.…``, ``$STEP.…`` and
   ``$item.…`` are references (``$$`` writes a literal ``$``); without it, a first step (no
-  ``after``) gets the run's input as its kwargs, the others none;
+  ``after``, no ``for_each``) gets the run's input as its kwargs, the others none;
 - then, for parameters the function declares and the kwargs do not set: ``input`` (the run's
   input), ``results`` (each upstream step's result by name; a fan-out's is the list of its
   elements' results in order; a skipped step's is None), ``item`` (the element, in a fan-out).
@@ -21,6 +21,7 @@ How a step's kwargs are built (documented in the README):
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import inspect
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jsonschema
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Boolean, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -188,6 +189,44 @@ class RunDetail:
         return [view for view in self.steps if view.step == step]
 
 
+@dataclasses.dataclass
+class _Run:
+    """A run locked for progression: what is read of it, and what will be written."""
+
+    id: uuid.UUID
+    workflow: str
+    input: Any
+    open: dict[str, int]
+    state: RunState = RunState.RUNNING
+    result: Any = None
+    error: str | None = None
+    failed_step: str | None = None
+    changed: bool = False
+
+    def __post_init__(self) -> None:
+        self.read = (self.state, dict(self.open))
+
+    @property
+    def dirty(self) -> bool:
+        """Whether its row must be written: told so, or its state or open counts moved."""
+        return self.changed or (self.state, self.open) != self.read
+
+
+@dataclasses.dataclass
+class _Writes:
+    """What one progression writes, in as few statements as there are kinds of rows."""
+
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tasks: dict[uuid.UUID, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    channels: set[str] = dataclasses.field(default_factory=set)
+    failed: list[uuid.UUID] = dataclasses.field(default_factory=list)  # runs: cancel pending
+
+    def drop(self, run_id: uuid.UUID) -> None:
+        """Forget what was planned for ``run_id`` (it failed in the same pass)."""
+        self.steps = [row for row in self.steps if row["run_id"] != run_id]
+        self.tasks = {k: v for k, v in self.tasks.items() if v["workflow_run_id"] != run_id}
+
+
 class Workflows:
     """A deployment's workflows: start runs, advance them, cancel, retry, read."""
 
@@ -228,109 +267,175 @@ class Workflows:
         )
         if run_id is None:  # a run with this key exists
             return session.scalars(select(WorkflowRun).where(WorkflowRun.unique_key == key)).one()
-        run = session.get(WorkflowRun, run_id)
-        self._advance_run(session, run, workflow)
-        return run
+        run, writes = _Run(run_id, name, input, {}), _Writes()
+        self._advance_one(run, workflow, [], writes)
+        self._write(session, [run], writes)
+        return session.get(WorkflowRun, run_id)
 
     # ---- progression -----------------------------------------------------------------------
 
-    def on_tasks_ended(self, session: Session, tasks: Sequence[Any]) -> None:
-        """The engine's hook: advance the runs of the steps that ended in this transaction,
-        in it. A failure here is logged and left to WorkflowService (the tasks' own outcomes
-        commit regardless)."""
-        runs = {task.workflow_run_id for task in tasks if getattr(task, "workflow_run_id", None)}
-        if not runs:
+    def on_tasks_ended(self, session: Session, done: Sequence[Any], failed: Sequence[Any]) -> None:
+        """The engine's hook, in the transaction that ends ``done`` (DONE) and ``failed``
+        (FAILED or CANCELLED for good) tasks: take their runs further. A task that is one of
+        several of its step (a fan-out's element) only counts down its step's open tasks; the
+        last one, or a failure, advances the run. A failure here is logged and left to
+        WorkflowService (the tasks' own outcomes commit regardless)."""
+        done_ids = [t.id for t in done if getattr(t, "workflow_run_id", None)]
+        failed_runs = {t.workflow_run_id for t in failed if getattr(t, "workflow_run_id", None)}
+        if not done_ids and not failed_runs:
             return
         savepoint = session.begin_nested()
         try:
-            self.advance(session, runs)
+            self._progress(session, done_ids, failed_runs)
             savepoint.commit()
         except Exception:  # noqa: BLE001 - the service retries the run, and charges it
             savepoint.rollback()
-            logger.exception("workflow runs %s: not advanced (the service will)", sorted(runs))
+            logger.exception("workflow steps %s: not advanced (the service will)", done_ids)
+
+    def _progress(
+        self, session: Session, done_ids: list[uuid.UUID], failed_runs: set[uuid.UUID]
+    ) -> None:
+        ended: dict[uuid.UUID, collections.Counter[str]] = {}
+        if done_ids:
+            steps = WorkflowStep.__table__.c
+            rows = session.connection().execute(
+                select(steps.run_id, steps.step).where(steps.task_id.in_(done_ids))
+            )
+            for run_id, step in rows:
+                ended.setdefault(run_id, collections.Counter())[step] += 1
+        runs = self._lock(session, set(ended) | failed_runs)
+        whole = []
+        for run in runs:
+            left = dict(run.open)
+            for step, count in ended.get(run.id, {}).items():
+                left[step] = left.get(step, 0) - count
+            if run.id in failed_runs or any(n <= 0 for n in left.values()):
+                whole.append(run)
+            else:  # elements of fan-outs still open: nothing to release
+                run.open = {step: n for step, n in left.items() if n > 1}
+        writes = _Writes()
+        self._advance_all(session, whole, writes)
+        self._write(session, runs, writes)
+
+    def _lock(self, session: Session, run_ids: set[uuid.UUID], wait: bool = True) -> list[_Run]:
+        """The running runs among ``run_ids``, locked in id order (without ``wait``, those
+        locked elsewhere are left out)."""
+        if not run_ids:
+            return []
+        r = WorkflowRun.__table__.c
+        rows = session.connection().execute(
+            select(r.id, r.workflow, r.input, r.open)
+            .where(r.id.in_(sorted(run_ids)), r.state == RunState.RUNNING.value)
+            .order_by(r.id)
+            .with_for_update(skip_locked=not wait)
+        )
+        return [_Run(row.id, row.workflow, row.input, row.open or {}) for row in rows]
 
     def advance(self, session: Session, run_ids: Iterable[uuid.UUID], wait: bool = True) -> int:
-        """Lock the runs (in id order) and take each a step further: release what its ended
-        steps allow, fail it, or finish it. Without ``wait``, runs locked elsewhere are left.
-        Returns how many runs were advanced."""
-        query = (
-            select(WorkflowRun)
-            .where(WorkflowRun.id.in_(sorted(run_ids)), WorkflowRun.state == RunState.RUNNING)
-            .order_by(WorkflowRun.id)
-            .with_for_update(skip_locked=not wait)
-            .execution_options(populate_existing=True)
+        """Lock the runs (in id order) and take each as far as its steps allow: release what
+        its ended steps allow, fail it, or finish it. Without ``wait``, runs locked elsewhere
+        are left. Returns how many runs were advanced."""
+        runs, writes = self._lock(session, set(run_ids), wait), _Writes()
+        self._advance_all(session, runs, writes)
+        self._write(session, runs, writes)
+        return len(runs)
+
+    def _advance_all(self, session: Session, runs: list[_Run], writes: _Writes) -> None:
+        """Read the steps of ``runs`` in one statement, and plan what each releases."""
+        if not runs:
+            return
+        t, steps = self.app.task_model.__table__.c, WorkflowStep.__table__
+        rows = (
+            session.connection()
+            .execute(
+                select(
+                    steps.c.run_id,
+                    steps.c.step,
+                    steps.c.index,
+                    steps.c.outcome,
+                    t.state,
+                    t.result,
+                    t.error_message,
+                )
+                .select_from(
+                    steps.outerjoin(self.app.task_model.__table__, t.id == steps.c.task_id)
+                )
+                .where(steps.c.run_id.in_([run.id for run in runs]))
+                .order_by(steps.c.run_id, steps.c.step, steps.c.index)
+            )
+            .all()
         )
-        runs = list(session.scalars(query))
+        of: dict[uuid.UUID, list[Any]] = {}
+        for row in rows:
+            of.setdefault(row.run_id, []).append(row)
         for run in runs:
             workflow = self.definitions.get(run.workflow)
             if workflow is None:
                 logger.warning("run %s: workflow %r is not declared here", run.id, run.workflow)
                 continue
-            self._advance_run(session, run, workflow)
-        return len(runs)
+            self._advance_one(run, workflow, of.get(run.id, []), writes)
 
-    def _advance_run(self, session: Session, run: WorkflowRun, workflow: Workflow) -> None:
-        t = self.app.task_model
-        rows = session.execute(
-            select(WorkflowStep.step, WorkflowStep.index, WorkflowStep.outcome, t.state, t.result)
-            .outerjoin(t, t.id == WorkflowStep.task_id)
-            .where(WorkflowStep.run_id == run.id)
-            .order_by(WorkflowStep.step, WorkflowStep.index)
-        ).all()
+    def _advance_one(self, run: _Run, workflow: Workflow, rows: list[Any], writes: _Writes) -> None:
+        """Plan what ``run`` does next from its step ``rows``: fail, release, or finish.
+        ``run.open`` keeps the steps with more than one task not DONE (a step's last task, or
+        its only one, always advances the run)."""
         released: dict[str, list[Any]] = {}
         for row in rows:
             released.setdefault(row.step, []).append(row)
         handler = workflow.on_failure.name if workflow.on_failure else None
         for step, its in released.items():
-            ended_badly = [
-                r for r in its if r.outcome is None and r.state in (None, *FINAL_STATES[1:])
-            ]
-            if step != handler and ended_badly:
-                return self._fail(session, run, workflow, step, ended_badly[0].state)
+            bad = [r for r in its if r.outcome is None and r.state in (None, *FINAL_STATES[1:])]
+            if step != handler and bad:
+                why = "its task is gone" if bad[0].state is None else bad[0].error_message
+                return self._fail(run, workflow, step, why or "failed", writes)
         context: dict[str, Any] = {"input": run.input}
+        run.open = {}
         for name, its in released.items():
-            if all(r.outcome is not None or r.state == TaskState.DONE for r in its):
+            left = sum(1 for r in its if r.outcome is None and r.state != TaskState.DONE)
+            if left > 1:
+                run.open[name] = left
+            if not left:
                 context[name] = _result_of(workflow.steps.get(name), its)
+        name = ""
         try:
             for name, step in workflow.steps.items():
                 if name in released or not all(a in context for a in step.after):
                     continue
-                decided = self._release(session, run, step, context)
+                decided = self._release(run, step, context, writes)
                 if decided is not _PENDING:
                     context[name] = decided
         except (WorkflowError, KwargsError) as error:
-            return self._fail(session, run, workflow, name, None, str(error))
+            return self._fail(run, workflow, name, str(error), writes)
         if all(name in context for name in workflow.steps):
-            self._finish(session, run, RunState.DONE, result=context[workflow.result])
+            run.state, run.result = RunState.DONE, context[workflow.result]
 
-    def _release(
-        self, session: Session, run: WorkflowRun, step: Step, context: dict[str, Any]
-    ) -> Any:
-        """Insert the tasks of ``step`` (a row without a task when it is skipped or fans out
+    def _release(self, run: _Run, step: Step, context: dict[str, Any], writes: _Writes) -> Any:
+        """Plan the tasks of ``step`` (a row without a task when it is skipped or fans out
         over nothing); returns its result when that is decided at once, else _PENDING."""
         if step.condition is not None and not step.condition.holds(context):
-            self._insert(session, run, step, [], StepOutcome.SKIPPED)
+            self._plan(run, step, [], writes, StepOutcome.SKIPPED)
             return None
         if step.for_each is None:
-            self._insert(session, run, step, [self._kwargs(step, context, run)])
+            self._plan(run, step, [self._kwargs(step, context, run)], writes)
             return _PENDING
         items = step.for_each.resolve(context)
         if not isinstance(items, list):
             kind = type(items).__name__ if items is not None else "null"
             raise WorkflowError(f"for_each {step.for_each} is {kind}, not a list")
         if not items:
-            self._insert(session, run, step, [], StepOutcome.EMPTY)
+            self._plan(run, step, [], writes, StepOutcome.EMPTY)
             return []
-        self._insert(session, run, step, [self._kwargs(step, context, run, item) for item in items])
+        kwargs_list = [self._kwargs(step, context, run, item) for item in items]
+        self._plan(run, step, kwargs_list, writes)
         return _PENDING
 
     def _kwargs(
-        self, step: Step, context: dict[str, Any], run: WorkflowRun, item: Any = _NO_ITEM
+        self, step: Step, context: dict[str, Any], run: _Run, item: Any = _NO_ITEM
     ) -> dict[str, Any]:
         scope = context if item is _NO_ITEM else context | {"item": item}
         if step.kwargs is not None:
             kwargs = resolve_values(step.kwargs, scope)
-        elif not step.after and isinstance(run.input, dict):
+        elif not step.after and step.for_each is None and isinstance(run.input, dict):
             kwargs = dict(run.input)
         else:
             kwargs = {}
@@ -344,40 +449,29 @@ class Workflows:
         step.processor.check_kwargs(kwargs)
         return kwargs
 
-    def _insert(
+    def _plan(
         self,
-        session: Session,
-        run: WorkflowRun,
+        run: _Run,
         step: Step,
         kwargs_list: list[dict[str, Any]],
+        writes: _Writes,
         outcome: StepOutcome | None = None,
     ) -> None:
-        """The step's rows and tasks; a row already there (a second release) is left, and so
-        is its task."""
+        """The step's rows and tasks, to be written by ``_write``."""
         if outcome is not None:
-            session.execute(
-                pg_insert(WorkflowStep)
-                .values(run_id=run.id, step=step.name, index=NO_TASK, outcome=outcome)
-                .on_conflict_do_nothing()
+            writes.steps.append(
+                {"run_id": run.id, "step": step.name, "index": NO_TASK, "outcome": outcome}
+                | {"task_id": None}
             )
             return
-        ids = [uuid.uuid4() for _ in kwargs_list]
-        fresh = set(
-            session.scalars(
-                pg_insert(WorkflowStep)
-                .values(
-                    [
-                        {"run_id": run.id, "step": step.name, "index": i, "task_id": task_id}
-                        for i, task_id in enumerate(ids)
-                    ]
-                )
-                .on_conflict_do_nothing()
-                .returning(WorkflowStep.task_id)
-            )
-        )
         processor = step.processor
-        rows = [
-            {
+        for index, kwargs in enumerate(kwargs_list):
+            task_id = uuid.uuid4()
+            writes.steps.append(
+                {"run_id": run.id, "step": step.name, "index": index, "task_id": task_id}
+                | {"outcome": None}
+            )
+            writes.tasks[task_id] = {
                 "id": task_id,
                 "channel": processor.channel,
                 "module": processor.module,
@@ -385,91 +479,103 @@ class Workflows:
                 "kwargs": kwargs,
                 "workflow_run_id": run.id,
             }
-            for task_id, kwargs in zip(ids, kwargs_list, strict=True)
-            if task_id in fresh
-        ]
-        if rows:
-            session.execute(insert(processor.task_class), rows)
-            notify_channels(session, [processor.channel])
+        writes.channels.add(processor.channel)
+        if len(kwargs_list) > 1:
+            run.open[step.name] = len(kwargs_list)
 
-    def _fail(
-        self,
-        session: Session,
-        run: WorkflowRun,
-        workflow: Workflow,
-        step: str,
-        state: TaskState | None,
-        error: str | None = None,
-    ) -> None:
+    def _fail(self, run: _Run, workflow: Workflow, step: str, error: str, writes: _Writes) -> None:
         """The run fails at ``step``: its pending steps are cancelled, ``on_failure`` runs."""
-        if error is None:
-            error = self._step_error(session, run, step, state)
-        t = self.app.task_model
+        writes.drop(run.id)
+        writes.failed.append(run.id)
+        run.state, run.failed_step = RunState.FAILED, step
+        run.error, run.open = f"step {step}: {error}", {}
         handler = workflow.on_failure
-        session.execute(
-            update(t)
-            .where(t.workflow_run_id == run.id, t.state == TaskState.PENDING)
-            .values(
-                state=TaskState.CANCELLED,
-                finished_at=func.clock_timestamp(),
-                error_message=f"cancelled: the run failed at step {step}",
-            )
-            .execution_options(synchronize_session=False)
-        )
-        run.failed_step = step
-        self._finish(session, run, RunState.FAILED, error=f"step {step}: {error}")
-        if handler is not None:
-            context = {
-                "input": run.input,
-                "error": run.error,
-                "step": step,
-                "run_id": str(run.id),
-            }
+        if handler is None:
+            return
+        context = {"input": run.input, "error": run.error, "step": step, "run_id": str(run.id)}
+        try:
             kwargs = resolve_values(handler.kwargs or {}, context)
             wanted = handler.parameters()
             kwargs |= {k: v for k, v in context.items() if k in wanted and k not in kwargs}
-            try:
-                handler.processor.check_kwargs(kwargs)
-            except KwargsError as refused:
-                logger.error("run %s: on_failure not run: %s", run.id, refused)
-                return
-            self._insert(session, run, handler, [kwargs])
+            handler.processor.check_kwargs(kwargs)
+        except (WorkflowError, KwargsError) as refused:
+            logger.error("run %s: on_failure not run: %s", run.id, refused)
+            return
+        self._plan(run, handler, [kwargs], writes)
+        run.open = {}
 
-    def _step_error(
-        self, session: Session, run: WorkflowRun, step: str, state: TaskState | None
-    ) -> str:
-        t = self.app.task_model
-        message = session.scalar(
-            select(t.error_message)
-            .join(WorkflowStep, WorkflowStep.task_id == t.id)
-            .where(WorkflowStep.run_id == run.id, WorkflowStep.step == step)
-            .where(t.state.in_([TaskState.FAILED, TaskState.CANCELLED]))
-            .limit(1)
+    def _write(self, session: Session, runs: list[_Run], writes: _Writes) -> None:
+        """Write a progression: the step rows (a row already there, from a release made
+        twice, keeps its task out), the tasks, the cancellation of failed runs' pending
+        tasks, the runs' new states; notify the channels and, when runs ended, RUNS_CHANNEL."""
+        t = self.app.task_model.__table__
+        connection = session.connection()
+        if writes.failed:
+            connection.execute(
+                update(t)
+                .where(t.c.workflow_run_id.in_(writes.failed))
+                .where(t.c.state == TaskState.PENDING.value)
+                .values(
+                    state=TaskState.CANCELLED.value,
+                    finished_at=func.clock_timestamp(),
+                    error_message="cancelled: its run failed",
+                )
+            )
+        if writes.steps:
+            steps = WorkflowStep.__table__
+            fresh = set(
+                connection.execute(
+                    pg_insert(steps)
+                    .values(writes.steps)
+                    .on_conflict_do_nothing()
+                    .returning(steps.c.task_id)
+                ).scalars()
+            )
+            tasks = [row for task_id, row in writes.tasks.items() if task_id in fresh]
+            if tasks:
+                connection.execute(insert(t), tasks)
+                notify_channels(session, writes.channels)
+        changed = [run for run in runs if run.dirty]
+        if not changed:
+            return
+        r = WorkflowRun.__table__
+        ended = RunState.RUNNING
+        connection.execute(
+            update(r)
+            .where(r.c.id == bindparam("run"))
+            .values(
+                state=bindparam("new_state"),
+                open=bindparam("new_open"),
+                result=bindparam("new_result"),
+                error=bindparam("new_error"),
+                failed_step=bindparam("new_failed_step"),
+                finished_at=case(
+                    (bindparam("ended", type_=Boolean), func.clock_timestamp()), else_=None
+                ),
+            ),
+            [
+                {
+                    "run": run.id,
+                    "new_state": run.state,
+                    "new_open": run.open,
+                    "new_result": run.result,
+                    "new_error": run.error,
+                    "new_failed_step": run.failed_step,
+                    "ended": run.state != ended,
+                }
+                for run in changed
+            ],
         )
-        if state is None:
-            return "its task is gone"
-        return message or TaskState(state).value.lower()
-
-    def _finish(
-        self,
-        session: Session,
-        run: WorkflowRun,
-        state: RunState,
-        result: Any = None,
-        error: str | None = None,
-    ) -> None:
-        run.state, run.result, run.error = state, result, error
-        run.finished_at = func.clock_timestamp()
-        session.flush()
-        session.execute(notify(RUNS_CHANNEL))
+        if any(run.state != ended for run in changed):
+            connection.execute(notify(RUNS_CHANNEL))
 
     # ---- steering --------------------------------------------------------------------------
 
     def cancel(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> bool:
         """Cancel a running run: it becomes CANCELLED, its pending steps are cancelled and its
         running ones interrupted. Returns False when the run was not running."""
-        run = session.get(WorkflowRun, run_id, with_for_update=True)
-        if run is None or run.state != RunState.RUNNING:
+        runs = self._lock(session, {run_id})
+        if not runs:
             return False
         by = by or operator()
         t = self.app.task_model
@@ -480,19 +586,30 @@ class Workflows:
             )
         ).all()
         self.ops.cancel(session, ids, by=by)
-        self._finish(session, run, RunState.CANCELLED, error=f"cancelled by {by}")
+        run = runs[0]
+        run.state, run.error, run.open, run.changed = (
+            RunState.CANCELLED,
+            f"cancelled by {by}",
+            {},
+            True,
+        )
+        self._write(session, runs, _Writes())
         return True
 
     def retry(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> int:
         """Resume a failed or cancelled run from where it stopped: its failed and cancelled
         steps run again (with fresh attempts), what succeeded is not run again. Returns how
         many step tasks were retried."""
-        run = session.get(WorkflowRun, run_id, with_for_update=True)
-        if run is None or run.state not in (RunState.FAILED, RunState.CANCELLED):
+        found = session.execute(
+            select(WorkflowRun.workflow, WorkflowRun.state)
+            .where(WorkflowRun.id == run_id)
+            .with_for_update()
+        ).first()
+        if found is None or found.state not in (RunState.FAILED, RunState.CANCELLED):
             raise WorkflowError(f"run {run_id} is not failed or cancelled")
-        workflow = self.definitions.get(run.workflow)
+        workflow = self.definitions.get(found.workflow)
         if workflow is None:
-            raise WorkflowError(f"workflow {run.workflow!r} is not declared here")
+            raise WorkflowError(f"workflow {found.workflow!r} is not declared here")
         t = self.app.task_model
         handler = workflow.on_failure.name if workflow.on_failure else None
         ids = session.scalars(
@@ -508,9 +625,13 @@ class Workflows:
                     WorkflowStep.run_id == run_id, WorkflowStep.step == handler
                 )
             )
-        run.state, run.error, run.failed_step, run.finished_at = RunState.RUNNING, None, None, None
-        session.flush()
-        self._advance_run(session, run, workflow)
+        session.execute(
+            update(WorkflowRun)
+            .where(WorkflowRun.id == run_id)
+            .values(state=RunState.RUNNING, error=None, failed_step=None, finished_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        self.advance(session, [run_id])
         return retried
 
     # ---- reading ---------------------------------------------------------------------------
@@ -665,11 +786,12 @@ class WorkflowService(PeriodicService):
                     self._charge(session, run_id, error)
 
     def _charge(self, session: Session, run_id: uuid.UUID, error: BaseException) -> None:
-        run = session.get(WorkflowRun, run_id, with_for_update=True)
-        if run is not None and run.state == RunState.RUNNING:
+        runs = self.workflows._lock(session, {run_id})
+        for run in runs:
             message = f"its progression failed: {type(error).__name__}: {first_line(error)}"
-            self.workflows._finish(session, run, RunState.FAILED, error=message)
-            session.commit()
+            run.state, run.error, run.open, run.changed = RunState.FAILED, message, {}, True
+        self.workflows._write(session, runs, _Writes())
+        session.commit()
 
 
 def step_copy(processor: Processor, name: str, **overrides: Any) -> Processor:

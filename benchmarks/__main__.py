@@ -31,8 +31,9 @@ from sqlalchemy.engine import make_url
 
 import beanflow as bq
 from beanflow import ops
+from beanflow.workflows import Workflows
 
-from . import ceiling, peers
+from . import ceiling, peers, processors
 from .processors import noop, sleep_for, write_row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +129,8 @@ class Bench:
 
     def reset(self) -> None:
         self.sql(
-            "TRUNCATE beanflow_events, beanflow_tasks, beanflow_workers, bench_effects CASCADE"
+            "TRUNCATE beanflow_events, beanflow_tasks, beanflow_workers, bench_effects, "
+            "beanflow_workflow_steps, beanflow_workflow_runs CASCADE"
         )
 
     def median(self, run: Callable[[], float]) -> float:
@@ -375,6 +377,62 @@ class Bench:
             timings[name] = statistics.median(times)
         return timings
 
+    def workflow_rate(self, kind: str, workers: int) -> float:
+        """Step tasks/s draining ``sizes.drain`` no-op steps at batch 10: runs of a chain of
+        four steps (each completion releases the next in its transaction), or one run fanning
+        out over them (each completion counts its step down; the last releases the end)."""
+        self.reset()
+        count = self.sizes.drain
+        flows = Workflows(self.app, processors.WORKFLOWS.definitions)
+        with self.app.session_factory() as session:
+            if kind == "chain":
+                for _ in range(count // 4):
+                    flows.start(session, "chain")
+            else:
+                flows.start(session, "fan", {"items": list(range(count))})
+            session.commit()
+        for process in self.workers(workers, burst=True, BATCH_SIZE=10):
+            process.wait()
+        unfinished = "SELECT count(*) FROM beanflow_workflow_runs WHERE state <> 'DONE'"
+        assert self.sql(unfinished)[0] == 0, "every run completes"
+        return self.done_rate()
+
+    def step_latency(self) -> list[float]:
+        """A step's dependent: its start − the step's completion (ms), for runs of two steps
+        started every 20 ms on one idle worker."""
+        self.reset()
+        flows = Workflows(self.app, processors.WORKFLOWS.definitions)
+        processes = self.workers(1, burst=False, POLL_TIMEOUT=3600)
+        wait_until(lambda: self.sql("SELECT count(*) FROM beanflow_workers")[0] == 1)
+
+        def add(session: Any) -> uuid.UUID:
+            return flows.start(session, "pair").id
+
+        started = stream(add, self.app.session_factory, self.sizes.stream_seconds)
+        wait_until(
+            lambda: (
+                self.sql("SELECT count(*) FROM beanflow_workflow_runs WHERE state = 'DONE'")[0]
+                == len(started)
+            )
+        )
+        stop(processes)
+        with self.app.engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT extract(epoch FROM b.started_at - a.finished_at) * 1000 "
+                    "FROM beanflow_workflow_steps sa JOIN beanflow_tasks a ON a.id = sa.task_id "
+                    "JOIN beanflow_workflow_steps sb ON sb.run_id = sa.run_id AND sb.step = 'b' "
+                    "JOIN beanflow_tasks b ON b.id = sb.task_id WHERE sa.step = 'a'"
+                )
+            ).all()
+        return [float(ms) for (ms,) in rows]
+
+    def plain_wake_ups(self) -> list[float]:
+        """W3's wake-up latencies (measured once per run)."""
+        if not hasattr(self, "_wake_ups"):
+            self._wake_ups = self.wake_up()
+        return self._wake_ups
+
     def wake_up(self) -> list[float]:
         """start − commit (ms) of tasks committed every 20 ms to one idle worker."""
         self.reset()
@@ -602,7 +660,7 @@ def drain(bench: Bench) -> list[Figure]:
 
 
 def wake_up(bench: Bench) -> list[Figure]:
-    ours, theirs = bench.wake_up(), bench.ceiling_wake_up()
+    ours, theirs = bench.plain_wake_ups(), bench.ceiling_wake_up()
     figures = [
         Figure(
             f"W3 wake-up latency p{q}",
@@ -721,6 +779,31 @@ def dashboard(bench: Bench) -> list[Figure]:
     ]
 
 
+def workflows(bench: Bench) -> list[Figure]:
+    figures = [
+        Figure(
+            f"W11 workflow steps drain, {workers} worker(s), batch 10, {label} "
+            "(ceiling: W2 plain tasks)",
+            "tasks/s",
+            bench.median(lambda: bench.workflow_rate(kind, workers)),  # noqa: B023
+            bench.noop_rate(workers, 10),
+        )
+        for kind, label in (("chain", "chains of 4 steps"), ("fan", "one fan-out"))
+        for workers in (1, 4)
+    ]
+    steps, plain = bench.step_latency(), bench.plain_wake_ups()
+    return figures + [
+        Figure(
+            f"W11 step's completion → its dependent's start p{q} (ceiling: W3 wake-up)",
+            "ms",
+            percentile(steps, q),
+            percentile(plain, q),
+            higher_is_better=False,
+        )
+        for q in (50, 99)
+    ]
+
+
 WORKLOADS: dict[str, Callable[[Bench], list[Figure]]] = {
     "W1": enqueue,
     "W2": drain,
@@ -732,6 +815,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[Figure]]] = {
     "W7": stale,
     "W9": purge_under_load,
     "W10": dashboard,
+    "W11": workflows,
 }
 
 

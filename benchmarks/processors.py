@@ -6,6 +6,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import beanflow as bq
+from beanflow.workflows import Ref, Step, Workflow, Workflows
 
 app = bq.BeanQueue()
 
@@ -25,3 +26,27 @@ def write_row(db: Session, n: int) -> None:
 def sleep_for(seconds: float) -> None:
     """The mixed workload's slow task."""
     time.sleep(seconds)
+
+
+# W11's workflows, declared in Python (a beanflow.yaml compiles to the same objects): a chain
+# of four no-op steps, and a fan-out of no-op steps over the run's input
+WORKFLOWS = Workflows(
+    app,
+    {
+        "chain": Workflow(
+            "chain",
+            {
+                "a": Step("a", noop),
+                "b": Step("b", noop, ("a",)),
+                "c": Step("c", noop, ("b",)),
+                "d": Step("d", noop, ("c",)),
+            },
+            result="d",
+        ),
+        "pair": Workflow("pair", {"a": Step("a", noop), "b": Step("b", noop, ("a",))}, "b"),
+        "fan": Workflow(
+            "fan", {"each": Step("each", noop, for_each=Ref("input", ("items",)))}, "each"
+        ),
+    },
+)
+app.task_end_hooks.append(WORKFLOWS.on_tasks_ended)

@@ -21,9 +21,9 @@ class QueueApp(Protocol):
 
     config: Config
     registry: ProcessorRegistry
-    # called in the transaction that ends tasks (DONE, or FAILED or CANCELLED for good), before
-    # it commits, with those tasks (a deployment's workflows advance their runs there)
-    task_end_hooks: list[Callable[[Session, Sequence[Any]], None]]
+    # called in the transaction that ends tasks, before it commits, with the tasks DONE in it
+    # and those FAILED or CANCELLED for good (a deployment's workflows advance their runs)
+    task_end_hooks: list[Callable[[Session, Sequence[Any], Sequence[Any]], None]]
 
     @property
     def task_model(self) -> type: ...

@@ -438,9 +438,9 @@ class TaskWorker:
                 self.stop()
                 return []
         if self.app.task_end_hooks and (committed or self.batch.failed):
-            ended = [entry.task for entry in committed] + self.batch.failed
+            done = [entry.task for entry in committed]
             for hook in self.app.task_end_hooks:
-                hook(session, ended)
+                hook(session, done, self.batch.failed)
         session.expunge_all()  # the session keeps no task objects from batch to batch
         claimed = self._claim_in(session) if claim_next and not self.stopping.is_set() else []
         if claim_next and not claimed and not self.burst:

@@ -47,6 +47,9 @@ class WorkflowRun(Base):
     input: Mapped[Any] = mapped_column(JSONB, nullable=False, default=dict)
     result: Mapped[Any] = mapped_column(JSONB(none_as_null=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text)
+    # steps released whose tasks are not all DONE yet → how many are not: a fan-out element
+    # that ends counts its step down, and only the last one reads the run's steps
+    open: Mapped[dict[str, int] | None] = mapped_column(JSONB)
     failed_step: Mapped[str | None] = mapped_column(String)
     # at most one run per key: a second start with the key returns the first run
     unique_key: Mapped[str | None] = mapped_column(String)

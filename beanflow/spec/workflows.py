@@ -216,7 +216,7 @@ class WorkflowCompiler:
         given |= {"item"} if step.for_each else set()
         if step.kwargs is not None:
             keys = set(step.kwargs)
-        elif not step.after:
+        elif not step.after and step.for_each is None:
             if schema is None or "properties" not in schema:
                 return  # the input decides
             keys = set(schema["properties"])
@@ -227,7 +227,7 @@ class WorkflowCompiler:
             step.processor.check_kwargs(dict.fromkeys(keys))
         except ValueError as error:
             hint = ""
-            if step.kwargs is None and not step.after:
+            if step.kwargs is None and not step.after and step.for_each is None:
                 hint = " (a first step gets the run's input as kwargs; declare kwargs: to choose)"
             elif step.kwargs is None:
                 hint = (
