@@ -25,6 +25,7 @@ import collections
 import copy
 import dataclasses
 import inspect
+import json
 import logging
 import threading
 import time
@@ -124,6 +125,12 @@ class Condition:
     @property
     def refs(self) -> list[Ref]:
         return [ref for ref, _ in self.tests]
+
+    def __str__(self) -> str:
+        return " and ".join(
+            str(ref) if expected is _TRUTHY else f"{ref} = {json.dumps(expected)}"
+            for ref, expected in self.tests
+        )
 
 
 @dataclasses.dataclass
@@ -698,9 +705,7 @@ class Workflows:
             if step is workflow.on_failure:
                 upstream = " ← any step failing for good"
             fan = f" (for each {step.for_each})" if step.for_each else ""
-            when = ""
-            if step.condition is not None:
-                when = " (if " + ", ".join(map(str, step.condition.refs)) + ")"
+            when = f" (if {step.condition})" if step.condition is not None else ""
             indent = "  " * (level or 0)
             left.append(f"{marker:>3} {indent}{step.name}{upstream}{fan}{when}")
         if detail is None:

@@ -451,6 +451,7 @@ def test_shipped_examples_are_valid():
     for path in (
         ROOT / "beanflow.yaml.example",
         ROOT / "examples/orders/beanflow.yaml",
+        ROOT / "examples/documents/beanflow.yaml",
         ROOT / "examples/quickstart/beanflow.yaml",
     ):
         _, problems = spec.check(path)

@@ -98,6 +98,32 @@ def test_a_fan_in_of_100_branches_ending_together_is_released_once(tmp_path, db_
     assert f"{run_id}/join/0" in {k for (k,) in sql(flows_app, "SELECT key FROM flow_effects")}
 
 
+def test_the_documents_example_runs_to_the_end(tmp_path, db_url, flows_app):
+    """examples/documents: each run fans out over its pages, skips what does not apply, and a
+    document that cannot be read is quarantined by on_failure; a second receive starts no
+    second run."""
+    from .helpers import run_python
+
+    received = run_python("examples/documents/receive.py", DOCS_DATABASE_URL=db_url)
+    assert received.returncode == 0, received.stderr
+    processes = Processes(tmp_path, DOCS_DATABASE_URL=db_url)
+    ran = processes.run("run", "examples/documents/beanflow.yaml", "--burst")
+    assert ran.returncode == 3, ran.stderr  # the empty scan fails for good
+    rows = sql(flows_app, "SELECT title, status FROM documents ORDER BY id")
+    assert rows == [
+        ("Invoice 2026-114", "published"),
+        ("Urgent letter from the bank", "published"),
+        ("Empty scan", "quarantined: step split: UnreadableDocument: document 3 has no text"),
+    ]
+    results = sql(flows_app, "SELECT result FROM beanflow_workflow_runs ORDER BY created_at")
+    published = sorted((r for (r,) in results if r), key=lambda r: r["document"])
+    assert published == [
+        {"document": "Invoice 2026-114", "kind": "invoice", "words": 9, "total": 36.0},
+        {"document": "Urgent letter from the bank", "kind": "letter", "words": 5, "total": None},
+    ]
+    assert sql(flows_app, "SELECT count(*) FROM document_pages") == [(5,)]
+
+
 CHAOS = """\
 version: 1
 database: ${CHAOS_DB_URL}

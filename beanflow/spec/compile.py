@@ -367,6 +367,8 @@ def describe(deployment: Deployment, file: str) -> str:
         for plan in deployment.channels
     )
     schedules = ", ".join(f"{s.name} ({s.cron} {s.timezone})" for s in deployment.schedules)
+    definitions = deployment.workflows.definitions if deployment.workflows else {}
+    flows = [f"{name} ({len(w.steps)} steps)" for name, w in definitions.items()]
     database = (
         "the embedded PostgreSQL"
         if config.DATABASE_URL is None
@@ -376,5 +378,6 @@ def describe(deployment: Deployment, file: str) -> str:
         f"{file} is valid. It declares {len(names)} processor(s) ({', '.join(names) or 'none'})"
         f" on {len(deployment.channels)} channel(s): {channels or 'none'}; "
         f"{len(deployment.schedules)} schedule(s){': ' + schedules if schedules else ''}; "
+        f"{len(flows)} workflow(s){': ' + ', '.join(flows) if flows else ''}; "
         f"database: {database}."
     )
