@@ -356,7 +356,7 @@ def test_validate_prints_a_summary_without_the_password(tmp_path):
                 "2:1: a: duplicate key (it is already set above)",
                 "1:1: a: unknown key; expected one of: version, database,"
                 " embedded_dir, packages, processors, retry_policies, "
-                "channels, schedules, retention, metrics, dashboard, worker",
+                "channels, schedules, workflows, retention, metrics, dashboard, worker",
             ],
         ),
         ("processors: [1\n", ["2:1: invalid YAML: expected ',' or ']', but got '<stream end>'"]),
