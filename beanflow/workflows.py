@@ -21,9 +21,9 @@ How a step's kwargs are built (documented in the README):
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
+import enum
 import inspect
 import json
 import logging
@@ -34,7 +34,20 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jsonschema
-from sqlalchemy import Boolean, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import (
+    Boolean,
+    String,
+    any_,
+    bindparam,
+    case,
+    column,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -51,7 +64,7 @@ from .models import (
     WorkflowRun,
     WorkflowStep,
 )
-from .models.task import notify_channels
+from .models.task import to_notify
 from .ops import Operations, operator
 from .processors.processor import Processor
 
@@ -302,15 +315,7 @@ class Workflows:
     def _progress(
         self, session: Session, done_ids: list[uuid.UUID], failed_runs: set[uuid.UUID]
     ) -> None:
-        ended: dict[uuid.UUID, collections.Counter[str]] = {}
-        if done_ids:
-            steps = WorkflowStep.__table__.c
-            rows = session.connection().execute(
-                select(steps.run_id, steps.step).where(steps.task_id.in_(done_ids))
-            )
-            for run_id, step in rows:
-                ended.setdefault(run_id, collections.Counter())[step] += 1
-        runs = self._lock(session, set(ended) | failed_runs)
+        runs, ended = self._lock_ended(session, done_ids, failed_runs)
         whole = []
         for run in runs:
             left = dict(run.open)
@@ -323,6 +328,39 @@ class Workflows:
         writes = _Writes()
         self._advance_all(session, whole, writes)
         self._write(session, runs, writes)
+
+    def _lock_ended(
+        self, session: Session, done_ids: list[uuid.UUID], failed_runs: set[uuid.UUID]
+    ) -> tuple[list[_Run], dict[uuid.UUID, dict[str, int]]]:
+        """The running runs of the ended tasks, locked in id order, and per run how many
+        tasks of each step ended, in one statement. What is read after it sees what the
+        transactions that held the locks committed."""
+        steps, r = WorkflowStep.__table__.c, WorkflowRun.__table__
+        ended = (
+            select(steps.run_id, steps.step, func.count().label("n"))
+            .where(steps.task_id == any_(bindparam("done", type_=ARRAY(steps.task_id.type))))
+            .group_by(steps.run_id, steps.step)
+            .cte("ended")
+        )
+        counts = (
+            select(func.jsonb_object_agg(ended.c.step, ended.c.n))
+            .where(ended.c.run_id == r.c.id)
+            .scalar_subquery()
+        )
+        failed = bindparam("failed", type_=ARRAY(r.c.id.type))
+        rows = session.connection().execute(
+            select(r.c.id, r.c.workflow, r.c.input, r.c.open, counts.label("ended"))
+            .where(r.c.state == RunState.RUNNING.value)
+            .where(r.c.id.in_(select(ended.c.run_id)) | (r.c.id == any_(failed)))
+            .order_by(r.c.id)
+            .with_for_update(of=r),
+            {"done": done_ids, "failed": list(failed_runs)},
+        )
+        runs, counted = [], {}
+        for row in rows:
+            runs.append(_Run(row.id, row.workflow, row.input, row.open or {}))
+            counted[row.id] = row.ended or {}
+        return runs, counted
 
     def _lock(self, session: Session, run_ids: set[uuid.UUID], wait: bool = True) -> list[_Run]:
         """The running runs among ``run_ids``, locked in id order (without ``wait``, those
@@ -529,19 +567,7 @@ class Workflows:
                 )
             )
         if writes.steps:
-            steps = WorkflowStep.__table__
-            fresh = set(
-                connection.execute(
-                    pg_insert(steps)
-                    .values(writes.steps)
-                    .on_conflict_do_nothing()
-                    .returning(steps.c.task_id)
-                ).scalars()
-            )
-            tasks = [row for task_id, row in writes.tasks.items() if task_id in fresh]
-            if tasks:
-                connection.execute(insert(t), tasks)
-                notify_channels(session, writes.channels)
+            self._insert(session, writes)
         changed = [run for run in runs if run.dirty]
         if not changed:
             return
@@ -575,6 +601,54 @@ class Workflows:
         )
         if any(run.state != ended for run in changed):
             connection.execute(notify(RUNS_CHANNEL))
+
+    def _insert(self, session: Session, writes: _Writes) -> None:
+        """The step rows and their tasks in one statement: the tasks of rows that were already
+        there (a release made twice) are left out; the first tasks of a channel in the
+        transaction notify it."""
+        t, steps = self.app.task_model.__table__, WorkflowStep.__table__
+        given = func.jsonb_to_recordset(bindparam("steps", type_=JSONB)).table_valued(
+            *_records(steps, "run_id", "step", "index", "task_id"), column("outcome", String)
+        )
+        fresh = (
+            pg_insert(steps)
+            .from_select(
+                ["run_id", "step", "index", "task_id", "outcome"],
+                select(*(given.render_derived(with_types=True).c)),
+            )
+            .on_conflict_do_nothing()
+            .returning(steps.c.task_id)
+            .cte("fresh")
+        )
+        names = ("id", "channel", "module", "name", "kwargs", "workflow_run_id")
+        tasks = (
+            func.jsonb_to_recordset(bindparam("tasks", type_=JSONB))
+            .table_valued(*_records(t, *names))
+            .render_derived(with_types=True)
+        )
+        statement = (
+            insert(t)
+            .from_select(
+                list(names),
+                select(tasks).where(tasks.c.id.in_(select(fresh.c.task_id))),
+                include_defaults=False,  # the columns' server defaults
+            )
+            .add_cte(fresh)
+        )
+        channels = to_notify(session, writes.channels)
+        if channels:  # PostgreSQL delivers one of identical notifications per transaction
+            notify_these = bindparam("notify", type_=ARRAY(String))
+            statement = statement.returning(
+                case((t.c.channel == any_(notify_these), func.pg_notify(t.c.channel, "")))
+            )
+        session.connection().execute(
+            statement,
+            {
+                "steps": _json_rows(writes.steps),
+                "tasks": _json_rows(list(writes.tasks.values())),
+                "notify": channels,
+            },
+        )
 
     # ---- steering --------------------------------------------------------------------------
 
@@ -797,6 +871,24 @@ class WorkflowService(PeriodicService):
             run.state, run.error, run.open, run.changed = RunState.FAILED, message, {}, True
         self.workflows._write(session, runs, _Writes())
         session.commit()
+
+
+def _records(table: Any, *names: str) -> list[Any]:
+    """Columns of a jsonb_to_recordset row, typed as ``table``'s columns of those names."""
+    return [column(name, table.c[name].type) for name in names]
+
+
+def _json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` as JSON values (ids as text, enums as their values)."""
+    return [{k: _plain(v) for k, v in row.items()} for row in rows]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
 
 
 def step_copy(processor: Processor, name: str, **overrides: Any) -> Processor:

@@ -281,11 +281,11 @@ def notify_channels(
     (sub)transaction that sent it and in the ones nested inside it. Inside a flush, pass the
     flush's ``connection``.
     """
-    for channel in _to_notify(session, set(channels)):
+    for channel in to_notify(session, set(channels)):
         (connection or session).execute(notify(channel))
 
 
-def _to_notify(session: Session, channels: set[str]) -> list[str]:
+def to_notify(session: Session, channels: set[str]) -> list[str]:
     """The ``channels`` not yet notified in the current (sub)transaction of ``session``,
     counted as notified from now on (the caller notifies them)."""
     transaction = session.get_nested_transaction() or session.get_transaction()
@@ -325,7 +325,7 @@ def insert_task(session: Session, task: Any) -> None:
     }
     if session.get_transaction() is None:
         session.begin()  # what the statement would autobegin, now: the NOTIFY is counted in it
-    notifying = bool(_to_notify(session, {task.channel}))
+    notifying = bool(to_notify(session, {task.channel}))
     statement = enqueue_one(mapper.local_table, tuple(values), notifying)
     if notifying:
         values["notify_channel"] = task.channel
