@@ -311,3 +311,17 @@ def test_the_dashboard_shows_runs_and_their_graphs_and_steers_them(flows, sessio
     drain(flows)
     assert run_of(session, failed).state == RunState.DONE
     assert client.get(f"/runs/{uuid4()}").status_code == 404
+
+
+def test_workflows_need_a_task_model_that_can_hold_steps(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "reference_pkgs"))
+    monkeypatch.setenv("BEANFLOW_TASK_MODEL", "my_pkgs.custom.Task")
+    path = tmp_path / "beanflow.yaml"
+    path.write_text(HEAD + "    steps:\n      a: {processor: effect}\n")
+    _, problems = spec.check(path)
+    assert [str(p).removeprefix(f"{path}:") for p in problems] == [
+        "9:1: workflows: the task model Task cannot hold workflow steps: add "
+        "beanflow.TaskModelRefWorkflowMixin to it"
+    ]

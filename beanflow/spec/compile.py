@@ -317,7 +317,13 @@ class _Compiler:
             self.section("workflows"), deployment, self.policies, self.timeout, self.problem, _BAD
         )
         compiled = compiler.compile_all()
-        if compiled:
+        if compiled and not hasattr(deployment.app.task_model, "workflow_run_id"):
+            self.problem(
+                ("workflows",),
+                f"the task model {deployment.app.task_model.__name__} cannot hold workflow "
+                "steps: add beanflow.TaskModelRefWorkflowMixin to it",
+            )
+        elif compiled:
             deployment.workflows = Workflows(deployment.app, compiled)
             deployment.app.task_end_hooks.append(deployment.workflows.on_tasks_ended)
 
