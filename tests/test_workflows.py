@@ -322,6 +322,6 @@ def test_workflows_need_a_task_model_that_can_hold_steps(tmp_path, monkeypatch):
     path.write_text(HEAD + "    steps:\n      a: {processor: effect}\n")
     _, problems = spec.check(path)
     assert [str(p).removeprefix(f"{path}:") for p in problems] == [
-        "9:1: workflows: the task model Task cannot hold workflow steps: add "
+        "8:1: workflows: the task model Task cannot hold workflow steps: add "
         "beanflow.TaskModelRefWorkflowMixin to it"
     ]
