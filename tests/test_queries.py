@@ -286,3 +286,57 @@ def test_claim_walks_the_pending_index_on_a_stale_table(stale_queue):
     assert scans_of(root, "beanflow_tasks").count(("Index Scan", "ix_beanflow_tasks_pending")) == 1
     assert not [s for s in scans_of(root, "beanflow_tasks") if s[0].startswith("Bitmap")]
     assert scans_of(due, "beanflow_tasks") == [("Index Scan", "ix_beanflow_tasks_pending")]
+
+
+def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):
+    """A worker prepares its statements when it starts, often on a table that is small and was
+    never analyzed; their generic plans must not scan the table, which grows under them
+    (autovacuum off: no ANALYZE replans them)."""
+    from beanflow.engine.connections import WorkerConnections
+
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE beanflow_tasks SET (autovacuum_enabled = false)"))
+        connection.execute(
+            text(
+                "INSERT INTO beanflow_tasks (id, channel, module, name) "
+                "SELECT gen_random_uuid(), 'c', 'm', 'f' FROM generate_series(1, 20)"
+            )
+        )
+        worker = (
+            connection.execute(
+                text("INSERT INTO beanflow_workers (id, name, channels) VALUES (:id, 'w', '{c}')"),
+                {"id": uuid.uuid4()},
+            )
+            and connection.execute(text("SELECT id FROM beanflow_workers")).scalar()
+        )
+    queries = Queries(Task, Worker, Event, channel_count=1, batch_size=16)
+    connections = WorkerConnections(engine, ["c"], queries, Task)
+    connections.open()
+    session = connections.session
+    claimed = session.scalars(
+        connections.claim(16), {"worker": worker} | channel_parameters(["c"])
+    ).all()
+    completed = session.execute(
+        connections.complete.execute,
+        {"task_ids": [t.id for t in claimed], "task_results": [None] * 16, "worker": worker},
+    ).scalar()
+    session.rollback()
+    assert len(claimed) == completed == 16  # the plans are made: each ran once
+    with engine.begin() as connection:  # the table grows, never analyzed
+        connection.execute(
+            text(
+                "INSERT INTO beanflow_tasks (id, channel, module, name, state) "
+                "SELECT gen_random_uuid(), 'c', 'm', 'f', 'DONE' FROM generate_series(1, 200000)"
+            )
+        )
+    connection = session.connection()
+    for statement in (
+        "EXECUTE beanflow_complete(NULL, '{}', '{}', gen_random_uuid())",
+        f"EXECUTE beanflow_claim_16(1, '{worker}', 'c', 0, 0, 1)",
+    ):
+        root = connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement).scalar()
+        root = root[0]["Plan"] if isinstance(root, list) else json.loads(root)[0]["Plan"]
+        assert not [s for s in scans_of(root, "beanflow_tasks") if s[0] == "Seq Scan"], statement
+    connections.dispose()
+    engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +14,9 @@ from sqlalchemy.orm import Session
 from .. import db
 from .notify import Listener
 from .queries import Prepared, Queries
+
+# for the rest of a transaction in which a hot statement gets its generic plan
+NO_SEQUENTIAL_SCANS = "SET LOCAL enable_seqscan = off"
 
 
 class WorkerConnections:
@@ -41,6 +45,13 @@ class WorkerConnections:
         # planned once for this connection: the statements' parameters never change the plan
         connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         self.complete.prepare(connection)
+        # its generic plan is made by its first EXECUTE, now, while sequential scans are ruled
+        # out: planned on a table that is still small (and never analyzed), the completion
+        # would otherwise scan the whole table on every batch as it grows
+        connection.exec_driver_sql(NO_SEQUENTIAL_SCANS)
+        connection.execute(
+            self.complete.execute, {"task_ids": [], "task_results": [], "worker": uuid.uuid4()}
+        )
         self._prepared_here = {self.complete.name}
         connection.commit()
         self.session = Session(bind=connection, expire_on_commit=False, autoflush=True)
@@ -57,7 +68,10 @@ class WorkerConnections:
         claim, statement = self._claims[size]
         if claim.name not in self._prepared_here:
             assert self.session is not None
-            claim.prepare(self.session.connection())  # a session-level PREPARE: it stays
+            connection = self.session.connection()
+            claim.prepare(connection)  # a session-level PREPARE: it stays
+            # planned by its first EXECUTE, the caller's, in this transaction (see open())
+            db.send_with_next_statement(connection, NO_SEQUENTIAL_SCANS)
             self._prepared_here.add(claim.name)
         return statement
 
