@@ -75,6 +75,8 @@ NO_TASK = -1  # the index of a step row that has no task (skipped, or an empty f
 _TRUTHY = object()  # a condition that asks only whether a value is truthy
 _PENDING = object()  # a step released now, whose result is not known yet
 _NO_ITEM = object()  # a step that is not a fan-out
+_UNREAD = object()  # a run's input, not read yet
+SMALL_INPUT = 2048  # bytes of a run's input read with its lock
 
 
 class WorkflowError(BeanflowError):
@@ -348,8 +350,18 @@ class Workflows:
             .scalar_subquery()
         )
         failed = bindparam("failed", type_=ARRAY(r.c.id.type))
+        # a run's input comes along when small; a large one (a fan-out's list, say) is read
+        # only by a run that advances, not by each element that counts its step down
+        small = func.pg_column_size(r.c.input) <= SMALL_INPUT
         rows = session.connection().execute(
-            select(r.c.id, r.c.workflow, r.c.input, r.c.open, counts.label("ended"))
+            select(
+                r.c.id,
+                r.c.workflow,
+                r.c.open,
+                counts.label("ended"),
+                case((small, r.c.input)).label("input"),
+                small.label("small"),
+            )
             .where(r.c.state == RunState.RUNNING.value)
             .where(r.c.id.in_(select(ended.c.run_id)) | (r.c.id == any_(failed)))
             .order_by(r.c.id)
@@ -358,7 +370,8 @@ class Workflows:
         )
         runs, counted = [], {}
         for row in rows:
-            runs.append(_Run(row.id, row.workflow, row.input, row.open or {}))
+            given = row.input if row.small else _UNREAD
+            runs.append(_Run(row.id, row.workflow, given, row.open or {}))
             counted[row.id] = row.ended or {}
         return runs, counted
 
@@ -389,6 +402,14 @@ class Workflows:
         """Read the steps of ``runs`` in one statement, and plan what each releases."""
         if not runs:
             return
+        unread = {run.id: run for run in runs if run.input is _UNREAD}
+        if unread:
+            r = WorkflowRun.__table__.c
+            found = session.connection().execute(
+                select(r.id, r.input).where(r.id.in_(list(unread)))
+            )
+            for run_id, given in found:
+                unread[run_id].input = given
         t, steps = self.app.task_model.__table__.c, WorkflowStep.__table__
         rows = (
             session.connection()
