@@ -51,7 +51,7 @@ def _worker(dsn: str, concurrency: int) -> None:
 def drain(dsn: str, count: int, workers: int, concurrency: int) -> float:
     """Jobs per second draining ``count`` no-op jobs with ``workers`` processes
     (``concurrency`` 0: procrastinate's default)."""
-    fill = lambda: enqueue(dsn, count, 1000)  # noqa: E731
+    fill = lambda: enqueue(dsn, count, min(count, 1000))  # noqa: E731
     return span.fill_and_drain("procrastinate", fill, count, _worker, workers, dsn, concurrency)
 
 
