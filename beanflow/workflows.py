@@ -137,10 +137,6 @@ class Condition:
                 return False
         return True
 
-    @property
-    def refs(self) -> list[Ref]:
-        return [ref for ref, _ in self.tests]
-
     def __str__(self) -> str:
         return " and ".join(
             str(ref) if expected is _TRUTHY else f"{ref} = {json.dumps(expected)}"
