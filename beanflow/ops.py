@@ -553,22 +553,16 @@ class Operations:
         every 30 s also catches an end that does not (a dead worker's task failed by the
         reaper). Removes the task's Waiter row."""
         t = self.task_model
-        deadline = None if timeout is None else time.monotonic() + timeout
-        listener = Listener(self.app.engine, [DONE_CHANNEL])  # before the first look
-        try:
-            while True:
-                with self.app.session_factory(expire_on_commit=False) as session:
-                    task = session.get(t, task_id)
-                    if task is None or task.state in FINAL_STATES:
-                        session.execute(delete(Waiter).where(Waiter.task_id == task_id))
-                        session.commit()
-                        return task
-                left = 30.0 if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                listener.wait(min(left, 30.0))
-        finally:
-            listener.close()
+
+        def ended(session: Session) -> tuple[bool, Any]:
+            task = session.get(t, task_id)
+            if task is not None and task.state not in FINAL_STATES:
+                return False, None
+            session.execute(delete(Waiter).where(Waiter.task_id == task_id))
+            session.commit()
+            return True, task
+
+        return listen_until(self.app, DONE_CHANNEL, ended, timeout)
 
     # ---- retention -------------------------------------------------------------------------
 
@@ -697,6 +691,31 @@ class Operations:
             if pause:
                 stopping.wait((time.monotonic() - started) * pause)
         return totals
+
+
+def listen_until(
+    app: BeanQueue,
+    channel: str,
+    look: Callable[[Session], tuple[bool, Any]],
+    timeout: float | None = None,
+) -> Any | None:
+    """Sleep on LISTEN ``channel`` until ``look`` (called in a session of its own, at first,
+    on each notification and every 30 s) says ``(True, value)``; returns that value (detached),
+    or None after ``timeout`` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    listener = Listener(app.engine, [channel])  # before the first look
+    try:
+        while True:
+            with app.session_factory(expire_on_commit=False) as session:
+                done, value = look(session)
+                if done:
+                    return value
+            left = 30.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return None
+            listener.wait(min(left, 30.0))
+    finally:
+        listener.close()
 
 
 # exit statuses of a burst run (``beanflow run --burst``, ``process --burst``)

@@ -28,7 +28,6 @@ import inspect
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -52,7 +51,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from .app import BeanQueue
-from .engine.notify import Listener
 from .engine.queries import notify
 from .engine.service import PeriodicService
 from .errors import BeanflowError, KwargsError, first_line
@@ -65,7 +63,7 @@ from .models import (
     WorkflowStep,
 )
 from .models.task import to_notify
-from .ops import Operations, operator
+from .ops import Operations, listen_until, operator
 from .processors.processor import Processor
 
 logger = logging.getLogger(__name__)
@@ -694,6 +692,13 @@ class Workflows:
         self._write(session, runs, _Writes())
         return True
 
+    def fail(self, session: Session, run_id: uuid.UUID, error: str) -> None:
+        """Fail a running run, saying why (its steps are left as they are)."""
+        runs = self._lock(session, {run_id})
+        for run in runs:
+            run.state, run.error, run.open = RunState.FAILED, error, {}
+        self._write(session, runs, _Writes())
+
     def retry(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> int:
         """Resume a failed or cancelled run from where it stopped: its failed and cancelled
         steps run again (with fresh attempts), what succeeded is not run again. Returns how
@@ -766,20 +771,12 @@ class Workflows:
     def wait(self, run_id: uuid.UUID, timeout: float | None = None) -> WorkflowRun | None:
         """Sleep on LISTEN until run ``run_id`` ends; returns it (detached), or None after
         ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        listener = Listener(self.app.engine, [RUNS_CHANNEL])
-        try:
-            while True:
-                with self.app.session_factory(expire_on_commit=False) as session:
-                    run = session.get(WorkflowRun, run_id)
-                    if run is None or run.state != RunState.RUNNING:
-                        return run
-                left = 30.0 if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                listener.wait(min(left, 30.0))
-        finally:
-            listener.close()
+
+        def ended(session: Session) -> tuple[bool, Any]:
+            run = session.get(WorkflowRun, run_id)
+            return run is None or run.state != RunState.RUNNING, run
+
+        return listen_until(self.app, RUNS_CHANNEL, ended, timeout)
 
     def draw(self, detail: RunDetail | None, workflow: Workflow) -> list[str]:
         """The workflow as text, a line per step by depth (its upstreams after ←) and, given a
@@ -879,15 +876,9 @@ class WorkflowService(PeriodicService):
                 except Exception as error:  # noqa: BLE001 - charged to the run
                     session.rollback()
                     logger.exception("run %s cannot advance; it fails", run_id)
-                    self._charge(session, run_id, error)
-
-    def _charge(self, session: Session, run_id: uuid.UUID, error: BaseException) -> None:
-        runs = self.workflows._lock(session, {run_id})
-        for run in runs:
-            message = f"its progression failed: {type(error).__name__}: {first_line(error)}"
-            run.state, run.error, run.open, run.changed = RunState.FAILED, message, {}, True
-        self.workflows._write(session, runs, _Writes())
-        session.commit()
+                    message = f"its progression failed: {type(error).__name__}: {first_line(error)}"
+                    self.workflows.fail(session, run_id, message)
+                    session.commit()
 
 
 def _records(table: Any, *names: str) -> list[Any]:

@@ -303,12 +303,10 @@ def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):
                 "SELECT gen_random_uuid(), 'c', 'm', 'f' FROM generate_series(1, 20)"
             )
         )
-        worker = (
-            connection.execute(
-                text("INSERT INTO beanflow_workers (id, name, channels) VALUES (:id, 'w', '{c}')"),
-                {"id": uuid.uuid4()},
-            )
-            and connection.execute(text("SELECT id FROM beanflow_workers")).scalar()
+        worker = uuid.uuid4()
+        connection.execute(
+            text("INSERT INTO beanflow_workers (id, name, channels) VALUES (:id, 'w', '{c}')"),
+            {"id": worker},
         )
     queries = Queries(Task, Worker, Event, channel_count=1, batch_size=16)
     connections = WorkerConnections(engine, ["c"], queries, Task)
