@@ -34,15 +34,16 @@ from typing import Any
 
 import jsonschema
 from sqlalchemy import (
-    Boolean,
     String,
     any_,
     bindparam,
     case,
+    cast,
     column,
     delete,
     func,
     insert,
+    literal,
     select,
     update,
 )
@@ -51,7 +52,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from .app import BeanQueue
-from .engine.queries import notify
+from .engine.connections import execute
+from .engine.queries import Prepared
 from .engine.service import PeriodicService
 from .errors import BeanflowError, KwargsError, first_line
 from .models import (
@@ -249,6 +251,7 @@ class Workflows:
     def __init__(self, app: BeanQueue, workflows: dict[str, Workflow]) -> None:
         self.app, self.definitions = app, workflows
         self.ops = Operations(app)
+        self.sql = _Statements(app.task_model.__table__)
 
     # ---- starting --------------------------------------------------------------------------
 
@@ -300,18 +303,23 @@ class Workflows:
         failed_runs = {t.workflow_run_id for t in failed if getattr(t, "workflow_run_id", None)}
         if not done_ids and not failed_runs:
             return
+        run_ids = failed_runs | {t.workflow_run_id for t in done if t.id in set(done_ids)}
         savepoint = session.begin_nested()
         try:
-            self._progress(session, done_ids, failed_runs)
+            self._progress(session, run_ids, done_ids, failed_runs)
             savepoint.commit()
         except Exception:  # noqa: BLE001 - the service retries the run, and charges it
             savepoint.rollback()
             logger.exception("workflow steps %s: not advanced (the service will)", done_ids)
 
     def _progress(
-        self, session: Session, done_ids: list[uuid.UUID], failed_runs: set[uuid.UUID]
+        self,
+        session: Session,
+        run_ids: set[uuid.UUID],
+        done_ids: list[uuid.UUID],
+        failed_runs: set[uuid.UUID],
     ) -> None:
-        runs, ended = self._lock_ended(session, done_ids, failed_runs)
+        runs, ended = self._lock(session, run_ids, done_ids)
         whole = []
         for run in runs:
             left = dict(run.open)
@@ -325,42 +333,24 @@ class Workflows:
         self._advance_all(session, whole, writes)
         self._write(session, runs, writes)
 
-    def _lock_ended(
-        self, session: Session, done_ids: list[uuid.UUID], failed_runs: set[uuid.UUID]
+    def _lock(
+        self,
+        session: Session,
+        run_ids: set[uuid.UUID],
+        done_ids: Sequence[uuid.UUID] = (),
+        wait: bool = True,
     ) -> tuple[list[_Run], dict[uuid.UUID, dict[str, int]]]:
-        """The running runs of the ended tasks, locked in id order, and per run how many
-        tasks of each step ended, in one statement. What is read after it sees what the
-        transactions that held the locks committed."""
-        steps, r = WorkflowStep.__table__.c, WorkflowRun.__table__
-        ended = (
-            select(steps.run_id, steps.step, func.count().label("n"))
-            .where(steps.task_id == any_(bindparam("done", type_=ARRAY(steps.task_id.type))))
-            .group_by(steps.run_id, steps.step)
-            .cte("ended")
-        )
-        counts = (
-            select(func.jsonb_object_agg(ended.c.step, ended.c.n))
-            .where(ended.c.run_id == r.c.id)
-            .scalar_subquery()
-        )
-        failed = bindparam("failed", type_=ARRAY(r.c.id.type))
-        # a run's input comes along when small; a large one (a fan-out's list, say) is read
-        # only by a run that advances, not by each element that counts its step down
-        small = func.pg_column_size(r.c.input) <= SMALL_INPUT
-        rows = session.connection().execute(
-            select(
-                r.c.id,
-                r.c.workflow,
-                r.c.open,
-                counts.label("ended"),
-                case((small, r.c.input)).label("input"),
-                small.label("small"),
-            )
-            .where(r.c.state == RunState.RUNNING.value)
-            .where(r.c.id.in_(select(ended.c.run_id)) | (r.c.id == any_(failed)))
-            .order_by(r.c.id)
-            .with_for_update(of=r),
-            {"done": done_ids, "failed": list(failed_runs)},
+        """The running runs among ``run_ids``, locked in id order (without ``wait``, those
+        locked elsewhere are left out), and per run how many tasks of each step are among
+        ``done_ids``. What is read after it sees what the transactions that held the locks
+        committed. A run's input comes along when small; a large one (a fan-out's list, say)
+        is read only by a run that advances, not by each element that counts its step down."""
+        if not run_ids:
+            return [], {}
+        rows = execute(
+            session.connection(),
+            self.sql.lock if wait else self.sql.lock_unless_locked,
+            {"runs": sorted(run_ids), "done": list(done_ids)},
         )
         runs, counted = [], {}
         for row in rows:
@@ -369,25 +359,11 @@ class Workflows:
             counted[row.id] = row.ended or {}
         return runs, counted
 
-    def _lock(self, session: Session, run_ids: set[uuid.UUID], wait: bool = True) -> list[_Run]:
-        """The running runs among ``run_ids``, locked in id order (without ``wait``, those
-        locked elsewhere are left out)."""
-        if not run_ids:
-            return []
-        r = WorkflowRun.__table__.c
-        rows = session.connection().execute(
-            select(r.id, r.workflow, r.input, r.open)
-            .where(r.id.in_(sorted(run_ids)), r.state == RunState.RUNNING.value)
-            .order_by(r.id)
-            .with_for_update(skip_locked=not wait)
-        )
-        return [_Run(row.id, row.workflow, row.input, row.open or {}) for row in rows]
-
     def advance(self, session: Session, run_ids: Iterable[uuid.UUID], wait: bool = True) -> int:
         """Lock the runs (in id order) and take each as far as its steps allow: release what
         its ended steps allow, fail it, or finish it. Without ``wait``, runs locked elsewhere
         are left. Returns how many runs were advanced."""
-        runs, writes = self._lock(session, set(run_ids), wait), _Writes()
+        runs, writes = self._lock(session, set(run_ids), wait=wait)[0], _Writes()
         self._advance_all(session, runs, writes)
         self._write(session, runs, writes)
         return len(runs)
@@ -404,27 +380,7 @@ class Workflows:
             )
             for run_id, given in found:
                 unread[run_id].input = given
-        t, steps = self.app.task_model.__table__.c, WorkflowStep.__table__
-        rows = (
-            session.connection()
-            .execute(
-                select(
-                    steps.c.run_id,
-                    steps.c.step,
-                    steps.c.index,
-                    steps.c.outcome,
-                    t.state,
-                    t.result,
-                    t.error_message,
-                )
-                .select_from(
-                    steps.outerjoin(self.app.task_model.__table__, t.id == steps.c.task_id)
-                )
-                .where(steps.c.run_id.in_([run.id for run in runs]))
-                .order_by(steps.c.run_id, steps.c.step, steps.c.index)
-            )
-            .all()
-        )
+        rows = execute(session.connection(), self.sql.steps, {"runs": [run.id for run in runs]})
         of: dict[uuid.UUID, list[Any]] = {}
         for row in rows:
             of.setdefault(row.run_id, []).append(row)
@@ -565,12 +521,13 @@ class Workflows:
         run.open = {}
 
     def _write(self, session: Session, runs: list[_Run], writes: _Writes) -> None:
-        """Write a progression: the step rows (a row already there, from a release made
-        twice, keeps its task out), the tasks, the cancellation of failed runs' pending
-        tasks, the runs' new states; notify the channels and, when runs ended, RUNS_CHANNEL."""
-        t = self.app.task_model.__table__
+        """Write a progression: the cancellation of failed runs' pending tasks, then in one
+        statement the step rows (a row already there, from a release made twice, keeps its
+        task out), their tasks (the first of a channel in the transaction notifying it) and
+        the runs' new states (notifying RUNS_CHANNEL when runs ended)."""
         connection = session.connection()
         if writes.failed:
+            t = self.app.task_model.__table__
             connection.execute(
                 update(t)
                 .where(t.c.workflow_run_id.in_(writes.failed))
@@ -581,87 +538,28 @@ class Workflows:
                     error_message="cancelled: its run failed",
                 )
             )
-        if writes.steps:
-            self._insert(session, writes)
-        changed = [run for run in runs if run.dirty]
-        if not changed:
+        changed = {
+            str(run.id): {
+                "state": run.state.value,
+                "open": run.open,
+                "result": run.result,
+                "error": run.error,
+                "failed_step": run.failed_step,
+            }
+            for run in runs
+            if run.dirty
+        }
+        if not writes.steps and not changed:
             return
-        r = WorkflowRun.__table__
-        ended = RunState.RUNNING
-        connection.execute(
-            update(r)
-            .where(r.c.id == bindparam("run"))
-            .values(
-                state=bindparam("new_state"),
-                open=bindparam("new_open"),
-                result=bindparam("new_result"),
-                error=bindparam("new_error"),
-                failed_step=bindparam("new_failed_step"),
-                finished_at=case(
-                    (bindparam("ended", type_=Boolean), func.clock_timestamp()), else_=None
-                ),
-            ),
-            [
-                {
-                    "run": run.id,
-                    "new_state": run.state,
-                    "new_open": run.open,
-                    "new_result": run.result,
-                    "new_error": run.error,
-                    "new_failed_step": run.failed_step,
-                    "ended": run.state != ended,
-                }
-                for run in changed
-            ],
-        )
-        if any(run.state != ended for run in changed):
-            connection.execute(notify(RUNS_CHANNEL))
-
-    def _insert(self, session: Session, writes: _Writes) -> None:
-        """The step rows and their tasks in one statement: the tasks of rows that were already
-        there (a release made twice) are left out; the first tasks of a channel in the
-        transaction notify it."""
-        t, steps = self.app.task_model.__table__, WorkflowStep.__table__
-        given = func.jsonb_to_recordset(bindparam("steps", type_=JSONB)).table_valued(
-            *_records(steps, "run_id", "step", "index", "task_id"), column("outcome", String)
-        )
-        fresh = (
-            pg_insert(steps)
-            .from_select(
-                ["run_id", "step", "index", "task_id", "outcome"],
-                select(*(given.render_derived(with_types=True).c)),
-            )
-            .on_conflict_do_nothing()
-            .returning(steps.c.task_id)
-            .cte("fresh")
-        )
-        names = ("id", "channel", "module", "name", "kwargs", "workflow_run_id")
-        tasks = (
-            func.jsonb_to_recordset(bindparam("tasks", type_=JSONB))
-            .table_valued(*_records(t, *names))
-            .render_derived(with_types=True)
-        )
-        statement = (
-            insert(t)
-            .from_select(
-                list(names),
-                select(tasks).where(tasks.c.id.in_(select(fresh.c.task_id))),
-                include_defaults=False,  # the columns' server defaults
-            )
-            .add_cte(fresh)
-        )
-        channels = to_notify(session, writes.channels)
-        if channels:  # PostgreSQL delivers one of identical notifications per transaction
-            notify_these = bindparam("notify", type_=ARRAY(String))
-            statement = statement.returning(
-                case((t.c.channel == any_(notify_these), func.pg_notify(t.c.channel, "")))
-            )
-        session.connection().execute(
-            statement,
+        execute(
+            connection,
+            self.sql.write,
             {
                 "steps": _json_rows(writes.steps),
                 "tasks": _json_rows(list(writes.tasks.values())),
-                "notify": channels,
+                "notify": to_notify(session, writes.channels),
+                "moved": changed,
+                "moved_ids": list(changed),
             },
         )
 
@@ -670,7 +568,7 @@ class Workflows:
     def cancel(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> bool:
         """Cancel a running run: it becomes CANCELLED, its pending steps are cancelled and its
         running ones interrupted. Returns False when the run was not running."""
-        runs = self._lock(session, {run_id})
+        runs = self._lock(session, {run_id})[0]
         if not runs:
             return False
         by = by or operator()
@@ -694,7 +592,7 @@ class Workflows:
 
     def fail(self, session: Session, run_id: uuid.UUID, error: str) -> None:
         """Fail a running run, saying why (its steps are left as they are)."""
-        runs = self._lock(session, {run_id})
+        runs = self._lock(session, {run_id})[0]
         for run in runs:
             run.state, run.error, run.open = RunState.FAILED, error, {}
         self._write(session, runs, _Writes())
@@ -879,6 +777,121 @@ class WorkflowService(PeriodicService):
                     message = f"its progression failed: {type(error).__name__}: {first_line(error)}"
                     self.workflows.fail(session, run_id, message)
                     session.commit()
+
+
+class _Statements:
+    """The progression's statements, PREPAREd on the worker connections that run them for
+    every batch (``engine.connections.execute``). Each finds its rows through an index
+    whatever the planner knows of the tables: a plan made once, while the tables are small,
+    holds as they grow."""
+
+    def __init__(self, tasks: Any) -> None:
+        r, s, t = WorkflowRun.__table__, WorkflowStep.__table__, tasks
+        ids = ARRAY(r.c.id.type)
+        ended = (
+            select(s.c.run_id, s.c.step, func.count().label("n"))
+            .where(s.c.task_id == any_(bindparam("done", type_=ids)))
+            .group_by(s.c.run_id, s.c.step)
+            .cte("ended")
+        )
+        counts = (
+            select(func.jsonb_object_agg(ended.c.step, ended.c.n))
+            .where(ended.c.run_id == r.c.id)
+            .scalar_subquery()
+        )
+        small = func.pg_column_size(r.c.input) <= SMALL_INPUT
+        lock = (
+            select(
+                r.c.id,
+                r.c.workflow,
+                r.c.open,
+                counts.label("ended"),
+                case((small, r.c.input)).label("input"),
+                small.label("small"),
+            )
+            .where(r.c.id == any_(bindparam("runs", type_=ids)))
+            .where(r.c.state == RunState.RUNNING.value)
+            .order_by(r.c.id)
+        )
+        self.lock = Prepared("beanflow_workflow_lock", lock.with_for_update(of=r))
+        self.lock_unless_locked = Prepared(
+            "beanflow_workflow_lock_skip", lock.with_for_update(of=r, skip_locked=True)
+        )
+        self.steps = Prepared(
+            "beanflow_workflow_steps",
+            select(s.c.run_id, s.c.step, s.c.index, s.c.outcome)
+            .add_columns(t.c.state, t.c.result, t.c.error_message)
+            .select_from(s.outerjoin(t, t.c.id == s.c.task_id))
+            .where(s.c.run_id == any_(bindparam("runs", type_=ids)))
+            .order_by(s.c.run_id, s.c.step, s.c.index),
+        )
+        self.write = Prepared("beanflow_workflow_write", self._write_statement(r, s, t))
+
+    @staticmethod
+    def _write_statement(r: Any, s: Any, t: Any) -> Any:
+        """Insert step rows and the tasks of those that are new, and move runs: ``moved``
+        maps a run's id to its new state, open counts, result, error and failed step."""
+        given = func.jsonb_to_recordset(bindparam("steps", type_=JSONB)).table_valued(
+            *_records(s, "run_id", "step", "index", "task_id"), column("outcome", String)
+        )
+        fresh = (
+            pg_insert(s)
+            .from_select(
+                ["run_id", "step", "index", "task_id", "outcome"],
+                select(*(given.render_derived(with_types=True).c)),
+            )
+            .on_conflict_do_nothing()
+            .returning(s.c.task_id)
+            .cte("fresh")
+        )
+        names = ("id", "channel", "module", "name", "kwargs", "workflow_run_id")
+        tasks = (
+            func.jsonb_to_recordset(bindparam("tasks", type_=JSONB))
+            .table_valued(*_records(t, *names))
+            .render_derived(with_types=True)
+        )
+        woken = bindparam("notify", type_=ARRAY(String))
+        added = (
+            insert(t)
+            .from_select(
+                list(names),
+                select(tasks).where(tasks.c.id.in_(select(fresh.c.task_id))),
+                include_defaults=False,  # the columns' server defaults
+            )
+            # PostgreSQL delivers one of identical notifications per transaction
+            .returning(case((t.c.channel == any_(woken), func.pg_notify(t.c.channel, ""))))
+            .cte("added")
+        )
+        # a run's new values, found by its id in the parameter: no join to plan
+        new = bindparam("moved", type_=JSONB).op("->", return_type=JSONB)(cast(r.c.id, String))
+
+        def text_of(key: str) -> Any:
+            return new.op("->>", return_type=String)(key)
+
+        moved = (
+            update(r)
+            .where(r.c.id == any_(bindparam("moved_ids", type_=ARRAY(r.c.id.type))))
+            .values(
+                state=text_of("state"),
+                open=new.op("->", return_type=JSONB)("open"),
+                result=func.nullif(
+                    new.op("->", return_type=JSONB)("result"), cast(literal("null", String), JSONB)
+                ),
+                error=text_of("error"),
+                failed_step=text_of("failed_step"),
+                finished_at=case(
+                    (text_of("state") != RunState.RUNNING.value, func.clock_timestamp())
+                ),
+            )
+            .returning(
+                case((r.c.state != RunState.RUNNING.value, func.pg_notify(RUNS_CHANNEL, "")))
+            )
+            .cte("moved")
+        )
+        return select(
+            select(func.count()).select_from(added).scalar_subquery().label("tasks"),
+            select(func.count()).select_from(moved).scalar_subquery().label("runs"),
+        ).add_cte(fresh)
 
 
 def _records(table: Any, *names: str) -> list[Any]:

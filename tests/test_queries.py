@@ -338,3 +338,65 @@ def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):
         assert not [s for s in scans_of(root, "beanflow_tasks") if s[0] == "Seq Scan"], statement
     connections.dispose()
     engine.dispose()
+
+
+def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_url, monkeypatch):
+    """A worker prepares the progression's statements at its first step's end, often while
+    the workflow tables are small and never analyzed: their generic plans must find rows
+    through indexes (no scan, no join reading a whole table) once those tables are large."""
+    from sqlalchemy.orm import Session
+
+    from beanflow import db, spec
+    from beanflow.models import WorkflowRun
+
+    monkeypatch.setenv("TEST_DB_URL", db_url)
+    deployment = spec.load("tests/workloads/flows.yaml")
+    workflows = deployment.workflows
+    tables = ("beanflow_tasks", "beanflow_workflow_steps", "beanflow_workflow_runs")
+    hot = db.make_hot_path_engine(db_url)
+    connection = hot.connect()
+    connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+    for table in tables:
+        connection.exec_driver_sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    connection.commit()
+    session = Session(bind=connection)
+    run = workflows.start(session, "diamond", {})
+    session.commit()
+    (task,) = session.scalars(select(Task).where(Task.workflow_run_id == run.id))
+    workflows.on_tasks_ended(session, [task], [])  # prepares and plans the three statements
+    session.rollback()
+    with deployment.app.engine.begin() as grow:  # 200,000 runs of one step each
+        grow.execute(
+            text(
+                "WITH r AS (INSERT INTO beanflow_workflow_runs (id, workflow, state, input) "
+                "SELECT gen_random_uuid(), 'diamond', 'DONE', '{}' FROM generate_series(1, 200000) "
+                "RETURNING id), t AS (INSERT INTO beanflow_tasks (id, channel, module, name, "
+                "state, workflow_run_id) SELECT gen_random_uuid(), 'flows', 'm', 'f', 'DONE', id "
+                "FROM r RETURNING id, workflow_run_id) INSERT INTO beanflow_workflow_steps "
+                "(run_id, step, index, task_id) SELECT workflow_run_id, 'top', 0, id FROM t"
+            )
+        )
+    ids = [str(run.id)]
+    for prepared, parameters in (
+        (workflows.sql.lock, {"runs": ids, "done": [str(task.id)]}),
+        (workflows.sql.steps, {"runs": ids}),
+        (
+            workflows.sql.write,
+            {"steps": [], "tasks": [], "notify": [], "moved_ids": ids, "moved": {}},
+        ),
+    ):
+        clause = prepared.execute.element
+        explain = text("EXPLAIN (FORMAT JSON) " + clause.text).bindparams(
+            *clause._bindparams.values()
+        )
+        root = session.execute(explain, parameters).scalar()
+        root = root[0]["Plan"] if isinstance(root, list) else json.loads(root)[0]["Plan"]
+        for node in nodes(root):
+            if node.get("Relation Name") in tables and "Scan" in node["Node Type"]:
+                found_by = node.get("Index Cond") or node.get("Recheck Cond")  # bitmap: both
+                assert found_by, (prepared.name, node["Node Type"], node["Relation Name"])
+    assert session.get(WorkflowRun, run.id) is not None
+    session.close()
+    connection.close()
+    hot.dispose()
+    deployment.app.engine.dispose()

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Integer, column, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from .. import db
@@ -17,6 +17,28 @@ from .queries import Prepared, Queries
 
 # for the rest of a transaction in which a hot statement gets its generic plan
 NO_SEQUENTIAL_SCANS = "SET LOCAL enable_seqscan = off"
+_PREPARED = "beanflow_prepared"  # a connection's info: the names PREPAREd on it
+
+
+def prepare_once(connection: Connection, prepared: Prepared) -> None:
+    """PREPARE ``prepared`` on this hot-path connection (``db.make_hot_path_engine``) unless
+    it is there already. Its first EXECUTE, the caller's next statement, makes its generic
+    plan with sequential scans ruled out: planned on a table that is still small (and never
+    analyzed), a statement would otherwise scan the whole table on every batch as it grows."""
+    names = connection.connection.info.setdefault(_PREPARED, set())
+    if prepared.name not in names:
+        prepared.prepare(connection)  # a session-level PREPARE: it stays
+        db.send_with_next_statement(connection, NO_SEQUENTIAL_SCANS)
+        names.add(prepared.name)
+
+
+def execute(connection: Connection, prepared: Prepared, parameters: dict[str, Any]) -> Any:
+    """Run ``prepared``'s statement: EXECUTEd on a worker's hot-path connection (PREPAREd
+    there once), sent as it is anywhere else (where it runs once in a while)."""
+    if connection.get_execution_options().get(db.HOT_PATH):
+        prepare_once(connection, prepared)
+        return connection.execute(prepared.execute, parameters)
+    return connection.execute(prepared.statement, parameters)
 
 
 class WorkerConnections:
@@ -32,7 +54,6 @@ class WorkerConnections:
         self.complete = Prepared("beanflow_complete", queries.complete, column("count", Integer))
         # claims of each size used, read back as the task model's objects
         self._claims: dict[int, tuple[Prepared, Any]] = {}
-        self._prepared_here: set[str] = set()  # on the current connection
         self._hot_engine = db.make_hot_path_engine(engine.url)
         self.session: Session | None = None
         self.listener: Listener | None = None
@@ -44,15 +65,10 @@ class WorkerConnections:
         connection = self._hot_engine.connect()
         # planned once for this connection: the statements' parameters never change the plan
         connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        self.complete.prepare(connection)
-        # its generic plan is made by its first EXECUTE, now, while sequential scans are ruled
-        # out: planned on a table that is still small (and never analyzed), the completion
-        # would otherwise scan the whole table on every batch as it grows
-        connection.exec_driver_sql(NO_SEQUENTIAL_SCANS)
+        prepare_once(connection, self.complete)  # and planned now
         connection.execute(
             self.complete.execute, {"task_ids": [], "task_results": [], "worker": uuid.uuid4()}
         )
-        self._prepared_here = {self.complete.name}
         connection.commit()
         self.session = Session(bind=connection, expire_on_commit=False, autoflush=True)
         self.listener = Listener(self.engine, self.channels)
@@ -66,13 +82,8 @@ class WorkerConnections:
             )
             self._claims[size] = (claim, select(self.model).from_statement(claim.execute))
         claim, statement = self._claims[size]
-        if claim.name not in self._prepared_here:
-            assert self.session is not None
-            connection = self.session.connection()
-            claim.prepare(connection)  # a session-level PREPARE: it stays
-            # planned by its first EXECUTE, the caller's, in this transaction (see open())
-            db.send_with_next_statement(connection, NO_SEQUENTIAL_SCANS)
-            self._prepared_here.add(claim.name)
+        assert self.session is not None
+        prepare_once(self.session.connection(), claim)  # planned by the caller's EXECUTE
         return statement
 
     def broken(self) -> bool:

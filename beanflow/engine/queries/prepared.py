@@ -21,7 +21,7 @@ class Prepared:
     """
 
     def __init__(self, name: str, statement: Any, *columns: Any) -> None:
-        self.name = name
+        self.name, self.statement = name, statement
         compiled = statement.compile(dialect=_POSITIONAL)
         self.definition = f"PREPARE {name} AS {compiled}"
         by_name = {rendered: bind for bind, rendered in compiled.bind_names.items()}
