@@ -854,8 +854,10 @@ class _Statements:
         added = (
             insert(t)
             .from_select(
-                list(names),
-                select(tasks).where(tasks.c.id.in_(select(fresh.c.task_id))),
+                [*names, "scheduled_at"],
+                # due from the start of the transaction that releases them (not the moment
+                # of the insert), so that its own claim, a worker's, can take them
+                select(tasks, func.now()).where(tasks.c.id.in_(select(fresh.c.task_id))),
                 include_defaults=False,  # the columns' server defaults
             )
             # PostgreSQL delivers one of identical notifications per transaction
