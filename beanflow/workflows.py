@@ -30,10 +30,12 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 from sqlalchemy import (
+    Boolean,
+    Integer,
     String,
     any_,
     bindparam,
@@ -47,12 +49,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from . import db
 from .app import BeanQueue
-from .engine.connections import execute
+from .engine.connections import execute, prepare_once
 from .engine.queries import Prepared
 from .engine.service import PeriodicService
 from .errors import BeanflowError, KwargsError, first_line
@@ -207,6 +210,17 @@ class RunDetail:
         return [view for view in self.steps if view.step == step]
 
 
+class _StepRow(NamedTuple):
+    """A step row of a run and the state of its task (None: no task, or the task is gone)."""
+
+    step: str
+    index: int
+    outcome: str | None
+    state: str | None
+    result: Any
+    error_message: str | None
+
+
 @dataclasses.dataclass
 class _Run:
     """A run locked for progression: what is read of it, and what will be written."""
@@ -220,6 +234,8 @@ class _Run:
     error: str | None = None
     failed_step: str | None = None
     changed: bool = False
+    ended: dict[str, int] = dataclasses.field(default_factory=dict)  # of its steps' tasks
+    steps: list[_StepRow] | None = None  # read when it advances as a whole
 
     def __post_init__(self) -> None:
         self.read = (self.state, dict(self.open))
@@ -319,59 +335,72 @@ class Workflows:
         done_ids: list[uuid.UUID],
         failed_runs: set[uuid.UUID],
     ) -> None:
-        runs, ended = self._lock(session, run_ids, done_ids)
-        whole = []
+        runs = self._read(session, run_ids, done_ids, failed_runs)
         for run in runs:
-            left = dict(run.open)
-            for step, count in ended.get(run.id, {}).items():
-                left[step] = left.get(step, 0) - count
-            if run.id in failed_runs or any(n <= 0 for n in left.values()):
-                whole.append(run)
-            else:  # elements of fan-outs still open: nothing to release
+            if run.steps is None:  # elements of fan-outs still open: nothing to release
+                left = dict(run.open)
+                for step, count in run.ended.items():
+                    left[step] = left.get(step, 0) - count
                 run.open = {step: n for step, n in left.items() if n > 1}
         writes = _Writes()
-        self._advance_all(session, whole, writes)
+        self._advance_all(session, [run for run in runs if run.steps is not None], writes)
         self._write(session, runs, writes)
 
-    def _lock(
+    def _read(
         self,
         session: Session,
         run_ids: set[uuid.UUID],
         done_ids: Sequence[uuid.UUID] = (),
+        failed_runs: set[uuid.UUID] | frozenset[uuid.UUID] = frozenset(),
         wait: bool = True,
-    ) -> tuple[list[_Run], dict[uuid.UUID, dict[str, int]]]:
-        """The running runs among ``run_ids``, locked in id order (without ``wait``, those
-        locked elsewhere are left out), and per run how many tasks of each step are among
-        ``done_ids``. What is read after it sees what the transactions that held the locks
-        committed. A run's input comes along when small; a large one (a fan-out's list, say)
-        is read only by a run that advances, not by each element that counts its step down."""
+        whole: bool = False,
+    ) -> list[_Run]:
+        """Lock the running runs among ``run_ids`` in id order (without ``wait``, those locked
+        elsewhere are left out), then read them: how many tasks of each of their steps are
+        among ``done_ids``, and the rows of their steps for those that advance as a whole
+        (all with ``whole``; else those in ``failed_runs`` or with a step whose last open
+        task ended). The read sees what the transactions that held the locks committed. A
+        run's input comes along when small; a large one (a fan-out's list, say) is read only
+        by a run that advances, not by each element that counts its step down.
+
+        On a worker's connection the lock travels with the read: two statements, each with
+        its own snapshot, in one round trip."""
         if not run_ids:
-            return [], {}
+            return []
+        connection, ids = session.connection(), sorted(run_ids)
+        if not wait:
+            ids = list(execute(connection, self.sql.lock_unless_locked, {"runs": ids}).scalars())
+        elif connection.get_execution_options().get(db.HOT_PATH):
+            prepare_once(connection, self.sql.lock)
+            listed = ",".join(str(uuid.UUID(str(run_id))) for run_id in ids)  # only hex and -
+            db.send_with_next_statement(connection, f"EXECUTE {self.sql.lock.name}('{{{listed}}}')")
+        else:
+            execute(connection, self.sql.lock, {"runs": ids})
         rows = execute(
-            session.connection(),
-            self.sql.lock if wait else self.sql.lock_unless_locked,
-            {"runs": sorted(run_ids), "done": list(done_ids)},
+            connection,
+            self.sql.read,
+            {"runs": ids, "done": list(done_ids), "failed": list(failed_runs), "whole": whole},
         )
-        runs, counted = [], {}
+        runs = []
         for row in rows:
-            given = row.input if row.small else _UNREAD
-            runs.append(_Run(row.id, row.workflow, given, row.open or {}))
-            counted[row.id] = row.ended or {}
-        return runs, counted
+            run = _Run(row.id, row.workflow, row.input if row.small else _UNREAD, row.open or {})
+            run.ended = row.ended or {}
+            if row.steps is not None:
+                run.steps = [_StepRow(*step) for step in row.steps]
+            runs.append(run)
+        return runs
 
     def advance(self, session: Session, run_ids: Iterable[uuid.UUID], wait: bool = True) -> int:
         """Lock the runs (in id order) and take each as far as its steps allow: release what
         its ended steps allow, fail it, or finish it. Without ``wait``, runs locked elsewhere
         are left. Returns how many runs were advanced."""
-        runs, writes = self._lock(session, set(run_ids), wait=wait)[0], _Writes()
+        runs, writes = self._read(session, set(run_ids), wait=wait, whole=True), _Writes()
         self._advance_all(session, runs, writes)
         self._write(session, runs, writes)
         return len(runs)
 
     def _advance_all(self, session: Session, runs: list[_Run], writes: _Writes) -> None:
-        """Read the steps of ``runs`` in one statement, and plan what each releases."""
-        if not runs:
-            return
+        """Plan what each of ``runs`` (read with their steps) releases."""
         unread = {run.id: run for run in runs if run.input is _UNREAD}
         if unread:
             r = WorkflowRun.__table__.c
@@ -380,16 +409,12 @@ class Workflows:
             )
             for run_id, given in found:
                 unread[run_id].input = given
-        rows = execute(session.connection(), self.sql.steps, {"runs": [run.id for run in runs]})
-        of: dict[uuid.UUID, list[Any]] = {}
-        for row in rows:
-            of.setdefault(row.run_id, []).append(row)
         for run in runs:
             workflow = self.definitions.get(run.workflow)
             if workflow is None:
                 logger.warning("run %s: workflow %r is not declared here", run.id, run.workflow)
                 continue
-            self._advance_one(run, workflow, of.get(run.id, []), writes)
+            self._advance_one(run, workflow, run.steps or [], writes)
 
     def _advance_one(self, run: _Run, workflow: Workflow, rows: list[Any], writes: _Writes) -> None:
         """Plan what ``run`` does next from its step ``rows``: fail, release, or finish.
@@ -568,7 +593,7 @@ class Workflows:
     def cancel(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> bool:
         """Cancel a running run: it becomes CANCELLED, its pending steps are cancelled and its
         running ones interrupted. Returns False when the run was not running."""
-        runs = self._lock(session, {run_id})[0]
+        runs = self._read(session, {run_id})
         if not runs:
             return False
         by = by or operator()
@@ -592,7 +617,7 @@ class Workflows:
 
     def fail(self, session: Session, run_id: uuid.UUID, error: str) -> None:
         """Fail a running run, saying why (its steps are left as they are)."""
-        runs = self._lock(session, {run_id})[0]
+        runs = self._read(session, {run_id})
         for run in runs:
             run.state, run.error, run.open = RunState.FAILED, error, {}
         self._write(session, runs, _Writes())
@@ -788,6 +813,12 @@ class _Statements:
     def __init__(self, tasks: Any) -> None:
         r, s, t = WorkflowRun.__table__, WorkflowStep.__table__, tasks
         ids = ARRAY(r.c.id.type)
+        wanted = r.c.id == any_(bindparam("runs", type_=ids))
+        lock = select(r.c.id).where(wanted).order_by(r.c.id)
+        self.lock = Prepared("beanflow_workflow_lock", lock.with_for_update())
+        self.lock_unless_locked = Prepared(
+            "beanflow_workflow_lock_skip", lock.with_for_update(skip_locked=True)
+        )
         ended = (
             select(s.c.run_id, s.c.step, func.count().label("n"))
             .where(s.c.task_id == any_(bindparam("done", type_=ids)))
@@ -799,8 +830,45 @@ class _Statements:
             .where(ended.c.run_id == r.c.id)
             .scalar_subquery()
         )
+        # a step's last open task ended (a step with one task is not in ``open``)
+        last_ended = (
+            select(ended.c.step)
+            .where(ended.c.run_id == r.c.id)
+            .where(func.coalesce(r.c.open.op("->>")(ended.c.step).cast(Integer), 0) <= ended.c.n)
+            .exists()
+        )
+        steps = (
+            select(
+                func.coalesce(
+                    func.jsonb_agg(
+                        aggregate_order_by(
+                            func.jsonb_build_array(
+                                s.c.step,
+                                s.c.index,
+                                s.c.outcome,
+                                t.c.state,
+                                t.c.result,
+                                t.c.error_message,
+                            ),
+                            s.c.step,
+                            s.c.index,
+                        )
+                    ),
+                    cast(literal("[]", String), JSONB),
+                )
+            )
+            .select_from(s.outerjoin(t, t.c.id == s.c.task_id))
+            .where(s.c.run_id == r.c.id)
+            .scalar_subquery()
+        )
+        advances = (
+            bindparam("whole", type_=Boolean)
+            | (r.c.id == any_(bindparam("failed", type_=ids)))
+            | last_ended
+        )
         small = func.pg_column_size(r.c.input) <= SMALL_INPUT
-        lock = (
+        self.read = Prepared(
+            "beanflow_workflow_read",
             select(
                 r.c.id,
                 r.c.workflow,
@@ -808,22 +876,10 @@ class _Statements:
                 counts.label("ended"),
                 case((small, r.c.input)).label("input"),
                 small.label("small"),
+                case((advances, steps)).label("steps"),
             )
-            .where(r.c.id == any_(bindparam("runs", type_=ids)))
-            .where(r.c.state == RunState.RUNNING.value)
-            .order_by(r.c.id)
-        )
-        self.lock = Prepared("beanflow_workflow_lock", lock.with_for_update(of=r))
-        self.lock_unless_locked = Prepared(
-            "beanflow_workflow_lock_skip", lock.with_for_update(of=r, skip_locked=True)
-        )
-        self.steps = Prepared(
-            "beanflow_workflow_steps",
-            select(s.c.run_id, s.c.step, s.c.index, s.c.outcome)
-            .add_columns(t.c.state, t.c.result, t.c.error_message)
-            .select_from(s.outerjoin(t, t.c.id == s.c.task_id))
-            .where(s.c.run_id == any_(bindparam("runs", type_=ids)))
-            .order_by(s.c.run_id, s.c.step, s.c.index),
+            .where(wanted, r.c.state == RunState.RUNNING.value)
+            .order_by(r.c.id),
         )
         self.write = Prepared("beanflow_workflow_write", self._write_statement(r, s, t))
 

@@ -397,9 +397,13 @@ class Bench:
         assert self.sql(unfinished)[0] == 0, "every run completes"
         return self.done_rate()
 
-    def step_latency(self) -> list[float]:
-        """A step's dependent: its start − the step's completion (ms), for runs of two steps
-        started every 20 ms on one idle worker."""
+    def step_latency(self) -> tuple[list[float], list[float]]:
+        """Runs of two steps started every 20 ms on one idle worker: (the dependent's start −
+        its upstream's commit, the dependent's claim − its upstream's completion statement),
+        in ms. The dependent is claimed in the transaction that completes its upstream, so
+        that commit falls between the dependent's claim and the start of its function (which
+        returns the moment it started): the first figure is counted from the claim, an upper
+        bound of the time from the commit."""
         self.reset()
         flows = Workflows(self.app, processors.WORKFLOWS.definitions)
         processes = self.workers(1, burst=False, POLL_TIMEOUT=3600)
@@ -419,13 +423,14 @@ class Bench:
         with self.app.engine.connect() as connection:
             rows = connection.execute(
                 text(
-                    "SELECT extract(epoch FROM b.started_at - a.finished_at) * 1000 "
+                    "SELECT (b.result::text::float8 - extract(epoch FROM b.started_at)) * 1000, "
+                    "extract(epoch FROM b.started_at - a.finished_at) * 1000 "
                     "FROM beanflow_workflow_steps sa JOIN beanflow_tasks a ON a.id = sa.task_id "
                     "JOIN beanflow_workflow_steps sb ON sb.run_id = sa.run_id AND sb.step = 'b' "
                     "JOIN beanflow_tasks b ON b.id = sb.task_id WHERE sa.step = 'a'"
                 )
             ).all()
-        return [float(ms) for (ms,) in rows]
+        return [float(row[0]) for row in rows], [float(row[1]) for row in rows]
 
     def plain_wake_ups(self) -> list[float]:
         """W3's wake-up latencies (measured once per run)."""
@@ -791,17 +796,28 @@ def workflows(bench: Bench) -> list[Figure]:
         for kind, label in (("chain", "chains of 4 steps"), ("fan", "one fan-out"))
         for workers in (1, 4)
     ]
-    steps, plain = bench.step_latency(), bench.plain_wake_ups()
-    return figures + [
-        Figure(
-            f"W11 step's completion → its dependent's start p{q} (ceiling: W3 wake-up)",
-            "ms",
-            percentile(steps, q),
-            percentile(plain, q),
-            higher_is_better=False,
-        )
-        for q in (50, 99)
-    ]
+    (from_commit, progression), plain = bench.step_latency(), bench.plain_wake_ups()
+    return (
+        figures
+        + [
+            Figure(
+                f"W11 step's commit → its dependent's start p{q} (at most; ceiling: W3 wake-up)",
+                "ms",
+                percentile(from_commit, q),
+                percentile(plain, q),
+                higher_is_better=False,
+            )
+            for q in (50, 99)
+        ]
+        + [
+            Figure(
+                f"W11 step's completion → its dependent's claim p{q}",
+                "ms",
+                percentile(progression, q),
+            )
+            for q in (50, 99)
+        ]
+    )
 
 
 WORKLOADS: dict[str, Callable[[Bench], list[Figure]]] = {

@@ -23,13 +23,20 @@ def write_row(db: Session, n: int) -> None:
 
 
 @app.processor(channel="bench")
+def started() -> float:
+    """W11's dependent step: the moment it started (epoch seconds) as its result."""
+    return time.time()
+
+
+@app.processor(channel="bench")
 def sleep_for(seconds: float) -> None:
     """The mixed workload's slow task."""
     time.sleep(seconds)
 
 
 # W11's workflows, declared in Python (a beanflow.yaml compiles to the same objects): a chain
-# of four no-op steps, and a fan-out of no-op steps over the run's input
+# of four no-op steps, a pair whose second step tells when it started, and a fan-out of no-op
+# steps over the run's input
 WORKFLOWS = Workflows(
     app,
     {
@@ -43,7 +50,7 @@ WORKFLOWS = Workflows(
             },
             result="d",
         ),
-        "pair": Workflow("pair", {"a": Step("a", noop), "b": Step("b", noop, ("a",))}, "b"),
+        "pair": Workflow("pair", {"a": Step("a", noop), "b": Step("b", started, ("a",))}, "b"),
         "fan": Workflow(
             "fan", {"each": Step("each", noop, for_each=Ref("input", ("items",)))}, "each"
         ),

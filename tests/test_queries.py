@@ -363,7 +363,7 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
     run = workflows.start(session, "diamond", {})
     session.commit()
     (task,) = session.scalars(select(Task).where(Task.workflow_run_id == run.id))
-    workflows.on_tasks_ended(session, [task], [])  # prepares and plans the three statements
+    workflows.on_tasks_ended(session, [task], [])  # prepares and plans its statements
     session.rollback()
     with deployment.app.engine.begin() as grow:  # 200,000 runs of one step each
         grow.execute(
@@ -378,8 +378,11 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
         )
     ids = [str(run.id)]
     for prepared, parameters in (
-        (workflows.sql.lock, {"runs": ids, "done": [str(task.id)]}),
-        (workflows.sql.steps, {"runs": ids}),
+        (workflows.sql.lock, {"runs": ids}),
+        (
+            workflows.sql.read,
+            {"runs": ids, "done": [str(task.id)], "failed": [], "whole": True},
+        ),
         (
             workflows.sql.write,
             {"steps": [], "tasks": [], "notify": [], "moved_ids": ids, "moved": {}},
