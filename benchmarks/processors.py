@@ -23,6 +23,13 @@ def write_row(db: Session, n: int) -> None:
 
 
 @app.processor(channel="bench")
+def hop(db: Session, left: int) -> None:
+    """W11's hand-written chain: a task that enqueues the next one until ``left`` is 0."""
+    if left:
+        bq.enqueue(db, hop, left=left - 1)
+
+
+@app.processor(channel="bench")
 def started() -> float:
     """W11's dependent step: the moment it started (epoch seconds) as its result."""
     return time.time()
