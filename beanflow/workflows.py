@@ -315,11 +315,12 @@ class Workflows:
         several of its step (a fan-out's element) only counts down its step's open tasks; the
         last one, or a failure, advances the run. A failure here is logged and left to
         WorkflowService (the tasks' own outcomes commit regardless)."""
-        done_ids = [t.id for t in done if getattr(t, "workflow_run_id", None)]
+        steps = [t for t in done if getattr(t, "workflow_run_id", None)]
         failed_runs = {t.workflow_run_id for t in failed if getattr(t, "workflow_run_id", None)}
-        if not done_ids and not failed_runs:
+        if not steps and not failed_runs:
             return
-        run_ids = failed_runs | {t.workflow_run_id for t in done if t.id in set(done_ids)}
+        done_ids = [t.id for t in steps]
+        run_ids = failed_runs | {t.workflow_run_id for t in steps}
         savepoint = session.begin_nested()
         try:
             self._progress(session, run_ids, done_ids, failed_runs)
