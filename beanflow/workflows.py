@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import inspect
 import json
 import logging
@@ -156,8 +157,10 @@ class Step:
     condition: Condition | None = None
     kwargs: dict[str, Any] | None = None  # values may be Refs
 
-    def parameters(self) -> set[str]:
-        return set(inspect.signature(self.processor.func).parameters)
+    @functools.cached_property
+    def parameters(self) -> frozenset[str]:
+        """The names of the function's parameters."""
+        return frozenset(inspect.signature(self.processor.func).parameters)
 
 
 @dataclasses.dataclass
@@ -486,7 +489,7 @@ class Workflows:
             offered["results"] = {name: context[name] for name in step.after}
         if item is not _NO_ITEM:
             offered["item"] = item
-        wanted = step.parameters()
+        wanted = step.parameters
         kwargs |= {k: v for k, v in offered.items() if k in wanted and k not in kwargs}
         step.processor.check_kwargs(kwargs)
         return kwargs
@@ -537,7 +540,7 @@ class Workflows:
         context = {"input": run.input, "error": run.error, "step": step, "run_id": str(run.id)}
         try:
             kwargs = resolve_values(handler.kwargs or {}, context)
-            wanted = handler.parameters()
+            wanted = handler.parameters
             kwargs |= {k: v for k, v in context.items() if k in wanted and k not in kwargs}
             handler.processor.check_kwargs(kwargs)
         except (WorkflowError, KwargsError) as refused:

@@ -71,8 +71,10 @@ def test_a_fan_in_of_100_branches_ending_together_is_released_once(tmp_path, db_
     processes = Processes(tmp_path, TEST_DB_URL=db_url, WORKERS="4", BATCH_SIZE="1")
     supervisor = processes.start("run", FLOWS)
     wait_for(  # all four idle, so that the branches are shared as they are released
-        lambda: sql(flows_app, "SELECT count(*) FROM beanflow_workers WHERE state = 'RUNNING'")
-        == [(4,)],
+        lambda: (
+            sql(flows_app, "SELECT count(*) FROM beanflow_workers WHERE state = 'RUNNING'")
+            == [(4,)]
+        ),
         "four workers",
     )
     start = processes.run("start", "fan", "-i", '{"user_id": 1, "emails": 100}', "--config", FLOWS)

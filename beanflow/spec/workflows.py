@@ -211,7 +211,7 @@ class WorkflowCompiler:
     def check_fit(self, step: Step, path: Path_, schema: dict[str, Any] | None) -> None:
         """Whether the kwargs the step will get can fit its function (when they are known:
         declared, or a first step's input fields, or only what is injected)."""
-        wanted = step.parameters()
+        wanted = step.parameters
         given = {"input"} | ({"results"} if step.after else set())
         given |= {"item"} if step.for_each else set()
         if step.kwargs is not None:
@@ -248,7 +248,7 @@ class WorkflowCompiler:
         if processor is None or kwargs is self.bad:
             return None
         step = Step("on_failure", processor, kwargs=kwargs)
-        keys = set(kwargs or {}) | {n for n in HANDLER_INJECTED if n in step.parameters()}
+        keys = set(kwargs or {}) | {n for n in HANDLER_INJECTED if n in step.parameters}
         try:
             processor.check_kwargs(dict.fromkeys(keys))
         except ValueError as error:
