@@ -43,40 +43,44 @@ def test_workers_keep_working_under_statement_and_idle_timeouts(limited_server, 
     server, app = limited_server
     url = server.url
     configure(app, server, statement_timeout="1s", idle_in_transaction_session_timeout="300ms")
+    # every look at the database below is a transaction of its own: one left open between
+    # looks would be cut by the server's idle_in_transaction_session_timeout when the test stalls
     with app.session_factory() as session:
-        idle = bq.enqueue(session, workloads.idle_in_transaction, key="idle", seconds=1.0)
-        slow = bq.enqueue(session, workloads.slow_query, seconds=5)
-        quick = [bq.enqueue(session, workloads.quick, value=n) for n in range(5)]
+        idle = bq.enqueue(session, workloads.idle_in_transaction, key="idle", seconds=1.0).id
+        slow = bq.enqueue(session, workloads.slow_query, seconds=5).id
+        quick = [bq.enqueue(session, workloads.quick, value=n).id for n in range(5)]
         session.commit()
-        workers = Workers(url, tmp_path)
-        process = workers.start("limits", MAX_WORKER_CRASHES=2, WORKER_HEARTBEAT_PERIOD=0.2)
-        try:
 
-            def settled(task) -> bool:
-                session.expire_all()
-                return session.get(bq.Task, task.id).state in (
-                    bq.TaskState.DONE,
-                    bq.TaskState.FAILED,
-                )
+    def task(task_id) -> bq.Task:
+        with app.session_factory(expire_on_commit=False) as session:
+            return session.get(bq.Task, task_id)
 
-            for task in [idle, slow, *quick]:
-                wait_for(lambda task=task: settled(task), "every task to settle")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(60) == 0
-            workers.kill_all()
-        session.refresh(idle)
-        session.refresh(slow)
-        # the server cut the idle transaction's connection twice: failed, not retried forever
-        assert (idle.state, idle.crash_count) == (bq.TaskState.FAILED, 2)
-        assert idle.error_message == (
-            "its worker died or lost its database connection 2 times while running it"
-        )
-        assert slow.state == bq.TaskState.FAILED
-        assert "canceling statement due to statement timeout" in slow.error_message
-        assert all(session.get(bq.Task, t.id).state == bq.TaskState.DONE for t in quick)
+    workers = Workers(url, tmp_path)
+    process = workers.start("limits", MAX_WORKER_CRASHES=2, WORKER_HEARTBEAT_PERIOD=0.2)
+    try:
+        for task_id in [idle, slow, *quick]:
+            wait_for(
+                lambda task_id=task_id: (
+                    task(task_id).state in (bq.TaskState.DONE, bq.TaskState.FAILED)
+                ),
+                "every task to settle",
+            )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        workers.kill_all()
+    # the server cut the idle transaction's connection twice: failed, not retried forever
+    idle_task, slow_task = task(idle), task(slow)
+    assert (idle_task.state, idle_task.crash_count) == (bq.TaskState.FAILED, 2)
+    assert idle_task.error_message == (
+        "its worker died or lost its database connection 2 times while running it"
+    )
+    assert slow_task.state == bq.TaskState.FAILED
+    assert "canceling statement due to statement timeout" in slow_task.error_message
+    assert all(task(t).state == bq.TaskState.DONE for t in quick)
+    with app.session_factory() as session:
         assert session.scalar(select(func.count()).select_from(Effect)) == 0
-        assert "lost its database connection" in workers.output(process)
+    assert "lost its database connection" in workers.output(process)
 
 
 def test_too_few_connections_is_a_clear_error(limited_server, tmp_path):
