@@ -419,9 +419,10 @@ class TaskWorker:
     def _commit(self, session: Session, claim_next: bool = False) -> list[Any]:
         """Commit the open transaction, completing every task that finished in it with one
         statement, and with ``claim_next`` claiming the next batch in it too (one commit, one
-        disk flush, for both). If any task was taken from this worker meanwhile (it was found
-        dead), roll the whole transaction back instead, and stop: no task is completed twice.
-        Returns the tasks claimed."""
+        disk flush, for both); the app's task-end hooks run in it after that claim, and when it
+        found nothing, a second claim takes what they released. If any task was taken from
+        this worker meanwhile (it was found dead), roll the whole transaction back instead,
+        and stop: no task is completed twice. Returns the tasks claimed."""
         committed = self.batch.finished  # complete() replaces the list, leaving this one
         finished = len(committed)
         if finished:
@@ -437,12 +438,17 @@ class TaskWorker:
                 self.found_dead = True
                 self.stop()
                 return []
+        session.expunge_all()  # the session keeps no task objects from batch to batch
+        claiming = claim_next and not self.stopping.is_set()
+        claimed = self._claim_in(session) if claiming else []
         if self.app.task_end_hooks and (committed or self.batch.failed):
+            # after the claim: what the hooks lock (a workflow run's row) is held for less of
+            # the transaction, so that workers ending steps of one run wait less for each other
             done = [entry.task for entry in committed]
             for hook in self.app.task_end_hooks:
                 hook(session, done, self.batch.failed)
-        session.expunge_all()  # the session keeps no task objects from batch to batch
-        claimed = self._claim_in(session) if claim_next and not self.stopping.is_set() else []
+            if claiming and not claimed:  # what they released (a workflow's next steps)
+                claimed = self._claim_in(session)
         if claim_next and not claimed and not self.burst:
             # nothing more is due: the worker sleeps next, until the time this tells, read in
             # this transaction rather than in one more of its own
