@@ -6,7 +6,7 @@ from __future__ import annotations
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 import beanflow as bq
 from beanflow import spec
@@ -157,6 +157,26 @@ def test_bad_input_is_refused_at_start_naming_the_field(flows, session):
         bq.KwargsError, match="input of onboard: emails: 'many' is not of type 'integer'"
     ):
         flows.workflows.start(session, "onboard", {"user_id": 1, "emails": "many"})
+
+
+def test_an_idle_worker_claims_a_released_step_in_the_commit_that_releases_it(flows, session):
+    """No wake-up between the steps of a chain: the transaction that completes a step (its
+    COMPLETE event) is the one that claims the next (its CLAIMED event)."""
+    run_id = start(flows, session, "linear")
+    drain(flows)
+    assert run_of(session, run_id).state == RunState.DONE
+    rows = session.execute(
+        text(
+            "SELECT s.step, e.type, e.xmin::text FROM beanflow_events e "
+            "JOIN beanflow_workflow_steps s ON s.task_id = e.task_id "
+            "WHERE s.run_id = :run AND e.type IN ('CLAIMED', 'COMPLETE')"
+        ),
+        {"run": run_id},
+    ).all()
+    writer = {(step, kind): xid for step, kind, xid in rows}
+    assert writer["one", "COMPLETE"] == writer["two", "CLAIMED"]
+    assert writer["two", "COMPLETE"] == writer["three", "CLAIMED"]
+    assert writer["one", "CLAIMED"] != writer["one", "COMPLETE"]  # a claim commits first
 
 
 def test_a_step_ended_outside_a_worker_is_taken_up_by_the_service(flows, session):
