@@ -33,7 +33,7 @@ class BeanQueue:
         self.config = config if config is not None else Config()
         self.registry = ProcessorRegistry()
         # see QueueApp.task_end_hooks
-        self.task_end_hooks: list[Callable[[Session, Sequence[Any], Sequence[Any]], None]] = []
+        self.task_end_hooks: list[Callable[[Session, Sequence[Any], Sequence[Any]], bool]] = []
 
     # ---- models and database ---------------------------------------------------------------
 

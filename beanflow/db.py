@@ -26,7 +26,12 @@ def make_engine(config: Config) -> Engine:
 
 
 _QUEUED = "beanflow_queued_statements"
-HOT_PATH = "beanflow_hot_path"  # an execution option of the hot-path engine's connections
+_HOT_PATH = "beanflow_hot_path"  # an execution option of the hot-path engine's connections
+
+
+def on_hot_path(connection: Connection) -> bool:
+    """Whether ``connection`` is a worker's hot-path connection (``make_hot_path_engine``)."""
+    return bool(connection.get_execution_options().get(_HOT_PATH))
 
 
 def send_with_next_statement(connection: Connection, statement: str) -> None:
@@ -45,7 +50,7 @@ def make_hot_path_engine(url: str | URL) -> Engine:
     simply dropped, since nothing ran in it. SQLAlchemy's own bookkeeping is unchanged.
     Code that bypasses SQLAlchemy (a raw DBAPI cursor) would not be inside the savepoint.
     """
-    engine = create_engine(url, pool_size=1, max_overflow=0, execution_options={HOT_PATH: True})
+    engine = create_engine(url, pool_size=1, max_overflow=0, execution_options={_HOT_PATH: True})
     dialect = engine.dialect
     roll_back_now = dialect.do_rollback_to_savepoint
 

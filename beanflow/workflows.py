@@ -312,25 +312,28 @@ class Workflows:
 
     # ---- progression -----------------------------------------------------------------------
 
-    def on_tasks_ended(self, session: Session, done: Sequence[Any], failed: Sequence[Any]) -> None:
+    def on_tasks_ended(self, session: Session, done: Sequence[Any], failed: Sequence[Any]) -> bool:
         """The engine's hook, in the transaction that ends ``done`` (DONE) and ``failed``
         (FAILED or CANCELLED for good) tasks: take their runs further. A task that is one of
         several of its step (a fan-out's element) only counts down its step's open tasks; the
         last one, or a failure, advances the run. A failure here is logged and left to
-        WorkflowService (the tasks' own outcomes commit regardless)."""
+        WorkflowService (the tasks' own outcomes commit regardless). Returns whether it
+        released tasks."""
         steps = [t for t in done if getattr(t, "workflow_run_id", None)]
         failed_runs = {t.workflow_run_id for t in failed if getattr(t, "workflow_run_id", None)}
         if not steps and not failed_runs:
-            return
+            return False
         done_ids = [t.id for t in steps]
         run_ids = failed_runs | {t.workflow_run_id for t in steps}
         savepoint = session.begin_nested()
         try:
-            self._progress(session, run_ids, done_ids, failed_runs)
+            released = self._progress(session, run_ids, done_ids, failed_runs)
             savepoint.commit()
+            return released
         except Exception:  # noqa: BLE001 - the service retries the run, and charges it
             savepoint.rollback()
             logger.exception("workflow steps %s: not advanced (the service will)", done_ids)
+            return False
 
     def _progress(
         self,
@@ -338,7 +341,7 @@ class Workflows:
         run_ids: set[uuid.UUID],
         done_ids: list[uuid.UUID],
         failed_runs: set[uuid.UUID],
-    ) -> None:
+    ) -> bool:
         runs = self._read(session, run_ids, done_ids, failed_runs)
         for run in runs:
             if run.steps is None:  # elements of fan-outs still open: nothing to release
@@ -349,6 +352,7 @@ class Workflows:
         writes = _Writes()
         self._advance_all(session, [run for run in runs if run.steps is not None], writes)
         self._write(session, runs, writes)
+        return bool(writes.tasks)
 
     def _read(
         self,
@@ -374,7 +378,7 @@ class Workflows:
         connection, ids = session.connection(), sorted(run_ids)
         if not wait:
             ids = list(execute(connection, self.sql.lock_unless_locked, {"runs": ids}).scalars())
-        elif connection.get_execution_options().get(db.HOT_PATH):
+        elif db.on_hot_path(connection):
             prepare_once(connection, self.sql.lock)
             listed = ",".join(str(uuid.UUID(str(run_id))) for run_id in ids)  # only hex and -
             db.send_with_next_statement(connection, f"EXECUTE {self.sql.lock.name}('{{{listed}}}')")
@@ -932,6 +936,8 @@ class _Statements:
 
         moved = (
             update(r)
+            # their ids apart, as an array: taken from the JSON keys, the generic plan joins
+            # them to the whole primary key index instead of looking each up
             .where(r.c.id == any_(bindparam("moved_ids", type_=ARRAY(r.c.id.type))))
             .values(
                 state=text_of("state"),

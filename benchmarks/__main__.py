@@ -188,7 +188,10 @@ class Bench:
     def drain_rate(self, workers: int, batch: int | None, processor: bq.Processor = noop) -> float:
         """Tasks/s draining a full queue; ``batch`` None: the default settings."""
         self.fill(processor, self.sizes.drain if processor is noop else self.sizes.end_to_end)
-        settings = {} if batch is None else {"BATCH_SIZE": batch}
+        return self.burst_rate(workers, **({} if batch is None else {"BATCH_SIZE": batch}))
+
+    def burst_rate(self, workers: int, **settings: Any) -> float:
+        """Tasks/s of ``workers`` burst workers draining what is queued."""
         for process in self.workers(workers, burst=True, **settings):
             process.wait()
         return self.done_rate()
@@ -391,11 +394,10 @@ class Bench:
             else:
                 flows.start(session, "fan", {"items": list(range(count))})
             session.commit()
-        for process in self.workers(workers, burst=True, BATCH_SIZE=10):
-            process.wait()
+        rate = self.burst_rate(workers, BATCH_SIZE=10)
         unfinished = "SELECT count(*) FROM beanflow_workflow_runs WHERE state <> 'DONE'"
         assert self.sql(unfinished)[0] == 0, "every run completes"
-        return self.done_rate()
+        return rate
 
     def hand_chain_rate(self, workers: int) -> float:
         """W11's chains written by hand: tasks/s draining ``sizes.drain`` tasks at batch 10,
@@ -404,9 +406,7 @@ class Bench:
         with self.app.session_factory() as session:
             bq.enqueue_many(session, processors.hop, [{"left": 3}] * (self.sizes.drain // 4))
             session.commit()
-        for process in self.workers(workers, burst=True, BATCH_SIZE=10):
-            process.wait()
-        return self.done_rate()
+        return self.burst_rate(workers, BATCH_SIZE=10)
 
     def step_latency(self) -> tuple[list[float], list[float]]:
         """Runs of two steps started every 20 ms on one idle worker: (the dependent's start −

@@ -35,7 +35,7 @@ def prepare_once(connection: Connection, prepared: Prepared) -> None:
 def execute(connection: Connection, prepared: Prepared, parameters: dict[str, Any]) -> Any:
     """Run ``prepared``'s statement: EXECUTEd on a worker's hot-path connection (PREPAREd
     there once), sent as it is anywhere else (where it runs once in a while)."""
-    if connection.get_execution_options().get(db.HOT_PATH):
+    if db.on_hot_path(connection):
         prepare_once(connection, prepared)
         return connection.execute(prepared.execute, parameters)
     return connection.execute(prepared.statement, parameters)

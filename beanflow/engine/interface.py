@@ -22,8 +22,9 @@ class QueueApp(Protocol):
     config: Config
     registry: ProcessorRegistry
     # called in the transaction that ends tasks, before it commits, with the tasks DONE in it
-    # and those FAILED or CANCELLED for good (a deployment's workflows advance their runs)
-    task_end_hooks: list[Callable[[Session, Sequence[Any], Sequence[Any]], None]]
+    # and those FAILED or CANCELLED for good (a deployment's workflows advance their runs);
+    # each returns whether it added tasks (the worker's commit then claims them too)
+    task_end_hooks: list[Callable[[Session, Sequence[Any], Sequence[Any]], bool]]
 
     @property
     def task_model(self) -> type: ...

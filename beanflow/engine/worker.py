@@ -420,7 +420,7 @@ class TaskWorker:
         """Commit the open transaction, completing every task that finished in it with one
         statement, and with ``claim_next`` claiming the next batch in it too (one commit, one
         disk flush, for both); the app's task-end hooks run in it after that claim, and when it
-        found nothing, a second claim takes what they released. If any task was taken from
+        found nothing and they released tasks, a second claim takes them. If any task was taken from
         this worker meanwhile (it was found dead), roll the whole transaction back instead,
         and stop: no task is completed twice. Returns the tasks claimed."""
         committed = self.batch.finished  # complete() replaces the list, leaving this one
@@ -445,9 +445,8 @@ class TaskWorker:
             # after the claim: what the hooks lock (a workflow run's row) is held for less of
             # the transaction, so that workers ending steps of one run wait less for each other
             done = [entry.task for entry in committed]
-            for hook in self.app.task_end_hooks:
-                hook(session, done, self.batch.failed)
-            if claiming and not claimed:  # what they released (a workflow's next steps)
+            released = [hook(session, done, self.batch.failed) for hook in self.app.task_end_hooks]
+            if claiming and not claimed and any(released):  # a workflow's next steps, say
                 claimed = self._claim_in(session)
         if claim_next and not claimed and not self.burst:
             # nothing more is due: the worker sleeps next, until the time this tells, read in
