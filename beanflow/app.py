@@ -15,7 +15,7 @@ from .errors import ConfigError, ProcessorNotFound
 from .models.cancellation import Cancellation
 from .models.schedule import ScheduleState
 from .models.waiter import Waiter
-from .models.workflow import WorkflowRun, WorkflowStep
+from .models.workflow import WorkflowRun, WorkflowStep, WorkflowTally
 from .processors.processor import ExceptionTypes, Processor
 from .processors.registry import ProcessorRegistry, processor
 from .processors.retry import RetryPolicy
@@ -70,6 +70,7 @@ class BeanQueue:
             Waiter,
             WorkflowRun,
             WorkflowStep,
+            WorkflowTally,
         ]
 
     def create_tables(self) -> None:

@@ -6,7 +6,9 @@ Each step is a task of its processor. When a step's task ends, the worker that e
 and inserts the tasks of the steps now released (or fails the run, or finishes it). So a
 step's database writes, its completion and the release of what depends on it commit together,
 and a step with several upstreams is released once (the run's lock orders the transactions
-that end its upstreams; the key (run, step, index) refuses a second release). A step that
+that end its upstreams; the key (run, step, index) refuses a second release). A fan-out's
+element only counts down its slot's tally; the last of a slot locks the run, and the one that
+finds every slot at zero advances it. A step that
 ends by another path (its worker died and the reaper failed it; an operator cancelled it) is
 taken up by ``WorkflowService``, which advances runs with no task pending or running.
 
@@ -21,6 +23,7 @@ How a step's kwargs are built (documented in the README):
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import enum
@@ -38,6 +41,7 @@ from sqlalchemy import (
     Boolean,
     Integer,
     String,
+    and_,
     any_,
     bindparam,
     case,
@@ -47,7 +51,9 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
@@ -67,8 +73,11 @@ from .models import (
     TaskState,
     WorkflowRun,
     WorkflowStep,
+    WorkflowTally,
+    tally_slot,
 )
 from .models.task import to_notify
+from .models.workflow import TALLY_BLOCK, TALLY_SLOTS
 from .ops import Operations, listen_until, operator
 from .processors.processor import Processor
 
@@ -231,22 +240,16 @@ class _Run:
     id: uuid.UUID
     workflow: str
     input: Any
-    open: dict[str, int]
+    steps: list[_StepRow] = dataclasses.field(default_factory=list)
     state: RunState = RunState.RUNNING
     result: Any = None
     error: str | None = None
     failed_step: str | None = None
-    changed: bool = False
-    ended: dict[str, int] = dataclasses.field(default_factory=dict)  # of its steps' tasks
-    steps: list[_StepRow] | None = None  # read when it advances as a whole
-
-    def __post_init__(self) -> None:
-        self.read = (self.state, dict(self.open))
 
     @property
     def dirty(self) -> bool:
-        """Whether its row must be written: told so, or its state or open counts moved."""
-        return self.changed or (self.state, self.open) != self.read
+        """Whether its row must be written: it ended."""
+        return self.state != RunState.RUNNING
 
 
 @dataclasses.dataclass
@@ -254,6 +257,7 @@ class _Writes:
     """What one progression writes, in as few statements as there are kinds of rows."""
 
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tallies: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     tasks: dict[uuid.UUID, dict[str, Any]] = dataclasses.field(default_factory=dict)
     channels: set[str] = dataclasses.field(default_factory=set)
     failed: list[uuid.UUID] = dataclasses.field(default_factory=list)  # runs: cancel pending
@@ -261,6 +265,7 @@ class _Writes:
     def drop(self, run_id: uuid.UUID) -> None:
         """Forget what was planned for ``run_id`` (it failed in the same pass)."""
         self.steps = [row for row in self.steps if row["run_id"] != run_id]
+        self.tallies = [row for row in self.tallies if row["run_id"] != run_id]
         self.tasks = {k: v for k, v in self.tasks.items() if v["workflow_run_id"] != run_id}
 
 
@@ -305,8 +310,8 @@ class Workflows:
         )
         if run_id is None:  # a run with this key exists
             return session.scalars(select(WorkflowRun).where(WorkflowRun.unique_key == key)).one()
-        run, writes = _Run(run_id, name, input, {}), _Writes()
-        self._advance_one(run, workflow, [], writes)
+        run, writes = _Run(run_id, name, input), _Writes()
+        self._advance_one(run, workflow, writes)
         self._write(session, [run], writes)
         return session.get(WorkflowRun, run_id)
 
@@ -315,10 +320,10 @@ class Workflows:
     def on_tasks_ended(self, session: Session, done: Sequence[Any], failed: Sequence[Any]) -> bool:
         """The engine's hook, in the transaction that ends ``done`` (DONE) and ``failed``
         (FAILED or CANCELLED for good) tasks: take their runs further. A task that is one of
-        several of its step (a fan-out's element) only counts down its step's open tasks; the
-        last one, or a failure, advances the run. A failure here is logged and left to
-        WorkflowService (the tasks' own outcomes commit regardless). Returns whether it
-        released tasks."""
+        several of its step (a fan-out's element) only counts down its slot's tally; a step
+        that ended (every tally at zero), or a failure, advances the run. A failure here is
+        logged and left to WorkflowService (the tasks' own outcomes commit regardless).
+        Returns whether it released tasks."""
         steps = [t for t in done if getattr(t, "workflow_run_id", None)]
         failed_runs = {t.workflow_run_id for t in failed if getattr(t, "workflow_run_id", None)}
         if not steps and not failed_runs:
@@ -342,15 +347,8 @@ class Workflows:
         done_ids: list[uuid.UUID],
         failed_runs: set[uuid.UUID],
     ) -> bool:
-        runs = self._read(session, run_ids, done_ids, failed_runs)
-        for run in runs:
-            if run.steps is None:  # elements of fan-outs still open: nothing to release
-                left = dict(run.open)
-                for step, count in run.ended.items():
-                    left[step] = left.get(step, 0) - count
-                run.open = {step: n for step, n in left.items() if n > 1}
-        writes = _Writes()
-        self._advance_all(session, [run for run in runs if run.steps is not None], writes)
+        runs, writes = self._read(session, run_ids, done_ids, failed_runs), _Writes()
+        self._advance_all(session, runs, writes)
         self._write(session, runs, writes)
         return bool(writes.tasks)
 
@@ -363,40 +361,45 @@ class Workflows:
         wait: bool = True,
         whole: bool = False,
     ) -> list[_Run]:
-        """Lock the running runs among ``run_ids`` in id order (without ``wait``, those locked
-        elsewhere are left out), then read them: how many tasks of each of their steps are
-        among ``done_ids``, and the rows of their steps for those that advance as a whole
-        (all with ``whole``; else those in ``failed_runs`` or with a step whose last open
-        task ended). The read sees what the transactions that held the locks committed. A
-        run's input comes along when small; a large one (a fan-out's list, say) is read only
-        by a run that advances, not by each element that counts its step down.
+        """Lock the running runs among ``run_ids`` that may advance, in id order, and read those
+        that do, with the rows of their steps. With ``whole``, all of them advance (without
+        ``wait``, those locked elsewhere are left out). Else the ``done_ids`` tasks first count
+        down their slots' tallies (fan-out elements), and a run is locked when it is in
+        ``failed_runs`` or when one of its tasks ended a slot or a step without tallies; it
+        advances when such a step ended (every slot at zero). The read sees what the
+        transactions that held the locks committed. A run's input comes along when small; a
+        large one (a fan-out's list, say) is read by ``_advance_all`` when needed.
 
         On a worker's connection the lock travels with the read: two statements, each with
         its own snapshot, in one round trip."""
         if not run_ids:
             return []
         connection, ids = session.connection(), sorted(run_ids)
+        done, failed = list(done_ids), sorted(failed_runs)
         if not wait:
             ids = list(execute(connection, self.sql.lock_unless_locked, {"runs": ids}).scalars())
-        elif db.on_hot_path(connection):
-            prepare_once(connection, self.sql.lock)
-            listed = ",".join(str(uuid.UUID(str(run_id))) for run_id in ids)  # only hex and -
-            db.send_with_next_statement(connection, f"EXECUTE {self.sql.lock.name}('{{{listed}}}')")
-        else:
+        elif whole:
             execute(connection, self.sql.lock, {"runs": ids})
+        elif db.on_hot_path(connection):
+            prepare_once(connection, self.sql.count_down)
+            given = {"runs": ids, "done": done, "failed": failed}
+            db.send_with_next_statement(connection, self.sql.count_down.execute_text(given))
+        else:
+            execute(connection, self.sql.count_down, {"runs": ids, "done": done, "failed": failed})
         rows = execute(
             connection,
             self.sql.read,
-            {"runs": ids, "done": list(done_ids), "failed": list(failed_runs), "whole": whole},
+            {"runs": ids, "done": done, "failed": failed, "whole": whole},
         )
-        runs = []
-        for row in rows:
-            run = _Run(row.id, row.workflow, row.input if row.small else _UNREAD, row.open or {})
-            run.ended = row.ended or {}
-            if row.steps is not None:
-                run.steps = [_StepRow(*step) for step in row.steps]
-            runs.append(run)
-        return runs
+        return [
+            _Run(
+                row.id,
+                row.workflow,
+                row.input if row.small else _UNREAD,
+                [_StepRow(*step) for step in row.steps],
+            )
+            for row in rows
+        ]
 
     def advance(self, session: Session, run_ids: Iterable[uuid.UUID], wait: bool = True) -> int:
         """Lock the runs (in id order) and take each as far as its steps allow: release what
@@ -422,14 +425,12 @@ class Workflows:
             if workflow is None:
                 logger.warning("run %s: workflow %r is not declared here", run.id, run.workflow)
                 continue
-            self._advance_one(run, workflow, run.steps or [], writes)
+            self._advance_one(run, workflow, writes)
 
-    def _advance_one(self, run: _Run, workflow: Workflow, rows: list[Any], writes: _Writes) -> None:
-        """Plan what ``run`` does next from its step ``rows``: fail, release, or finish.
-        ``run.open`` keeps the steps with more than one task not DONE (a step's last task, or
-        its only one, always advances the run)."""
+    def _advance_one(self, run: _Run, workflow: Workflow, writes: _Writes) -> None:
+        """Plan what ``run`` does next from the rows of its steps: fail, release, or finish."""
         released: dict[str, list[Any]] = {}
-        for row in rows:
+        for row in run.steps:
             released.setdefault(row.step, []).append(row)
         handler = workflow.on_failure.name if workflow.on_failure else None
         for step, its in released.items():
@@ -438,12 +439,8 @@ class Workflows:
                 why = "its task is gone" if bad[0].state is None else bad[0].error_message
                 return self._fail(run, workflow, step, why or "failed", writes)
         context: dict[str, Any] = {"input": run.input}
-        run.open = {}
         for name, its in released.items():
-            left = sum(1 for r in its if r.outcome is None and r.state != TaskState.DONE)
-            if left > 1:
-                run.open[name] = left
-            if not left:
+            if all(r.outcome is not None or r.state == TaskState.DONE for r in its):
                 context[name] = _result_of(workflow.steps.get(name), its)
         name = ""
         try:
@@ -529,15 +526,19 @@ class Workflows:
                 "workflow_run_id": run.id,
             }
         writes.channels.add(processor.channel)
-        if len(kwargs_list) > 1:
-            run.open[step.name] = len(kwargs_list)
+        if len(kwargs_list) > 1:  # its elements count down in tallies
+            slots = collections.Counter(map(tally_slot, range(len(kwargs_list))))
+            writes.tallies.extend(
+                {"run_id": run.id, "step": step.name, "slot": slot, "open": count}
+                for slot, count in slots.items()
+            )
 
     def _fail(self, run: _Run, workflow: Workflow, step: str, error: str, writes: _Writes) -> None:
         """The run fails at ``step``: its pending steps are cancelled, ``on_failure`` runs."""
         writes.drop(run.id)
         writes.failed.append(run.id)
         run.state, run.failed_step = RunState.FAILED, step
-        run.error, run.open = f"step {step}: {error}", {}
+        run.error = f"step {step}: {error}"
         handler = workflow.on_failure
         if handler is None:
             return
@@ -551,13 +552,12 @@ class Workflows:
             logger.error("run %s: on_failure not run: %s", run.id, refused)
             return
         self._plan(run, handler, [kwargs], writes)
-        run.open = {}
 
     def _write(self, session: Session, runs: list[_Run], writes: _Writes) -> None:
         """Write a progression: the cancellation of failed runs' pending tasks, then in one
         statement the step rows (a row already there, from a release made twice, keeps its
-        task out), their tasks (the first of a channel in the transaction notifying it) and
-        the runs' new states (notifying RUNS_CHANNEL when runs ended)."""
+        task out), their tallies, their tasks (the first of a channel in the transaction
+        notifying it) and the runs that ended (notifying RUNS_CHANNEL)."""
         connection = session.connection()
         if writes.failed:
             t = self.app.task_model.__table__
@@ -574,7 +574,6 @@ class Workflows:
         changed = {
             str(run.id): {
                 "state": run.state.value,
-                "open": run.open,
                 "result": run.result,
                 "error": run.error,
                 "failed_step": run.failed_step,
@@ -589,6 +588,7 @@ class Workflows:
             self.sql.write,
             {
                 "steps": _json_rows(writes.steps),
+                "tallies": _json_rows(writes.tallies),
                 "tasks": _json_rows(list(writes.tasks.values())),
                 "notify": to_notify(session, writes.channels),
                 "moved": changed,
@@ -601,7 +601,7 @@ class Workflows:
     def cancel(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> bool:
         """Cancel a running run: it becomes CANCELLED, its pending steps are cancelled and its
         running ones interrupted. Returns False when the run was not running."""
-        runs = self._read(session, {run_id})
+        runs = self._read(session, {run_id}, whole=True)
         if not runs:
             return False
         by = by or operator()
@@ -613,21 +613,15 @@ class Workflows:
             )
         ).all()
         self.ops.cancel(session, ids, by=by)
-        run = runs[0]
-        run.state, run.error, run.open, run.changed = (
-            RunState.CANCELLED,
-            f"cancelled by {by}",
-            {},
-            True,
-        )
+        runs[0].state, runs[0].error = RunState.CANCELLED, f"cancelled by {by}"
         self._write(session, runs, _Writes())
         return True
 
     def fail(self, session: Session, run_id: uuid.UUID, error: str) -> None:
         """Fail a running run, saying why (its steps are left as they are)."""
-        runs = self._read(session, {run_id})
+        runs = self._read(session, {run_id}, whole=True)
         for run in runs:
-            run.state, run.error, run.open = RunState.FAILED, error, {}
+            run.state, run.error = RunState.FAILED, error
         self._write(session, runs, _Writes())
 
     def retry(self, session: Session, run_id: uuid.UUID, by: str | None = None) -> int:
@@ -820,31 +814,32 @@ class _Statements:
 
     def __init__(self, tasks: Any) -> None:
         r, s, t = WorkflowRun.__table__, WorkflowStep.__table__, tasks
+        c = WorkflowTally.__table__
         ids = ARRAY(r.c.id.type)
         wanted = r.c.id == any_(bindparam("runs", type_=ids))
+        failed = r.c.id == any_(bindparam("failed", type_=ids))
+        ended_tasks = s.c.task_id == any_(bindparam("done", type_=ids))
         lock = select(r.c.id).where(wanted).order_by(r.c.id)
         self.lock = Prepared("beanflow_workflow_lock", lock.with_for_update())
         self.lock_unless_locked = Prepared(
             "beanflow_workflow_lock_skip", lock.with_for_update(skip_locked=True)
         )
+        self.count_down = Prepared("beanflow_workflow_count_down", self._count_down(r, s, c))
+        # the steps of a run that ended a step: one without tallies, or with all at zero
+        # materialized: inlined, it would find a run's ended steps among all its steps
         ended = (
-            select(s.c.run_id, s.c.step, func.count().label("n"))
-            .where(s.c.task_id == any_(bindparam("done", type_=ids)))
-            .group_by(s.c.run_id, s.c.step)
+            select(s.c.run_id, s.c.step)
+            .where(ended_tasks)
+            .distinct()
             .cte("ended")
+            .prefix_with("MATERIALIZED")
         )
-        counts = (
-            select(func.jsonb_object_agg(ended.c.step, ended.c.n))
-            .where(ended.c.run_id == r.c.id)
-            .scalar_subquery()
-        )
-        # a step's last open task ended (a step with one task is not in ``open``)
-        last_ended = (
-            select(ended.c.step)
-            .where(ended.c.run_id == r.c.id)
-            .where(func.coalesce(r.c.open.op("->>")(ended.c.step).cast(Integer), 0) <= ended.c.n)
+        still_open = (
+            select(c.c.slot)
+            .where(c.c.run_id == ended.c.run_id, c.c.step == ended.c.step, c.c.open > 0)
             .exists()
         )
+        ended_a_step = select(ended.c.step).where(ended.c.run_id == r.c.id, ~still_open).exists()
         steps = (
             select(
                 func.coalesce(
@@ -869,32 +864,70 @@ class _Statements:
             .where(s.c.run_id == r.c.id)
             .scalar_subquery()
         )
-        advances = (
-            bindparam("whole", type_=Boolean)
-            | (r.c.id == any_(bindparam("failed", type_=ids)))
-            | last_ended
-        )
         small = func.pg_column_size(r.c.input) <= SMALL_INPUT
         self.read = Prepared(
             "beanflow_workflow_read",
             select(
                 r.c.id,
                 r.c.workflow,
-                r.c.open,
-                counts.label("ended"),
                 case((small, r.c.input)).label("input"),
                 small.label("small"),
-                case((advances, steps)).label("steps"),
+                steps.label("steps"),
             )
             .where(wanted, r.c.state == RunState.RUNNING.value)
+            .where(bindparam("whole", type_=Boolean) | failed | ended_a_step)
             .order_by(r.c.id),
         )
-        self.write = Prepared("beanflow_workflow_write", self._write_statement(r, s, t))
+        self.write = Prepared("beanflow_workflow_write", self._write_statement(r, s, c, t))
 
     @staticmethod
-    def _write_statement(r: Any, s: Any, t: Any) -> Any:
-        """Insert step rows and the tasks of those that are new, and move runs: ``moved``
-        maps a run's id to its new state, open counts, result, error and failed step."""
+    def _count_down(r: Any, s: Any, c: Any) -> Any:
+        """Count the ``done`` tasks out of their slots' tallies (the tallies locked in key
+        order), then lock the runs that may advance: those in ``failed``, and those of which
+        a task ended a slot (its tally at zero) or a step that has no tallies."""
+        zero = literal_column("0")  # constants written out: its parameters are all ids
+        slot = func.mod(  # tally_slot(index)
+            s.c.index // literal_column(str(TALLY_BLOCK), Integer),
+            literal_column(str(TALLY_SLOTS), Integer),
+        ).label("slot")
+        ended = (
+            select(s.c.run_id, s.c.step, slot, func.count().label("n"))
+            .where(s.c.task_id == any_(bindparam("done", type_=ARRAY(s.c.task_id.type))))
+            .group_by(s.c.run_id, s.c.step, slot)
+            .cte("ended")
+        )
+        key = (c.c.run_id, c.c.step, c.c.slot)
+
+        def same(rows: Any) -> Any:
+            return and_(*(rows.c[column.name] == ended.c[column.name] for column in key))
+
+        locked = select(*key).join_from(c, ended, same(c)).order_by(*key).with_for_update(of=c)
+        counted = (
+            update(c)
+            .where(same(c), tuple_(*key).in_(select(*locked.cte("locked").c)))
+            .values(open=c.c.open - ended.c.n)
+            .returning(*key, c.c.open)
+            .cte("counted")
+        )
+        at_zero = (
+            select(ended.c.slot)
+            .select_from(ended.outerjoin(counted, same(counted)))
+            .where(ended.c.run_id == r.c.id, func.coalesce(counted.c.open, zero) <= zero)
+            .exists()
+        )
+        ids = ARRAY(r.c.id.type)
+        return (
+            select(r.c.id)
+            .where(r.c.id == any_(bindparam("runs", type_=ids)))
+            .where((r.c.id == any_(bindparam("failed", type_=ids))) | at_zero)
+            .order_by(r.c.id)
+            .with_for_update(of=r)
+        )
+
+    @staticmethod
+    def _write_statement(r: Any, s: Any, c: Any, t: Any) -> Any:
+        """Insert step rows, their tallies and the tasks of those that are new, and move runs:
+        ``moved`` maps a run's id to its new state, result, error and failed step."""
         given = func.jsonb_to_recordset(bindparam("steps", type_=JSONB)).table_valued(
             *_records(s, "run_id", "step", "index", "task_id"), column("outcome", String)
         )
@@ -907,6 +940,18 @@ class _Statements:
             .on_conflict_do_nothing()
             .returning(s.c.task_id)
             .cte("fresh")
+        )
+        counts = func.jsonb_to_recordset(bindparam("tallies", type_=JSONB)).table_valued(
+            *_records(c, "run_id", "step", "slot", "open")
+        )
+        tallied = (
+            pg_insert(c)
+            .from_select(
+                ["run_id", "step", "slot", "open"],
+                select(*(counts.render_derived(with_types=True).c)),
+            )
+            .on_conflict_do_nothing()
+            .cte("tallied")
         )
         names = ("id", "channel", "module", "name", "kwargs", "workflow_run_id")
         tasks = (
@@ -941,7 +986,6 @@ class _Statements:
             .where(r.c.id == any_(bindparam("moved_ids", type_=ARRAY(r.c.id.type))))
             .values(
                 state=text_of("state"),
-                open=new.op("->", return_type=JSONB)("open"),
                 result=func.nullif(
                     new.op("->", return_type=JSONB)("result"), cast(literal("null", String), JSONB)
                 ),
@@ -959,7 +1003,7 @@ class _Statements:
         return select(
             select(func.count()).select_from(added).scalar_subquery().label("tasks"),
             select(func.count()).select_from(moved).scalar_subquery().label("runs"),
-        ).add_cte(fresh)
+        ).add_cte(fresh, tallied)
 
 
 def _records(table: Any, *names: str) -> list[Any]:

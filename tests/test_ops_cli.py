@@ -101,4 +101,4 @@ def test_db_shell_opens_psql_on_the_database(tmp_path, db_url):
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "beanflow_tables" in result.stdout and " 8\n" in result.stdout
+    assert "beanflow_tables" in result.stdout and " 9\n" in result.stdout

@@ -355,7 +355,12 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
     monkeypatch.setenv("TEST_DB_URL", db_url)
     deployment = spec.load("tests/workloads/flows.yaml")
     workflows = deployment.workflows
-    tables = ("beanflow_tasks", "beanflow_workflow_steps", "beanflow_workflow_runs")
+    tables = (
+        "beanflow_tasks",
+        "beanflow_workflow_steps",
+        "beanflow_workflow_runs",
+        "beanflow_workflow_tallies",
+    )
     hot = db.make_hot_path_engine(db_url)
     connection = hot.connect()
     connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
@@ -368,7 +373,7 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
     (task,) = session.scalars(select(Task).where(Task.workflow_run_id == run.id))
     workflows.on_tasks_ended(session, [task], [])  # prepares and plans its statements
     session.rollback()
-    with deployment.app.engine.begin() as grow:  # 200,000 runs of one step each
+    with deployment.app.engine.begin() as grow:  # 200,000 runs of one step each, tallied
         grow.execute(
             text(
                 "WITH r AS (INSERT INTO beanflow_workflow_runs (id, workflow, state, input) "
@@ -379,16 +384,20 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
                 "(run_id, step, index, task_id) SELECT workflow_run_id, 'top', 0, id FROM t"
             )
         )
-    ids = [str(run.id)]
+        grow.execute(
+            text(
+                "INSERT INTO beanflow_workflow_tallies (run_id, step, slot, open) "
+                "SELECT id, 'top', 0, 1 FROM beanflow_workflow_runs WHERE state = 'DONE'"
+            )
+        )
+    ids, done = [str(run.id)], [str(task.id)]
     for prepared, parameters in (
-        (workflows.sql.lock, {"runs": ids}),
-        (
-            workflows.sql.read,
-            {"runs": ids, "done": [str(task.id)], "failed": [], "whole": True},
-        ),
+        (workflows.sql.count_down, {"runs": ids, "done": done, "failed": []}),
+        (workflows.sql.read, {"runs": ids, "done": done, "failed": [], "whole": False}),
         (
             workflows.sql.write,
-            {"steps": [], "tasks": [], "notify": [], "moved_ids": ids, "moved": {}},
+            {"steps": [], "tallies": [], "tasks": [], "notify": []}
+            | {"moved_ids": ids, "moved": {}},
         ),
     ):
         clause = prepared.execute.element
@@ -400,6 +409,8 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
             if node.get("Relation Name") in tables and "Scan" in node["Node Type"]:
                 found_by = node.get("Index Cond") or node.get("Recheck Cond")  # bitmap: both
                 assert found_by, (prepared.name, node["Node Type"], node["Relation Name"])
+                # ended tasks' steps found by their ids, not among all the steps of their runs
+                assert "task_id" not in node.get("Filter", ""), (prepared.name, node["Filter"])
     session.close()
     connection.close()
     hot.dispose()

@@ -124,6 +124,34 @@ def test_retrying_a_failed_run_resumes_without_rerunning_what_succeeded(flows, s
     assert effects(session) == sorted(f"{run_id}/{s}/0" for s in ("first", "second", "third"))
 
 
+def test_a_fan_out_resumed_after_failing_runs_only_its_failed_elements_and_joins_once(
+    flows, session, tmp_path
+):
+    """The odd elements of a fan-out of 1,100 (its 64 tallies of 16 neighbours each, and more:
+    the first slots count two blocks) fail: the run fails; retried, only those run again, and
+    the join is released once."""
+    flag = tmp_path / "ready"
+    run_id = start(flows, session, "resumable_fan", user_id=1, emails=1100, flag=str(flag))
+    drain(flows)
+    assert run_of(session, run_id).state == RunState.FAILED
+    done_before = len(effects(session))  # even elements (the fetch writes no effect)
+    assert 0 < done_before < 1100
+    flag.write_text("now")
+    retried = flows.workflows.retry(session, run_id, by="tester")
+    session.commit()
+    assert retried == 1100 - done_before  # the failed and the cancelled elements
+    drain(flows)
+    run = run_of(session, run_id)
+    assert run.state == RunState.DONE, run.error
+    keys = effects(session)
+    assert len(keys) == 1101 and f"{run_id}/join/0" in keys  # the elements and the join
+    tallies = session.execute(
+        text("SELECT count(*), sum(open) FROM beanflow_workflow_tallies WHERE run_id = :r"),
+        {"r": run_id},
+    ).one()
+    assert tuple(tallies) == (64, 0)
+
+
 def test_cancelling_a_run_cancels_its_pending_steps(flows, session, tmp_path):
     run_id = start(flows, session, "cancellable", flag=str(tmp_path / "x"))
     assert flows.workflows.cancel(session, run_id, by="tester") is True

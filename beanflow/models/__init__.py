@@ -17,7 +17,14 @@ from .task import (
 )
 from .waiter import DONE_CHANNEL, Waiter
 from .worker import Worker, WorkerModelMixin, WorkerRefMixin, WorkerState
-from .workflow import RunState, StepOutcome, WorkflowRun, WorkflowStep
+from .workflow import (
+    RunState,
+    StepOutcome,
+    WorkflowRun,
+    WorkflowStep,
+    WorkflowTally,
+    tally_slot,
+)
 
 __all__ = [
     "Base",
@@ -45,5 +52,7 @@ __all__ = [
     "StepOutcome",
     "WorkflowRun",
     "WorkflowStep",
+    "WorkflowTally",
+    "tally_slot",
     "listen_events",
 ]

@@ -4,6 +4,12 @@ A run is one row; each task a step releases is one step row (a fan-out step has 
 element), inserted in the transaction that releases it, keyed by (run, step, index) so that a
 step is never released twice. A step decided without a task (skipped by its condition, or a
 fan-out over an empty list) has one row with index -1 and its ``outcome``.
+
+A fan-out step's elements are counted down in tallies, one row per slot: an element's slot is
+``tally_slot(index)``, which puts runs of ``TALLY_BLOCK`` neighbours (claimed together, mostly)
+in one slot and the next run in the next slot. So a worker's batch counts down one or two
+rows, a batch claimed beside it by another worker others, and workers ending elements of one
+fan-out do not wait for each other; only the last element of a slot takes the run's lock.
 """
 
 from __future__ import annotations
@@ -47,9 +53,6 @@ class WorkflowRun(Base):
     input: Mapped[Any] = mapped_column(JSONB, nullable=False, default=dict)
     result: Mapped[Any] = mapped_column(JSONB(none_as_null=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text)
-    # steps released whose tasks are not all DONE yet → how many are not: a fan-out element
-    # that ends counts its step down, and only the last one reads the run's steps
-    open: Mapped[dict[str, int] | None] = mapped_column(JSONB)
     failed_step: Mapped[str | None] = mapped_column(String)
     # at most one run per key: a second start with the key returns the first run
     unique_key: Mapped[str | None] = mapped_column(String)
@@ -98,3 +101,27 @@ class WorkflowStep(Base):
     released_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
     )
+
+
+TALLY_SLOTS = 64  # tallies of a fan-out step: at most this many
+TALLY_BLOCK = 16  # neighbouring elements counted in the same slot
+
+
+def tally_slot(index: int) -> int:
+    """The slot of a fan-out's element (``_Statements.count_down`` says the same in SQL)."""
+    return (index // TALLY_BLOCK) % TALLY_SLOTS
+
+
+class WorkflowTally(Base):
+    """How many elements of a fan-out step, in one slot, have not ended DONE."""
+
+    __tablename__ = "beanflow_workflow_tallies"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True),
+        ForeignKey("beanflow_workflow_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    step: Mapped[str] = mapped_column(String, primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)  # tally_slot(index)
+    open: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -76,3 +76,10 @@ def flaky_effect(db: Session, task, flag: str, item: object = None) -> str:
     if not Path(flag).exists():
         raise RuntimeError("not yet")
     return effect(db, task, item)
+
+
+def picky_effect(db: Session, task, flag: str, item: str) -> str:
+    """Fails for the odd elements (user…+N@…) until the file ``flag`` exists."""
+    if int(item.split("+")[1].split("@")[0]) % 2 and not Path(flag).exists():
+        raise RuntimeError("odd, not yet")
+    return effect(db, task, item)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import bindparam, text
@@ -26,6 +28,7 @@ class Prepared:
         self.definition = f"PREPARE {name} AS {compiled}"
         by_name = {rendered: bind for bind, rendered in compiled.bind_names.items()}
         names = list(compiled.positiontup or [])
+        self.parameters = names
         # the caller's parameters keep their names; the statement's constants their values
         self.execute = (
             text(f"EXECUTE {name}({', '.join(':' + n for n in names)})")
@@ -42,3 +45,12 @@ class Prepared:
 
     def prepare(self, connection: Connection) -> None:
         connection.exec_driver_sql(self.definition)
+
+    def execute_text(self, uuid_arrays: dict[str, Iterable[Any]]) -> str:
+        """Its EXECUTE as one string, for a statement whose parameters are all arrays of UUIDs
+        (to travel in front of another statement, ``db.send_with_next_statement``)."""
+        arrays = [
+            "'{" + ",".join(str(uuid.UUID(str(v))) for v in uuid_arrays[name]) + "}'"
+            for name in self.parameters
+        ]
+        return f"EXECUTE {self.name}({', '.join(arrays)})"
