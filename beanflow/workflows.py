@@ -23,7 +23,6 @@ How a step's kwargs are built (documented in the README):
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import enum
@@ -74,10 +73,9 @@ from .models import (
     WorkflowRun,
     WorkflowStep,
     WorkflowTally,
-    tally_slot,
 )
 from .models.task import to_notify
-from .models.workflow import TALLY_BLOCK, TALLY_SLOTS
+from .models.workflow import TALLY_SLOTS
 from .ops import Operations, listen_until, operator
 from .processors.processor import Processor
 
@@ -527,10 +525,10 @@ class Workflows:
             }
         writes.channels.add(processor.channel)
         if len(kwargs_list) > 1:  # its elements count down in tallies
-            slots = collections.Counter(map(tally_slot, range(len(kwargs_list))))
             writes.tallies.extend(
-                {"run_id": run.id, "step": step.name, "slot": slot, "open": count}
-                for slot, count in slots.items()
+                {"run_id": run.id, "step": step.name, "slot": slot}
+                | {"open": len(range(slot, len(kwargs_list), TALLY_SLOTS))}
+                for slot in range(min(len(kwargs_list), TALLY_SLOTS))
             )
 
     def _fail(self, run: _Run, workflow: Workflow, step: str, error: str, writes: _Writes) -> None:
@@ -886,10 +884,7 @@ class _Statements:
         order), then lock the runs that may advance: those in ``failed``, and those of which
         a task ended a slot (its tally at zero) or a step that has no tallies."""
         zero = literal_column("0")  # constants written out: its parameters are all ids
-        slot = func.mod(  # tally_slot(index)
-            s.c.index // literal_column(str(TALLY_BLOCK), Integer),
-            literal_column(str(TALLY_SLOTS), Integer),
-        ).label("slot")
+        slot = func.mod(s.c.index, literal_column(str(TALLY_SLOTS), Integer)).label("slot")
         ended = (
             select(s.c.run_id, s.c.step, slot, func.count().label("n"))
             .where(s.c.task_id == any_(bindparam("done", type_=ARRAY(s.c.task_id.type))))

@@ -127,9 +127,8 @@ def test_retrying_a_failed_run_resumes_without_rerunning_what_succeeded(flows, s
 def test_a_fan_out_resumed_after_failing_runs_only_its_failed_elements_and_joins_once(
     flows, session, tmp_path
 ):
-    """The odd elements of a fan-out of 1,100 (its 64 tallies of 16 neighbours each, and more:
-    the first slots count two blocks) fail: the run fails; retried, only those run again, and
-    the join is released once."""
+    """The odd elements of a fan-out of 1,100 (17 or 18 to each of its 64 tallies) fail: the
+    run fails; retried, only those run again, and the join is released once."""
     flag = tmp_path / "ready"
     run_id = start(flows, session, "resumable_fan", user_id=1, emails=1100, flag=str(flag))
     drain(flows)

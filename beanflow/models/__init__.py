@@ -23,7 +23,6 @@ from .workflow import (
     WorkflowRun,
     WorkflowStep,
     WorkflowTally,
-    tally_slot,
 )
 
 __all__ = [
@@ -53,6 +52,5 @@ __all__ = [
     "WorkflowRun",
     "WorkflowStep",
     "WorkflowTally",
-    "tally_slot",
     "listen_events",
 ]

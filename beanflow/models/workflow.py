@@ -5,11 +5,10 @@ element), inserted in the transaction that releases it, keyed by (run, step, ind
 step is never released twice. A step decided without a task (skipped by its condition, or a
 fan-out over an empty list) has one row with index -1 and its ``outcome``.
 
-A fan-out step's elements are counted down in tallies, one row per slot: an element's slot is
-``tally_slot(index)``, which puts runs of ``TALLY_BLOCK`` neighbours (claimed together, mostly)
-in one slot and the next run in the next slot. So a worker's batch counts down one or two
-rows, a batch claimed beside it by another worker others, and workers ending elements of one
-fan-out do not wait for each other; only the last element of a slot takes the run's lock.
+A fan-out step's elements are counted down in tallies, one row per slot (an element's slot is
+its index modulo ``TALLY_SLOTS``). Workers claim neighbouring elements, which fall in different
+slots: workers ending elements of one fan-out do not wait for each other (up to 64 elements in
+their open transactions), and only the last element of a slot takes the run's lock.
 """
 
 from __future__ import annotations
@@ -103,13 +102,7 @@ class WorkflowStep(Base):
     )
 
 
-TALLY_SLOTS = 64  # tallies of a fan-out step: at most this many
-TALLY_BLOCK = 16  # neighbouring elements counted in the same slot
-
-
-def tally_slot(index: int) -> int:
-    """The slot of a fan-out's element (``_Statements.count_down`` says the same in SQL)."""
-    return (index // TALLY_BLOCK) % TALLY_SLOTS
+TALLY_SLOTS = 64  # tallies of a fan-out step: at most this many, element index % TALLY_SLOTS
 
 
 class WorkflowTally(Base):
@@ -123,5 +116,5 @@ class WorkflowTally(Base):
         primary_key=True,
     )
     step: Mapped[str] = mapped_column(String, primary_key=True)
-    slot: Mapped[int] = mapped_column(Integer, primary_key=True)  # tally_slot(index)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)  # element index % TALLY_SLOTS
     open: Mapped[int] = mapped_column(Integer, nullable=False)
