@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 
@@ -26,6 +28,7 @@ def make_engine(config: Config) -> Engine:
 
 
 _QUEUED = "beanflow_queued_statements"
+_IN_FLIGHT = "beanflow_sent_with_a_statement"  # queued statements prefixed to the one running
 _HOT_PATH = "beanflow_hot_path"  # an execution option of the hot-path engine's connections
 
 
@@ -86,12 +89,28 @@ def make_hot_path_engine(url: str | URL) -> Engine:
         statements = connection.connection.info.get(_QUEUED)
         if statements:
             prefix = "".join(f"{s}; " for s in statements)
-            statements.clear()
             if executemany:
                 cursor.execute(prefix)
             else:
                 statement = prefix + statement
+                connection.connection.info[_IN_FLIGHT] = list(statements)
+            statements.clear()
         return statement, parameters
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def sent(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        connection.connection.info.pop(_IN_FLIGHT, None)
+
+    @event.listens_for(engine, "handle_error")
+    def not_sent(context: Any) -> None:
+        """A statement the driver refused before sending it (a parameter it cannot adapt):
+        the statements queued in front of it were not sent either, and stay queued."""
+        if context.connection is None or context.connection.invalidated:
+            return
+        info = context.connection.connection.info
+        in_flight = info.pop(_IN_FLIGHT, None)
+        if in_flight and getattr(context.original_exception, "pgcode", None) is None:
+            queued(context.connection)[:0] = in_flight
 
     @event.listens_for(engine, "commit")
     @event.listens_for(engine, "rollback")

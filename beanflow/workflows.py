@@ -8,9 +8,9 @@ step's database writes, its completion and the release of what depends on it com
 and a step with several upstreams is released once (the run's lock orders the transactions
 that end its upstreams; the key (run, step, index) refuses a second release). A fan-out's
 element only counts down its slot's tally; the last of a slot locks the run, and the one that
-finds every slot at zero advances it. A step that
-ends by another path (its worker died and the reaper failed it; an operator cancelled it) is
-taken up by ``WorkflowService``, which advances runs with no task pending or running.
+finds every slot at zero advances it. A step that ends by another path (its worker died and
+the reaper failed it; an operator cancelled it) is taken up by ``WorkflowService``, which
+advances runs with no task pending or running.
 
 How a step's kwargs are built (documented in the README):
 - ``kwargs:`` declared on the step, whose string values ``$input.…``, ``$STEP.…`` and

@@ -380,10 +380,11 @@ class Bench:
             timings[name] = statistics.median(times)
         return timings
 
-    def workflow_rate(self, kind: str, workers: int) -> float:
-        """Step tasks/s draining ``sizes.drain`` no-op steps at batch 10: runs of a chain of
-        four steps (each completion releases the next in its transaction), or one run fanning
-        out over them (each completion counts its step down; the last releases the end)."""
+    def workflow_rate(self, kind: str, workers: int, batch: int | None = 10) -> float:
+        """Step tasks/s draining ``sizes.drain`` no-op steps at ``batch`` (None: the default
+        settings): runs of a chain of four steps (each completion releases the next in its
+        transaction), or one run fanning out over them (each completion counts its slot down;
+        the one that ends the step releases the end)."""
         self.reset()
         count = self.sizes.drain
         flows = Workflows(self.app, processors.WORKFLOWS.definitions)
@@ -394,7 +395,7 @@ class Bench:
             else:
                 flows.start(session, "fan", {"items": list(range(count))})
             session.commit()
-        rate = self.burst_rate(workers, BATCH_SIZE=10)
+        rate = self.burst_rate(workers, **({} if batch is None else {"BATCH_SIZE": batch}))
         unfinished = "SELECT count(*) FROM beanflow_workflow_runs WHERE state <> 'DONE'"
         assert self.sql(unfinished)[0] == 0, "every run completes"
         return rate
@@ -802,26 +803,39 @@ def workflows(bench: Bench) -> list[Figure]:
         for kind, _ in kinds
         for workers in (1, 4)
     }
-    figures = [
-        Figure(
-            f"W11 workflow steps drain, {workers} worker(s), batch 10, {label} "
-            "(ceiling: W2 plain tasks)",
-            "tasks/s",
-            rates[kind, workers],
-            bench.noop_rate(workers, 10),
-        )
-        for kind, label in kinds
-        for workers in (1, 4)
-    ] + [
-        Figure(
-            f"W11 workflow steps drain, {workers} worker(s), batch 10, chains of 4 steps "
-            "(ceiling: the same chains by hand, each task enqueuing the next)",
-            "tasks/s",
-            rates["chain", workers],
-            bench.median(lambda w=workers: bench.hand_chain_rate(w)),
-        )
-        for workers in (1, 4)
-    ]
+    figures = (
+        [
+            Figure(
+                f"W11 workflow steps drain, {workers} worker(s), batch 10, {label} "
+                "(ceiling: W2 plain tasks)",
+                "tasks/s",
+                rates[kind, workers],
+                bench.noop_rate(workers, 10),
+            )
+            for kind, label in kinds
+            for workers in (1, 4)
+        ]
+        + [
+            Figure(
+                f"W11 workflow steps drain, {workers} worker(s), default settings, one fan-out "
+                "(ceiling: W2 plain tasks, default settings)",
+                "tasks/s",
+                bench.median(lambda w=workers: bench.workflow_rate("fan", w, None)),
+                bench.noop_rate(workers, None),
+            )
+            for workers in (1, 4)
+        ]
+        + [
+            Figure(
+                f"W11 workflow steps drain, {workers} worker(s), batch 10, chains of 4 steps "
+                "(ceiling: the same chains by hand, each task enqueuing the next)",
+                "tasks/s",
+                rates["chain", workers],
+                bench.median(lambda w=workers: bench.hand_chain_rate(w)),
+            )
+            for workers in (1, 4)
+        ]
+    )
     (from_commit, progression), plain = bench.step_latency(), bench.plain_wake_ups()
     return (
         figures

@@ -44,6 +44,13 @@ BAD_EXCEPTIONS = {
 }
 
 
+class _Sends:
+    """An outcome: the task sends a statement with this parameter."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
 @pytest.fixture
 def effects(app):
     UserBase.metadata.create_all(app.engine)
@@ -57,6 +64,8 @@ def run_batch_with_one_bad(app, session, effects, outcome) -> tuple[list, object
 
     @app.processor(channel="default")
     def batch_member(db, key: str, bad: bool) -> object:
+        if bad and isinstance(outcome, _Sends):  # the task's first statement
+            db.execute(text("SELECT :value"), {"value": outcome.value})
         db.add(effects(key=key))
         if not bad:
             return key
@@ -183,3 +192,15 @@ def test_a_task_that_kills_its_own_connection_is_charged_and_the_worker_goes_on(
     session.expire_all()
     assert (culprit.state, culprit.crash_count) == (TaskState.FAILED, 2)
     assert [task.state for task in others] == [TaskState.DONE] * 3
+
+
+def test_a_statement_the_driver_cannot_send_fails_only_its_task(app, session, effects):
+    """A task's first statement refused by psycopg2 before it reaches the server (a parameter
+    it cannot adapt) is the task's failure: the worker's savepoint, queued to travel with that
+    statement, is not assumed to exist."""
+
+    class Opaque:
+        pass
+
+    good, bad = run_batch_with_one_bad(app, session, effects, _Sends(Opaque()))
+    assert_only_the_bad_one_failed(session, good, bad, "can't adapt type 'Opaque'")
