@@ -293,6 +293,38 @@ def test_claim_walks_the_pending_index_on_a_stale_table(stale_queue):
     assert scans_of(due, "beanflow_tasks") == [("Index Scan", "ix_beanflow_tasks_pending")]
 
 
+@pytest.mark.slow
+def test_a_claim_from_the_frontier_skips_the_dead_entries_before_it(stale_queue):
+    """The claimed tasks' entries stay in the pending index until a VACUUM: a claim that starts
+    from the index's first entry reads their pages, one from the frontier (``floor_0``, the
+    oldest task the worker's last claim took) does not."""
+    from beanflow.engine.queries.tasks import BEFORE_ANY_TASK
+
+    queries = Queries(Task, Worker, Event, batch_size=10)
+    compiled = queries.claim.compile(dialect=stale_queue.engine.dialect)
+    pages = {}
+    with stale_queue.engine.connect() as connection:
+        frontier = connection.execute(
+            text("SELECT min(scheduled_at) FROM beanflow_tasks WHERE state = 'PENDING'")
+        ).scalar()
+        for name, floor in (("from the start", BEFORE_ANY_TASK), ("from the frontier", frontier)):
+            parameters = {"worker": stale_queue.worker, "channel_0": "c", "floor_0": floor}
+            explained = connection.exec_driver_sql(
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + str(compiled),
+                compiled.construct_params(parameters)
+                | {k: v for k, v in compiled.params.items() if k not in parameters},
+            ).scalar()
+            connection.rollback()  # the claim is undone
+            (scan,) = [
+                node
+                for node in nodes(root_of(explained))
+                if node.get("Index Name") == "ix_beanflow_tasks_pending"
+            ]
+            assert scan["Actual Rows"] == 10, name
+            pages[name] = scan["Shared Hit Blocks"] + scan["Shared Read Blocks"]
+    assert pages["from the frontier"] * 20 < pages["from the start"], pages
+
+
 def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):
     """A worker prepares its statements when it starts, often on a table that is small and was
     never analyzed; their generic plans must not scan the table, which grows under them
@@ -336,7 +368,7 @@ def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):
     connection = session.connection()
     for statement in (
         "EXECUTE beanflow_complete(NULL, '{}', '{}', gen_random_uuid())",
-        f"EXECUTE beanflow_claim_16(1, '{worker}', 'c', 0, 0, 1)",
+        f"EXECUTE beanflow_claim_16(1, '{worker}', 'c', '-infinity', 0, 0, 1)",
     ):
         root = root_of(connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement).scalar())
         assert not [s for s in scans_of(root, "beanflow_tasks") if s[0] == "Seq Scan"], statement

@@ -357,6 +357,36 @@ def test_claim_takes_batch_size_in_schedule_order(app, session):
     assert session.scalar(text("SELECT count(*) FROM beanflow_tasks WHERE state = 'PENDING'")) == 5
 
 
+def test_a_task_behind_the_claims_frontier_is_claimed_within_a_full_claim(app, session):
+    """Claims start to read the pending tasks at the oldest one the last claim took (past
+    the dead index entries of those claimed before). A task that becomes pending behind
+    that frontier (committed late with an older scheduled_at) is taken by the claim from the
+    start made every FULL_EVERY claims, not left for when the queue runs dry."""
+    from beanflow.engine.batch import Frontier
+
+    app.config.BATCH_SIZE = 10
+    count = 10 * 3 * Frontier.FULL_EVERY
+
+    @app.processor(channel="default")
+    def noop(db, n: int) -> None:
+        if n == 0:  # the first task: a task due long ago, pending once this batch commits
+            late = noop.run(n=-1)
+            late.scheduled_at = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+            db.add(late)
+
+    bq.enqueue_many(session, noop, [{"n": n} for n in range(count)])
+    session.commit()
+    drain(app)
+    started = session.scalar(
+        text(
+            "SELECT count(*) FROM beanflow_tasks WHERE started_at < "
+            "(SELECT started_at FROM beanflow_tasks WHERE kwargs = '{\"n\": -1}')"
+        )
+    )
+    # claimed by the 16th claim at the latest, long before the queue ran dry
+    assert 10 <= started <= 10 * Frontier.FULL_EVERY, started
+
+
 def test_a_failed_flush_fails_only_its_task(app, session, effects):
     @app.processor(channel="default")
     def duplicate(db, key: str) -> None:

@@ -26,7 +26,7 @@ from ..errors import ProcessorNotFound, first_line
 from ..models.cancellation import Cancellation
 from ..models.waiter import Waiter
 from . import metrics
-from .batch import Batch, BatchAborted, ConnectionLost, Finished, Pace, Unstarted
+from .batch import Batch, BatchAborted, ConnectionLost, Finished, Frontier, Pace, Unstarted
 from .connections import WorkerConnections
 from .control import Control
 from .deadlines import Deadlines, GraceExceeded, TaskCancelled
@@ -97,6 +97,7 @@ class TaskWorker:
         self.cancel_requests: dict[Any, str] = {}
         self.held = Unstarted(self.queries, self.id, self.engine)
         self.pace = Pace(self.config.BATCH_WINDOW, self.config.BATCH_SIZE)
+        self.frontier = Frontier(self.channels)
         self._wake_read, self._wake_write = os.pipe()
         self.connections = WorkerConnections(
             app.engine, self.channels, self.queries, app.task_model
@@ -295,9 +296,10 @@ class TaskWorker:
 
     def _claim_in(self, session: Session) -> list[Any]:
         """Claim as many tasks as the pace of recent ones says fit in the batch window."""
-        parameters = {"worker": self.id} | self._channel_parameters
+        parameters = {"worker": self.id} | self._channel_parameters | self.frontier.parameters()
         size = self.pace.size()
         tasks = list(session.scalars(self.connections.claim(size), parameters))
+        self.frontier.claimed(tasks, size)
         self.held.add(task.id for task in tasks)
         logger.debug("worker %s claimed %d task(s) (up to %d)", self.id, len(tasks), size)
         return tasks

@@ -1,4 +1,5 @@
--- Claim up to :size due PENDING tasks of :channel_N for :worker; returns them.
+-- Claim up to :size due PENDING tasks of :channel_N, from :floor_N on, for :worker;
+-- returns them.
 --
 -- The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
 -- UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.
@@ -10,6 +11,7 @@ WITH candidates AS MATERIALIZED
    WHERE beanflow_tasks.state = 'PENDING'
      AND beanflow_tasks.channel = :channel_0
      AND beanflow_tasks.scheduled_at <= now()
+     AND beanflow_tasks.scheduled_at >= :floor_0
    ORDER BY beanflow_tasks.scheduled_at
    LIMIT 10
    FOR UPDATE SKIP LOCKED), due AS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 
 from sqlalchemy import (
@@ -27,6 +28,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 
 from .common import DONE, PENDING, PROCESSING, Statements
+
+TIMESTAMPTZ = DateTime(timezone=True)
+BEFORE_ANY_TASK = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 @functools.cache
@@ -74,7 +78,7 @@ def enqueue_unique(table: Table) -> Executable:
             module=bindparam("task_module", type_=String),
             name=bindparam("task_name", type_=String),
             kwargs=bindparam("task_kwargs", type_=table.c.kwargs.type),
-            scheduled_at=bindparam("task_scheduled_at", type_=DateTime(timezone=True)),
+            scheduled_at=bindparam("task_scheduled_at", type_=TIMESTAMPTZ),
             unique_key=bindparam("task_unique_key", type_=String),
         )
         .on_conflict_do_nothing(
@@ -100,7 +104,8 @@ class TaskStatements(Statements):
         return claims[size]
 
     def _claim(self, size: int) -> Executable:
-        """Claim up to :size due PENDING tasks of :channel_N for :worker; returns them.
+        """Claim up to :size due PENDING tasks of :channel_N, from :floor_N on, for :worker;
+        returns them.
 
         The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
         UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.
@@ -111,9 +116,16 @@ class TaskStatements(Statements):
         # joins the UPDATE with a sequential scan of every task.
         limit = literal_column(str(int(size)))
         due_now = t.c.scheduled_at <= func.now()
+        # :floor_N, where the claim starts to read channel N's pending tasks (batch.Frontier;
+        # by default, before any task)
         each = [
-            branch.where(due_now).limit(limit).with_for_update(skip_locked=True)
-            for branch in self._pending_of_each_channel(t.c.id, t.c.scheduled_at, t.c.crash_count)
+            branch.where(due_now)
+            .where(t.c.scheduled_at >= bindparam(f"floor_{i}", BEFORE_ANY_TASK, type_=TIMESTAMPTZ))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            for i, branch in enumerate(
+                self._pending_of_each_channel(t.c.id, t.c.scheduled_at, t.c.crash_count)
+            )
         ]
         if len(each) == 1:
             candidates = each[0].cte("candidates").prefix_with("MATERIALIZED")
@@ -208,7 +220,7 @@ class TaskStatements(Statements):
         its attempt back with :refund 1), with an :event row carrying the error; returns its
         id, or nothing when the worker no longer holds it."""
         t = self.task
-        retry_at = bindparam("retry_at", type_=DateTime(timezone=True))
+        retry_at = bindparam("retry_at", type_=TIMESTAMPTZ)
         state = bindparam("state", type_=String)
         settled = (
             update(t)
