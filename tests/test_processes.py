@@ -163,9 +163,10 @@ def test_worker_found_dead_stops_and_its_late_completion_is_refused(
     task = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=2)
     process = workers.start("work", WORKER_HEARTBEAT_PERIOD=0.2)
     wait_for(flag.exists, "the task to start")
-    # another worker finds it dead (as if its heartbeats had stopped) and re-queues its task
+    # another worker finds it dead (as if its heartbeats had stopped) and re-queues its task;
+    # in one transaction, so that no heartbeat of the worker (every 0.2 s), and no reap by its
+    # own reaper, comes between the two
     session.execute(text("UPDATE beanflow_workers SET last_heartbeat = now() - interval '1h'"))
-    session.commit()
     reap = Queries(bq.Task, bq.Worker, bq.Event).reap
     workers_reaped = session.execute(
         reap, {"timeout": datetime.timedelta(seconds=60), "max_crashes": 3}
