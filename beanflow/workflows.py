@@ -822,7 +822,10 @@ class _Statements:
         self.lock_unless_locked = Prepared(
             "beanflow_workflow_lock_skip", lock.with_for_update(skip_locked=True)
         )
-        self.count_down = Prepared("beanflow_workflow_count_down", self._count_down(r, s, c))
+        self.count_down = Prepared(
+            "beanflow_workflow_count_down",
+            lock.where(failed | self._counted_to_zero(r, s, c, ended_tasks)).with_for_update(of=r),
+        )
         # the steps of a run that ended a step: one without tallies, or with all at zero
         # materialized: inlined, it would find a run's ended steps among all its steps
         ended = (
@@ -879,15 +882,15 @@ class _Statements:
         self.write = Prepared("beanflow_workflow_write", self._write_statement(r, s, c, t))
 
     @staticmethod
-    def _count_down(r: Any, s: Any, c: Any) -> Any:
+    def _counted_to_zero(r: Any, s: Any, c: Any, ended_tasks: Any) -> Any:
         """Count the ``done`` tasks out of their slots' tallies (the tallies locked in key
-        order), then lock the runs that may advance: those in ``failed``, and those of which
-        a task ended a slot (its tally at zero) or a step that has no tallies."""
+        order); true for a run of which a task ended a slot (its tally at zero) or a step that
+        has no tallies. The count-down locks the runs it holds for, and those in ``failed``."""
         zero = literal_column("0")  # constants written out: its parameters are all ids
         slot = func.mod(s.c.index, literal_column(str(TALLY_SLOTS), Integer)).label("slot")
         ended = (
             select(s.c.run_id, s.c.step, slot, func.count().label("n"))
-            .where(s.c.task_id == any_(bindparam("done", type_=ARRAY(s.c.task_id.type))))
+            .where(ended_tasks)
             .group_by(s.c.run_id, s.c.step, slot)
             .cte("ended")
         )
@@ -904,19 +907,11 @@ class _Statements:
             .returning(*key, c.c.open)
             .cte("counted")
         )
-        at_zero = (
+        return (
             select(ended.c.slot)
             .select_from(ended.outerjoin(counted, same(counted)))
             .where(ended.c.run_id == r.c.id, func.coalesce(counted.c.open, zero) <= zero)
             .exists()
-        )
-        ids = ARRAY(r.c.id.type)
-        return (
-            select(r.c.id)
-            .where(r.c.id == any_(bindparam("runs", type_=ids)))
-            .where((r.c.id == any_(bindparam("failed", type_=ids))) | at_zero)
-            .order_by(r.c.id)
-            .with_for_update(of=r)
         )
 
     @staticmethod

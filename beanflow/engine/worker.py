@@ -422,9 +422,9 @@ class TaskWorker:
         """Commit the open transaction, completing every task that finished in it with one
         statement, and with ``claim_next`` claiming the next batch in it too (one commit, one
         disk flush, for both); the app's task-end hooks run in it after that claim, and when it
-        found nothing and they released tasks, a second claim takes them. If any task was taken from
-        this worker meanwhile (it was found dead), roll the whole transaction back instead,
-        and stop: no task is completed twice. Returns the tasks claimed."""
+        found nothing and they released tasks, a second claim takes them. If any task was
+        taken from this worker meanwhile (it was found dead), roll the whole transaction back
+        instead, and stop: no task is completed twice. Returns the tasks claimed."""
         committed = self.batch.finished  # complete() replaces the list, leaving this one
         finished = len(committed)
         if finished:

@@ -17,13 +17,7 @@ from .task import (
 )
 from .waiter import DONE_CHANNEL, Waiter
 from .worker import Worker, WorkerModelMixin, WorkerRefMixin, WorkerState
-from .workflow import (
-    RunState,
-    StepOutcome,
-    WorkflowRun,
-    WorkflowStep,
-    WorkflowTally,
-)
+from .workflow import RunState, StepOutcome, WorkflowRun, WorkflowStep, WorkflowTally
 
 __all__ = [
     "Base",
