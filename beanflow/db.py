@@ -86,18 +86,20 @@ def make_hot_path_engine(url: str | URL) -> Engine:
 
     @event.listens_for(engine, "before_cursor_execute", retval=True)
     def send_queued(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        info = connection.connection.info
-        info.pop(_IN_FLIGHT, None)  # a statement before this one was sent
-        statements = info.get(_QUEUED)
+        statements = connection.connection.info.get(_QUEUED)
         if statements:
             prefix = "".join(f"{s}; " for s in statements)
             if executemany:
                 cursor.execute(prefix)
             else:
                 statement = prefix + statement
-                info[_IN_FLIGHT] = list(statements)
+                connection.connection.info[_IN_FLIGHT] = list(statements)
             statements.clear()
         return statement, parameters
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def sent(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        connection.connection.info.pop(_IN_FLIGHT, None)
 
     @event.listens_for(engine, "handle_error")
     def not_sent(context: Any) -> None:
@@ -114,6 +116,5 @@ def make_hot_path_engine(url: str | URL) -> Engine:
     @event.listens_for(engine, "rollback")
     def forget_queued(connection: Connection) -> None:
         connection.connection.info.pop(_QUEUED, None)
-        connection.connection.info.pop(_IN_FLIGHT, None)
 
     return engine
