@@ -111,9 +111,10 @@ class Figure:
 class Bench:
     """One benchmark database, with beanflow's tables and the ceiling's."""
 
-    def __init__(self, url: str, sizes: Sizes) -> None:
+    def __init__(self, url: str, sizes: Sizes, worker_log: Path) -> None:
         self.url = url
         self.sizes = sizes
+        self.worker_log = worker_log.open("w")  # the workers' own log lines, at their defaults
         self.dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         self.app = bq.BeanQueue(bq.Config(env={}, DATABASE_URL=url))
         self.app.create_tables()
@@ -146,15 +147,18 @@ class Bench:
             sys.executable,
             "-m",
             "beanflow",
-            "--log-level",
-            "WARNING",
             "-a",
             "benchmarks.processors:app",
             "process",
             "bench",
         ]
         return [
-            subprocess.Popen(command + (["--burst"] if burst else []), cwd=ROOT, env=env)
+            subprocess.Popen(
+                command + (["--burst"] if burst else []),
+                cwd=ROOT,
+                env=env,
+                stderr=self.worker_log,
+            )
             for _ in range(count)
         ]
 
@@ -967,7 +971,7 @@ def main() -> None:
         arguments.only = sorted(set(arguments.only) | {"W1", "W2"})
     server_url = bq.db.database_url(bq.Config(env={}, DATABASE_URL=arguments.database_url))
     with scratch_database(server_url) as url:
-        bench = Bench(url, sizes)
+        bench = Bench(url, sizes, arguments.json.with_name("workers.log"))
         settings = {
             name: bench.sql(f"SHOW {name}")[0]
             for name in ("server_version", "fsync", "synchronous_commit")

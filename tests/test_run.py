@@ -114,6 +114,8 @@ def test_burst_runs_a_pipeline_to_the_end_and_logs_json(runs, session, db_url):
     result = runs.run(
         "--log-format",
         "json",
+        "--log-level",
+        "DEBUG",
         "run",
         "examples/orders/beanflow.yaml",
         "--burst",
@@ -124,6 +126,7 @@ def test_burst_runs_a_pipeline_to_the_end_and_logs_json(runs, session, db_url):
     assert {"time", "level", "logger", "pid", "message"} <= set(lines[0])
     done = [line for line in lines if "shop.charge done in" in line["message"]]
     assert done and {"task_id", "processor", "channel", "duration_ms"} <= set(done[0])
+    assert done[0]["level"] == "DEBUG"
     failed = [line for line in lines if line["level"] == "ERROR" and "charge" in line["message"]]
     assert failed and "Traceback" in failed[0]["exception"]
     (summary,) = [line["summary"] for line in lines if "summary" in line]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import sys
 
 import pytest
@@ -111,6 +112,36 @@ def test_failure_rolls_back_only_that_task(app, session, effects, batch_size):
     assert event.type == EventType.FAILED
     assert event.exception_type == "builtins.ValueError"
     assert 'raise ValueError("no bad keys")' in event.traceback
+
+
+def test_a_task_that_succeeds_is_logged_at_debug_and_one_that_fails_at_warning(
+    app, session, caplog
+):
+    """At the default INFO a fast drain writes no line per task (two formatted lines per task
+    would cost it a fifth to a third of its rate); failures and retries are always logged."""
+
+    policy = bq.LimitAttempt(2, bq.DelayRetry(delay=datetime.timedelta(seconds=0)))
+
+    @app.processor(channel="default", retry_policy=policy)
+    def maybe(ok: bool) -> None:
+        if not ok:
+            raise ValueError("not ok")
+
+    good, bad = bq.enqueue(session, maybe, ok=True), bq.enqueue(session, maybe, ok=False)
+    session.commit()
+    with caplog.at_level(logging.DEBUG, logger="beanflow"):
+        drain(app)
+    lines = {
+        (r.levelno, r.getMessage().split(" ", 2)[1])
+        for r in caplog.records
+        if r.getMessage().startswith("task ")
+    }
+    assert (logging.DEBUG, str(good.id)) in lines
+    assert (logging.WARNING, str(bad.id)) in lines  # attempt 1/2, retried
+    assert (logging.ERROR, str(bad.id)) in lines  # giving up after 2/2
+    assert not [
+        r for r in caplog.records if r.levelno == logging.INFO and str(good.id) in r.getMessage()
+    ]
 
 
 def test_delay_retry_reschedules_then_limit_attempt_fails(app, session):

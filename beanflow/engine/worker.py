@@ -371,7 +371,7 @@ class TaskWorker:
             cancelled = TaskCancelled(f"cancelled by {requested_by} before it started")
             self.batch.record_failure(session, task, processor, cancelled)
             return
-        logger.info(
+        logger.debug(
             "task %s %s.%s started (attempt %d)", task.id, task.module, task.name, task.attempts
         )
         started = time.monotonic()
@@ -399,7 +399,7 @@ class TaskWorker:
         if savepoint is not None and savepoint.is_active:
             savepoint.commit()
         self.batch.finished.append(Finished(task, processor, result, duration))
-        if logger.isEnabledFor(logging.INFO):
+        if logger.isEnabledFor(logging.DEBUG):  # a line per task costs ~20 % of a fast drain
             fields = {
                 "task_id": str(task.id),
                 "processor": f"{task.module}.{task.name}",
@@ -409,7 +409,7 @@ class TaskWorker:
                 "duration_ms": round(duration * 1000, 3),
                 "worker": str(self.id),
             }
-            logger.info(
+            logger.debug(
                 "task %s %s.%s done in %.3fs",
                 task.id,
                 task.module,
