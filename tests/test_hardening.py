@@ -110,9 +110,9 @@ def test_an_exception_that_is_hard_to_record_fails_only_its_task(app, session, e
     assert len(failed.traceback) < 101_000 and "Traceback" in failed.traceback
 
 
-def test_a_completion_the_database_refuses_fails_only_its_task(app, session, effects):
-    """The database itself refuses one task's DONE (a trigger of the user's here): the others
-    are returned and completed, that one is FAILED saying why, nothing is left behind."""
+def refuse_done_saying_refused(session) -> None:
+    """A trigger of the user's: the database refuses to mark DONE a task whose result is the
+    string "refused"."""
     session.execute(
         text(
             """
@@ -129,6 +129,12 @@ def test_a_completion_the_database_refuses_fails_only_its_task(app, session, eff
         )
     )
     session.commit()
+
+
+def test_a_completion_the_database_refuses_fails_only_its_task(app, session, effects):
+    """The database itself refuses one task's DONE (a trigger of the user's here): the others
+    are returned and completed, that one is FAILED saying why, nothing is left behind."""
+    refuse_done_saying_refused(session)
     good, bad = run_batch_with_one_bad(app, session, effects, "refused")
     assert [task.state for task in good] == [TaskState.DONE] * (BATCH - 1)
     assert bad.state == TaskState.FAILED
@@ -141,6 +147,25 @@ def test_a_completion_the_database_refuses_fails_only_its_task(app, session, eff
     # the innocent ones ran again (their first run was rolled back with the batch, and their
     # attempt given back)
     assert {task.attempts for task in good} == {1}
+
+
+def test_tasks_given_back_in_a_transaction_that_rolls_back_keep_their_attempt(app, session):
+    """A batch past its window gives its unstarted tasks back in its own transaction; when the
+    database then refuses the completion, that transaction rolls back and they are still this
+    worker's, unstarted: they are released with their attempt given back, never counted as
+    run. (A window of 0: every batch is past it once its first task ends.)"""
+    refuse_done_saying_refused(session)
+    app.config.BATCH_SIZE, app.config.BATCH_WINDOW = BATCH, 0
+
+    @app.processor(channel="default")
+    def refused() -> str:
+        return "refused"
+
+    tasks = [bq.enqueue(session, refused) for _ in range(BATCH)]
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    assert {(task.state, task.attempts) for task in tasks} == {(TaskState.FAILED, 1)}
 
 
 def test_a_failure_the_database_refuses_to_record_is_charged_until_it_fails(app, session, effects):

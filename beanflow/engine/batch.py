@@ -281,6 +281,9 @@ class Unstarted:
     def __init__(self, queries: Queries, worker_id: uuid.UUID, engine: Engine) -> None:
         self.queries, self.worker_id, self.engine = queries, worker_id, engine
         self.ids: set[Any] = set()
+        # given back in the worker's open transaction: still this worker's, unstarted, until
+        # that transaction commits (a rollback leaves them PROCESSING with their attempt)
+        self.returning: set[Any] = set()
         self.lock = threading.Lock()
         # monotonic end of the running batch's window (None between batches): the watch gives
         # back only the tasks of a batch that has started, whose claim is committed
@@ -299,15 +302,24 @@ class Unstarted:
             return True
 
     def take_all(self) -> list[Any]:
+        """Every unstarted task, those given back in a transaction that did not commit too
+        (to be released with their attempt given back)."""
         with self.lock:
-            ids, self.ids = self.ids, set()
+            ids, self.ids, self.returning = self.ids | self.returning, set(), set()
         return list(ids)
 
     def give_back(self, session: Session) -> None:
         """Return the unstarted tasks to the queue, in the open transaction."""
-        ids = self.take_all()
+        with self.lock:
+            ids, self.ids = list(self.ids), set()
+            self.returning.update(ids)
         if ids:
             session.execute(self.queries.give_back, {"task_ids": ids, "worker": self.worker_id})
+
+    def committed(self) -> None:
+        """The worker's open transaction committed: what it gave back is the queue's."""
+        with self.lock:
+            self.returning = set()
 
     def give_back_late(self) -> None:
         """(The watch, on its own thread.) A task of the running batch has gone past the
@@ -315,7 +327,8 @@ class Unstarted:
         deadline = self.deadline
         if deadline is None or time.monotonic() <= deadline:
             return
-        ids = self.take_all()
+        with self.lock:
+            ids, self.ids = list(self.ids), set()
         if ids:
             with self.engine.begin() as connection:
                 connection.execute(

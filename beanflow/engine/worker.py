@@ -455,6 +455,7 @@ class TaskWorker:
             # this transaction rather than in one more of its own
             self._due_in = self._next_due(session)
         session.commit()
+        self.held.committed()
         if logger.isEnabledFor(logging.DEBUG):
             claimed_too = f" and a claim of {len(claimed)}" if claim_next else ""
             logger.debug("worker %s committed %d completion(s)%s", self.id, finished, claimed_too)
