@@ -729,18 +729,20 @@ class Workflows:
 
 
 def step_state(detail: RunDetail, step: str, handler: bool = False) -> str:
-    """A step's state in a run (``describe``); the on_failure step, when it has not run, is
-    "if it fails" while the run runs, "not needed" once it has ended otherwise."""
+    """A step's state in a run (``describe``). A step not released yet is "waiting" while the
+    run runs and "not run" once it has ended (failed or cancelled before it); the on_failure
+    step, "if it fails" and "not needed"."""
     views = detail.of(step)
-    if handler and not views:
-        return "if it fails" if detail.run.state == RunState.RUNNING else "not needed"
-    return describe(views)
+    if views:
+        return describe(views)
+    running = detail.run.state == RunState.RUNNING
+    if handler:
+        return "if it fails" if running else "not needed"
+    return "waiting" if running else "not run"
 
 
 def describe(views: list[StepView]) -> str:
-    """A step's state in a run: waiting, skipped, empty, or its tasks' states counted."""
-    if not views:
-        return "waiting"
+    """A released step's state in a run: skipped, empty, or its tasks' states counted."""
     if views[0].outcome is not None:
         return views[0].outcome.value.lower()
     counts: dict[str, int] = {}

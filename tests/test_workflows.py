@@ -103,6 +103,11 @@ def test_a_failing_step_fails_the_run_cancels_the_rest_and_runs_on_failure_once(
     assert run.error == "step breaks: RuntimeError: card declined"
     detail = flows.workflows.run(session, run_id)
     assert detail.of("never") == []  # never released
+    states = [
+        line.split("  ")[-1]
+        for line in flows.workflows.draw(detail, flows.workflows.definitions["failing"])
+    ]
+    assert states[-2:] == ["not run", "done"]  # never, then on_failure
     (handler,) = detail.of("on_failure")
     assert handler.task.state == TaskState.DONE
     assert handler.task.result == (

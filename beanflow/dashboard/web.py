@@ -459,7 +459,7 @@ def _tone(state: str) -> str:
         return "done"
     if state in ("done", "skipped", "empty"):
         return "done" if state == "done" else "skipped"
-    if state in ("waiting", "if it fails", "not needed"):
+    if state in ("waiting", "not run", "if it fails", "not needed"):
         return "waiting"
     return "running"
 
