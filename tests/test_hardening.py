@@ -168,6 +168,34 @@ def test_tasks_given_back_in_a_transaction_that_rolls_back_keep_their_attempt(ap
     assert {(task.state, task.attempts) for task in tasks} == {(TaskState.FAILED, 1)}
 
 
+def test_what_a_rolled_back_batch_ended_is_not_counted(app, session):
+    """A failure recorded in a batch whose completion the database then refuses is rolled back
+    with it: the worker's counts (its summary line, its metrics) count only what committed."""
+    from beanflow.engine.worker import TaskWorker
+
+    refuse_done_saying_refused(session)
+    app.config.BATCH_SIZE = BATCH
+
+    @app.processor(channel="default")
+    def ends(how: str) -> str:
+        if how == "raise":
+            raise ValueError("it raises")
+        return how
+
+    hows = ["raise", "refused"] + ["fine"] * (BATCH - 2)
+    tasks = [bq.enqueue(session, ends, how=how) for how in hows]
+    session.commit()
+    worker = TaskWorker(app, ["default"], burst=True)
+    assert worker.run() == 0
+    session.expire_all()
+    assert [(t.state, t.attempts) for t in tasks[:2]] == [
+        (TaskState.FAILED, 2),  # its first failure was rolled back with the batch
+        (TaskState.FAILED, 1),
+    ]
+    assert {t.state for t in tasks[2:]} == {TaskState.DONE}
+    assert (worker.counts["failed"], worker.counts["done"]) == (2, BATCH - 2)
+
+
 def test_a_failure_the_database_refuses_to_record_is_charged_until_it_fails(app, session, effects):
     """Even the failure row is refused (a trigger on FAILED): the task is charged a crash each
     time, and MAX_WORKER_CRASHES ends it; its neighbours complete."""

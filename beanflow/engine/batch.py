@@ -162,10 +162,23 @@ class Batch:
         self.finished: list[Finished] = []  # completed at the commit
         self.started: list[Any] = []  # ids of the tasks run in it (charged if it dies)
         self.failed: list[Any] = []  # tasks failed or cancelled for good in it
+        self.ended: list[tuple[Any, str]] = []  # the other attempts that ended in it, and how
 
     def reset(self) -> None:
         """The transaction ended (committed, or lost with its connection)."""
-        self.finished, self.started, self.failed = [], [], []
+        self.finished, self.started, self.failed, self.ended = [], [], [], []
+
+    def count(self, done: list[Finished]) -> None:
+        """The transaction committed with ``done``: count what ended in it (the worker's
+        summary, metrics); what a rolled-back transaction ended is not counted."""
+        self.counts["done"] += len(done)
+        for _, outcome in self.ended:
+            self.counts[outcome] += 1
+        if metrics.enabled():
+            for entry in done:
+                metrics.task_ended(entry.task, "done", entry.seconds)
+            for task, outcome in self.ended:
+                metrics.task_ended(task, outcome)
 
     def complete(self, session: Session) -> int:
         """Mark the finished tasks DONE with one statement; returns how many this worker still
@@ -230,10 +243,9 @@ class Batch:
             )
             innocent = [entry.task.id for entry in self.finished]
             self.abort(session, [], innocent, charged=[task.id])
-        self.counts[outcome] += 1
+        self.ended.append((task, outcome))
         if outcome in ("failed", "cancelled"):
             self.failed.append(task)
-        metrics.task_ended(task, outcome)
 
     def abort(
         self,
@@ -248,9 +260,11 @@ class Batch:
         session.rollback()
         self.reset()
         for task, processor, error in failures:
-            record_failure(session, self.queries, self.worker_id, task, processor, error)
-            self.counts["failed"] += 1
+            outcome = record_failure(session, self.queries, self.worker_id, task, processor, error)
+            self.ended.append((task, outcome))
         session.commit()
+        self.count([])
+        self.reset()
         session.expunge_all()
         self.release(list(charged), innocent)
         raise BatchAborted()

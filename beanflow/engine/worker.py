@@ -25,7 +25,6 @@ from .. import db
 from ..errors import ProcessorNotFound, first_line
 from ..models.cancellation import Cancellation
 from ..models.waiter import Waiter
-from . import metrics
 from .batch import Batch, BatchAborted, ConnectionLost, Finished, Frontier, Pace, Unstarted
 from .connections import WorkerConnections
 from .control import Control
@@ -459,11 +458,8 @@ class TaskWorker:
         if logger.isEnabledFor(logging.DEBUG):
             claimed_too = f" and a claim of {len(claimed)}" if claim_next else ""
             logger.debug("worker %s committed %d completion(s)%s", self.id, finished, claimed_too)
+        self.batch.count(committed)
         self.batch.reset()
-        self.counts["done"] += finished
-        if metrics.enabled():
-            for entry in committed:
-                metrics.task_ended(entry.task, "done", entry.seconds)
         return claimed
 
     def _sleep(self) -> None:
