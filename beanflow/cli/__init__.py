@@ -144,6 +144,8 @@ class JsonFormatter(logging.Formatter):
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="INFO: workers starting and stopping, failures, retries, a summary a minute; "
+    "DEBUG: also each task's start and finish, each claim and commit.",
 )
 @click.option(
     "--log-format", default="text", show_default=True, type=click.Choice(["text", "json"])
