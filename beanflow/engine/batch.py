@@ -322,11 +322,16 @@ class Unstarted:
             ids, self.ids, self.returning = self.ids | self.returning, set(), set()
         return list(ids)
 
-    def give_back(self, session: Session) -> None:
-        """Return the unstarted tasks to the queue, in the open transaction."""
+    def _take_unstarted(self, returning: bool) -> list[Any]:
         with self.lock:
             ids, self.ids = list(self.ids), set()
-            self.returning.update(ids)
+            if returning:
+                self.returning.update(ids)
+        return ids
+
+    def give_back(self, session: Session) -> None:
+        """Return the unstarted tasks to the queue, in the open transaction."""
+        ids = self._take_unstarted(returning=True)
         if ids:
             session.execute(self.queries.give_back, {"task_ids": ids, "worker": self.worker_id})
 
@@ -341,8 +346,7 @@ class Unstarted:
         deadline = self.deadline
         if deadline is None or time.monotonic() <= deadline:
             return
-        with self.lock:
-            ids, self.ids = list(self.ids), set()
+        ids = self._take_unstarted(returning=False)
         if ids:
             with self.engine.begin() as connection:
                 connection.execute(
