@@ -6,6 +6,7 @@ import dataclasses
 import json
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, select, text
@@ -157,22 +158,31 @@ def test_single_task_statements_use_indexes(deep_queue, name):
         assert not [s for s in scans_of(root, table) if s[0] == "Seq Scan"], (name, table)
 
 
+def claims(queries: Queries) -> dict[str, Any]:
+    """The claim alone, and with a completion (what a worker's commit sends)."""
+    return {"claim": queries.claim, "complete_and_claim": queries.complete_and_claim_up_to(10)}
+
+
+@pytest.mark.parametrize("statement", ["claim", "complete_and_claim"])
 @pytest.mark.parametrize("channels", [["deep"], ["deep", "other"]])
-def test_prepared_claim_generic_plan_uses_the_partial_index(deep_queue, channels):
+def test_prepared_claim_generic_plan_uses_the_partial_index(deep_queue, channels, statement):
     """Workers run the claim PREPAREd, with one generic plan for all parameters: that plan
-    must use the index as well."""
+    must use the index as well; a completion in the same statement finds its tasks by key."""
     queries = Queries(Task, Worker, Event, channel_count=len(channels), batch_size=10)
-    prepared = Prepared("claim_under_test", queries.claim, *queries.task.c)
+    prepared = Prepared("claim_under_test", claims(queries)[statement])
     with deep_queue.engine.connect() as connection:
         connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         prepared.prepare(connection)
-        parameters = {"worker": deep_queue.worker} | channel_parameters(channels)
+        parameters = {"worker": deep_queue.worker, "task_ids": [uuid.uuid4()]}
+        parameters |= {"task_results": [None]} | channel_parameters(channels)
         root = plan(connection, prepared.execute, parameters)
         connection.rollback()
         connection.exec_driver_sql("DEALLOCATE claim_under_test")
     scans = scans_of(root, "beanflow_tasks")
     assert scans.count(("Index Scan", "ix_beanflow_tasks_pending")) == len(channels)
-    assert not [s for s in scans if s[0] == "Seq Scan"]
+    assert not [s for s in scans if s[0] == "Seq Scan" or s[0].startswith("Bitmap")]
+    if statement == "complete_and_claim":
+        assert ("Index Scan", "beanflow_tasks_pkey") in scans
 
 
 def test_children_and_events_of_a_task_are_found_by_index(deep_queue):
@@ -280,16 +290,23 @@ def test_completion_finds_tasks_by_key_on_a_stale_table(stale_queue, name):
 
 
 @pytest.mark.slow
-def test_claim_walks_the_pending_index_on_a_stale_table(stale_queue):
+@pytest.mark.parametrize("statement", ["claim", "complete_and_claim"])
+def test_claim_walks_the_pending_index_on_a_stale_table(stale_queue, statement):
     """An index scan, not a bitmap scan: index scans mark the dead entries they pass, so the
-    claimed tasks' entries are skipped cheaply ever after."""
+    claimed tasks' entries are skipped cheaply ever after. A completion in the same
+    statement finds its tasks by key, never through the index of PROCESSING tasks."""
     queries = Queries(Task, Worker, Event, batch_size=10)
     parameters = {"worker": stale_queue.worker, "channel_0": "c"}
+    parameters |= {"task_ids": [uuid.uuid4()], "task_results": [None]}
     with stale_queue.engine.connect() as connection:
-        root = generic_plan(connection, "stale_claim", queries.claim, parameters, *queries.task.c)
+        root = generic_plan(connection, "stale_claim", claims(queries)[statement], parameters)
         due = plan(connection, queries.next_due, {"channel_0": "c"})
-    assert scans_of(root, "beanflow_tasks").count(("Index Scan", "ix_beanflow_tasks_pending")) == 1
-    assert not [s for s in scans_of(root, "beanflow_tasks") if s[0].startswith("Bitmap")]
+    scans = [s for s in scans_of(root, "beanflow_tasks") if s[0] != "ModifyTable"]
+    assert scans.count(("Index Scan", "ix_beanflow_tasks_pending")) == 1
+    assert set(scans) <= {
+        ("Index Scan", "ix_beanflow_tasks_pending"),
+        ("Index Scan", "beanflow_tasks_pkey"),
+    }, scans
     assert scans_of(due, "beanflow_tasks") == [("Index Scan", "ix_beanflow_tasks_pending")]
 
 
@@ -352,12 +369,18 @@ def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):
     claimed = session.scalars(
         connections.claim(16), {"worker": worker} | channel_parameters(["c"])
     ).all()
+    completion = {"task_ids": [t.id for t in claimed], "task_results": [None] * 16}
     completed = session.execute(
-        connections.complete.execute,
-        {"task_ids": [t.id for t in claimed], "task_results": [None] * 16, "worker": worker},
+        connections.complete.execute, completion | {"worker": worker}
     ).scalar()
     session.rollback()
+    rows = session.execute(
+        connections.complete_and_claim(16),
+        completion | {"worker": worker} | channel_parameters(["c"]),
+    ).all()
+    session.rollback()
     assert len(claimed) == completed == 16  # the plans are made: each ran once
+    assert len(rows) == 16 and {done for _, done in rows} == {0}  # (the first rolled back)
     with engine.begin() as connection:  # the table grows, never analyzed
         connection.execute(
             text(
@@ -369,6 +392,8 @@ def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):
     for statement in (
         "EXECUTE beanflow_complete(NULL, '{}', '{}', gen_random_uuid())",
         f"EXECUTE beanflow_claim_16(1, '{worker}', 'c', '-infinity', 0, 0, 1)",
+        f"EXECUTE beanflow_complete_claim_16(NULL, '{{}}', '{{}}', '{worker}', 1, 'c', "
+        "'-infinity', 0, 0, 1)",
     ):
         root = root_of(connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement).scalar())
         assert not [s for s in scans_of(root, "beanflow_tasks") if s[0] == "Seq Scan"], statement

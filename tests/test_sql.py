@@ -52,7 +52,12 @@ def _variants() -> dict[str, tuple[object, str]]:
         suffix = "" if events else ".no-events"
         for channels in (1, 3):
             queries = _queries(events, channels)
-            found[f"claim.{channels}-channel{suffix}"] = (queries.claim, _doc(Queries, "_claim"))
+            found[f"claim.{channels}-channel{suffix}"] = (queries.claim, _doc(Queries, "_claimed"))
+        queries = _queries(events, 1)
+        found[f"complete_and_claim{suffix}"] = (
+            queries.complete_and_claim_up_to(10),
+            _doc(Queries, "_complete_and_claim"),
+        )
         queries = _queries(events, 1)
         for name in ("complete", "settle", "give_back", "release", "reap"):
             found[f"{name}{suffix}"] = (getattr(queries, name), _doc(Queries, name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import sys
 
 import pytest
@@ -416,6 +417,47 @@ def test_a_task_behind_the_claims_frontier_is_claimed_within_a_full_claim(app, s
     )
     # claimed by the 16th claim at the latest, long before the queue ran dry
     assert 10 <= started <= 10 * Frontier.FULL_EVERY, started
+
+
+def test_a_batch_is_completed_and_the_next_claimed_by_one_statement(app, session):
+    """A worker's transaction between two batches is one statement and its commit: the
+    completions of the batch that ran and the claim of the next travel together."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    app.config.BATCH_SIZE = 10
+
+    @app.processor(channel="default")
+    def noop(n: int) -> None:
+        pass
+
+    bq.enqueue_many(session, noop, [{"n": n} for n in range(30)])
+    session.commit()
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        drain(app)
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    # each EXECUTE's statement, its claim's size left out
+    hot = [
+        re.sub(r"_\d+$", "", s.split("(")[0].split()[-1]) for s in sent if "EXECUTE beanflow_c" in s
+    ]
+    # the first claim alone; three batches, each completed with the next claim (the third
+    # finds none); the burst's last look, alone (the warm-up at connect aside)
+    assert hot == [
+        "beanflow_complete",
+        "beanflow_claim",
+        "beanflow_complete_claim",
+        "beanflow_complete_claim",
+        "beanflow_complete_claim",
+        "beanflow_claim",
+    ], hot
+    assert session.scalar(text("SELECT count(*) FROM beanflow_tasks WHERE state = 'DONE'")) == 30
 
 
 def test_a_failed_flush_fails_only_its_task(app, session, effects):

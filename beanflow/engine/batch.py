@@ -180,15 +180,24 @@ class Batch:
             for task, outcome in self.ended:
                 metrics.task_ended(task, outcome)
 
-    def complete(self, session: Session) -> int:
-        """Mark the finished tasks DONE with one statement; returns how many this worker still
-        held. If the database refuses, roll back, find the tasks whose DONE it refuses, fail
-        those, and return the others to the queue to run again (raises BatchAborted)."""
+    def complete(
+        self, session: Session, claim: tuple[Any, dict[str, Any]] | None = None
+    ) -> tuple[int, list[Any]]:
+        """Mark the finished tasks DONE with one statement; with ``claim`` (a statement of
+        ``WorkerConnections.complete_and_claim`` and its claim's parameters) the same
+        statement claims the next tasks. Returns how many this worker still held, and the
+        tasks claimed. If the database refuses, roll back, find the tasks whose DONE it
+        refuses, fail those, and return the others to the queue to run again (raises
+        BatchAborted)."""
         finished, self.finished = self.finished, []
         ids = [entry.task.id for entry in finished]
         results = [entry.result for entry in finished]
         try:
-            return self._execute(session, ids, results)
+            if claim is None:
+                return self._execute(session, ids, results), []
+            statement, parameters = claim
+            rows = session.execute(statement, parameters | self._parameters(ids, results)).all()
+            return rows[0][1], [task for task, _ in rows if task is not None]
         except exc.DBAPIError as error:
             self._unless_lost(error)
             refused = error
@@ -220,8 +229,11 @@ class Batch:
         return refused
 
     def _execute(self, session: Session, ids: list[Any], results: list[str | None]) -> int:
-        parameters = {"task_ids": ids, "task_results": results, "worker": self.worker_id}
+        parameters = self._parameters(ids, results)
         return session.execute(self.complete_statement.execute, parameters).scalar()
+
+    def _parameters(self, ids: list[Any], results: list[str | None]) -> dict[str, Any]:
+        return {"task_ids": ids, "task_results": results, "worker": self.worker_id}
 
     def record_failure(
         self, session: Session, task: Any, processor: Processor | None, error: BaseException

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Integer, column, select
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 from .. import db
 from .notify import Listener
 from .queries import Prepared, Queries
+from .queries.tasks import COMPLETED
 
 # for the rest of a transaction in which a hot statement gets its generic plan
 NO_SEQUENTIAL_SCANS = "SET LOCAL enable_seqscan = off"
@@ -52,8 +54,9 @@ class WorkerConnections:
         self.channels = list(channels)
         self.queries, self.model = queries, model
         self.complete = Prepared("beanflow_complete", queries.complete, column("count", Integer))
-        # claims of each size used, read back as the task model's objects
-        self._claims: dict[int, tuple[Prepared, Any]] = {}
+        # claims (alone, or with a completion) of each size used, PREPAREd and as read back
+        self._claims: dict[str, tuple[Prepared, Any]] = {}
+        self._completed = column(COMPLETED, Integer)
         self._hot_engine = db.make_hot_path_engine(engine.url)
         self.session: Session | None = None
         self.listener: Listener | None = None
@@ -75,15 +78,32 @@ class WorkerConnections:
         return True
 
     def claim(self, size: int) -> Any:
-        """The claim of up to ``size`` tasks, PREPAREd on this connection when first used."""
-        if size not in self._claims:
-            claim = Prepared(
-                f"beanflow_claim_{size}", self.queries.claim_up_to(size), *self.queries.task.c
+        """The claim of up to ``size`` tasks, PREPAREd on this connection when first used;
+        its rows are the task model's objects."""
+        return self._prepared(f"beanflow_claim_{size}", partial(self.queries.claim_up_to, size))
+
+    def complete_and_claim(self, size: int) -> Any:
+        """``complete`` and the claim of up to ``size`` tasks in one statement, PREPAREd on
+        this connection when first used; its rows are (a task model's object, or None when
+        it claimed none; how many tasks it completed)."""
+        return self._prepared(
+            f"beanflow_complete_claim_{size}",
+            partial(self.queries.complete_and_claim_up_to, size),
+            self._completed,
+        )
+
+    def _prepared(self, name: str, build: Callable[[], Any], *extra: Any) -> Any:
+        """A statement returning the task model's rows (after ``extra`` columns), read back as
+        its objects; PREPAREd on this connection, planned by the caller's EXECUTE."""
+        if name not in self._claims:
+            prepared = Prepared(name, build(), *extra, *self.queries.task.c)
+            self._claims[name] = (
+                prepared,
+                select(self.model, *extra).from_statement(prepared.execute),
             )
-            self._claims[size] = (claim, select(self.model).from_statement(claim.execute))
-        claim, statement = self._claims[size]
+        prepared, statement = self._claims[name]
         assert self.session is not None
-        prepare_once(self.session.connection(), claim)  # planned by the caller's EXECUTE
+        prepare_once(self.session.connection(), prepared)
         return statement
 
     def broken(self) -> bool:

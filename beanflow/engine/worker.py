@@ -295,9 +295,16 @@ class TaskWorker:
 
     def _claim_in(self, session: Session) -> list[Any]:
         """Claim as many tasks as the pace of recent ones says fit in the batch window."""
+        size, parameters = self._next_claim()
+        return self._took(list(session.scalars(self.connections.claim(size), parameters)), size)
+
+    def _next_claim(self) -> tuple[int, dict[str, Any]]:
+        """The size and parameters of the next claim."""
         parameters = {"worker": self.id} | self._channel_parameters | self.frontier.parameters()
-        size = self.pace.size()
-        tasks = list(session.scalars(self.connections.claim(size), parameters))
+        return self.pace.size(), parameters
+
+    def _took(self, tasks: list[Any], size: int) -> list[Any]:
+        """``tasks`` were claimed (up to ``size``): they are this worker's to start."""
         self.frontier.claimed(tasks, size)
         self.held.add(task.id for task in tasks)
         logger.debug("worker %s claimed %d task(s) (up to %d)", self.id, len(tasks), size)
@@ -426,8 +433,15 @@ class TaskWorker:
         instead, and stop: no task is completed twice. Returns the tasks claimed."""
         committed = self.batch.finished  # complete() replaces the list, leaving this one
         finished = len(committed)
+        session.expunge_all()  # the session keeps no task objects from batch to batch
+        claiming = claim_next and not self.stopping.is_set()
+        claimed: list[Any] = []
         if finished:
-            done = self.batch.complete(session)
+            claim = None
+            if claiming:  # made by the completion's statement: one round trip for both
+                size, parameters = self._next_claim()
+                claim = (self.connections.complete_and_claim(size), parameters)
+            done, claimed = self.batch.complete(session, claim)
             if done != finished:
                 session.rollback()
                 logger.error(
@@ -439,9 +453,10 @@ class TaskWorker:
                 self.found_dead = True
                 self.stop()
                 return []
-        session.expunge_all()  # the session keeps no task objects from batch to batch
-        claiming = claim_next and not self.stopping.is_set()
-        claimed = self._claim_in(session) if claiming else []
+            if claiming:
+                claimed = self._took(claimed, size)
+        elif claiming:
+            claimed = self._claim_in(session)
         if self.app.task_end_hooks and (committed or self.batch.failed):
             # after the claim: what the hooks lock (a workflow run's row) is held for less of
             # the transaction, so that workers ending steps of one run wait less for each other

@@ -1,5 +1,5 @@
--- Claim up to :size due PENDING tasks of :channel_N, from :floor_N on, for :worker;
--- returns them.
+-- The CTE that claims up to :size due PENDING tasks of :channel_N, from :floor_N on,
+-- for :worker, returning them.
 --
 -- The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
 -- UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import (
     ARRAY,
@@ -90,6 +92,10 @@ def enqueue_unique(table: Table) -> Executable:
     return select(inserted.c.id, func.pg_notify(inserted.c.channel, ""))
 
 
+# the column of ``complete_and_claim``'s rows that says how many tasks it completed
+COMPLETED = "beanflow_completed"
+
+
 class TaskStatements(Statements):
     @property
     def claim(self) -> Executable:
@@ -98,14 +104,46 @@ class TaskStatements(Statements):
 
     def claim_up_to(self, size: int) -> Executable:
         """The claim of up to ``size`` tasks, built once per size."""
-        claims = self.__dict__.setdefault("_claims", {})
-        if size not in claims:
-            claims[size] = self._claim(size)
-        return claims[size]
+        return self._built("_claims", size, self._claim)
+
+    def complete_and_claim_up_to(self, size: int) -> Executable:
+        """``complete`` and ``claim_up_to(size)`` in one statement, built once per size."""
+        return self._built("_completions_and_claims", size, self._complete_and_claim)
+
+    def _built(self, cache: str, size: int, build: Callable[[int], Executable]) -> Executable:
+        statements = self.__dict__.setdefault(cache, {})
+        if size not in statements:
+            statements[size] = build(size)
+        return statements[size]
 
     def _claim(self, size: int) -> Executable:
         """Claim up to :size due PENDING tasks of :channel_N, from :floor_N on, for :worker;
-        returns them.
+        returns them (see ``_claimed``)."""
+        claimed = self._claimed(size)
+        return self._with_claim_events(select(claimed).order_by(claimed.c.scheduled_at), claimed)
+
+    def _complete_and_claim(self, size: int) -> Executable:
+        """``complete`` then ``claim_up_to(size)``, in one statement (one round trip where the
+        two take two): a row per claimed task, its columns and beanflow_completed (how many
+        of :task_ids it marked DONE); one row of NULLs but for that count when it claimed
+        none. The two touch different rows (this worker's PROCESSING tasks, PENDING ones)."""
+        done = self._done()
+        completion = (
+            select(func.count().label(COMPLETED), *self._wake_completed_waiters())
+            .select_from(done)
+            .subquery("completion")
+        )
+        claimed = self._claimed(size)
+        statement = (
+            select(completion.c[COMPLETED], claimed)
+            .select_from(completion.outerjoin(claimed, literal_column("true")))
+            .order_by(claimed.c.scheduled_at)
+        )
+        return self._with_claim_events(self._with_complete_events(statement, done), claimed)
+
+    def _claimed(self, size: int) -> Any:
+        """The CTE that claims up to :size due PENDING tasks of :channel_N, from :floor_N on,
+        for :worker, returning them.
 
         The row selection is a MATERIALIZED CTE so it runs exactly once: inlined into the
         UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.
@@ -157,7 +195,7 @@ class TaskStatements(Statements):
             .where(or_(candidates.c.crash_count == 0, candidates.c.id == first_suspect))
             .cte("due")
         )
-        claimed = (
+        return (
             update(t)
             .where(t.c.id == due.c.id)
             .values(
@@ -169,7 +207,8 @@ class TaskStatements(Statements):
             .returning(*t.c)
             .cte("claimed")
         )
-        statement = select(claimed).order_by(claimed.c.scheduled_at)
+
+    def _with_claim_events(self, statement: Any, claimed: Any) -> Any:
         return self._with_events(
             statement, claimed, {"task_id": claimed.c.id, "type": literal_column("'CLAIMED'")}
         )
@@ -180,6 +219,21 @@ class TaskStatements(Statements):
         order), only those :worker still holds; returns how many it marked. Fewer than given
         means some were taken away (re-queued after a missed heartbeat): the caller rolls back.
         One statement for a whole batch, so its completions cost one round trip."""
+        done = self._done()
+        statement = select(func.count(), *self._wake_completed_waiters()).select_from(done)
+        return self._with_complete_events(statement, done)
+
+    def _wake_completed_waiters(self) -> list[Any]:
+        ids = bindparam("task_ids", type_=ARRAY(self.task.c.id.type))
+        return self._wake_waiters(lambda task_id: task_id == any_(ids))
+
+    def _with_complete_events(self, statement: Any, done: Any) -> Any:
+        return self._with_events(
+            statement, done, {"task_id": done.c.id, "type": literal_column("'COMPLETE'")}
+        )
+
+    def _done(self) -> Any:
+        """The CTE of ``complete``'s UPDATE, returning the ids it marked."""
         t = self.task
         finished = select(
             func.unnest(bindparam("task_ids", type_=ARRAY(t.c.id.type))).label("id"),
@@ -192,7 +246,7 @@ class TaskStatements(Statements):
         # planner cannot use that index. The fence needs no state: a task this worker still
         # holds has its worker_id, and one taken from it (re-queued, or claimed by another)
         # has not; a task this worker completed or failed is never in its batches again.
-        done = (
+        return (
             update(t)
             .where(t.c.id == finished.c.id, t.c.worker_id == bindparam("worker"))
             .values(
@@ -203,14 +257,6 @@ class TaskStatements(Statements):
             )
             .returning(t.c.id)
             .cte("done")
-        )
-        ids = bindparam("task_ids", type_=ARRAY(t.c.id.type))
-        return self._with_events(
-            select(
-                func.count(), *self._wake_waiters(lambda task_id: task_id == any_(ids))
-            ).select_from(done),
-            done,
-            {"task_id": done.c.id, "type": literal_column("'COMPLETE'")},
         )
 
     @functools.cached_property
