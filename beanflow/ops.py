@@ -622,7 +622,12 @@ class Operations:
         if retention.workers is not None:
             gone = (
                 select(w.id)
-                .where(w.state != "RUNNING", w.last_heartbeat < func.now() - retention.workers)
+                .where(
+                    w.state != "RUNNING",
+                    w.last_heartbeat < func.now() - retention.workers,
+                    # a task it still holds is the reaper's to take back, by this row
+                    ~exists().where(t.worker_id == w.id, t.state == TaskState.PROCESSING),
+                )
                 .limit(10)  # each one's tasks are unlinked by its foreign key: a table scan
             )
             deleted["workers"] = session.execute(

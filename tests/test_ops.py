@@ -250,19 +250,23 @@ def test_purge_removes_what_retention_no_longer_keeps_leaves_first(session, oper
         text(
             "INSERT INTO beanflow_workers (id, name, channels, state, last_heartbeat) VALUES "
             "(gen_random_uuid(), 'gone', '{ops}', 'SHUTDOWN', now() - interval '30 days'), "
-            "(gen_random_uuid(), 'recent', '{ops}', 'SHUTDOWN', now())"
+            "(gen_random_uuid(), 'recent', '{ops}', 'SHUTDOWN', now()), "
+            "(gen_random_uuid(), 'holding', '{ops}', 'NO_HEARTBEAT', now() - interval '30 days')"
         )
     )
+    # a task left to a worker long gone is the reaper's to take back: the row stays until then
+    holding = session.scalar(select(bq.Worker.id).where(bq.Worker.name == "holding"))
+    (held,) = add(session, echo, 1, state=TaskState.PROCESSING, worker_id=holding)
     session.commit()
     old_ids = {t.id for t in old_done}
-    kept = {fresh_done.id, old_failed.id, parent.id, child.id}
+    kept = {fresh_done.id, old_failed.id, parent.id, child.id, held.id}
     retention = ops.Retention(done=timedelta(days=7), failed=timedelta(days=30))
     totals = operations.purge_all(retention)
     assert totals["tasks done"] == 3 + 1 + 2  # old_done, the root and its two children
     assert totals["workers"] == 1
     remaining = set(session.scalars(select(bq.Task.id)))
     assert remaining == kept and not remaining & old_ids
-    assert session.scalars(select(bq.Worker.name)).all() == ["recent"]
+    assert sorted(session.scalars(select(bq.Worker.name))) == ["holding", "recent"]
 
 
 @pytest.fixture(scope="module")

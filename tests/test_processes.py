@@ -181,6 +181,54 @@ def test_worker_found_dead_stops_and_its_late_completion_is_refused(
     assert "was marked NO_HEARTBEAT by another worker" in workers.output(process)
 
 
+def test_tasks_claimed_as_a_worker_was_found_dead_are_reaped_once_it_dies(
+    app, session, workers, effects, tmp_path
+):
+    flag = tmp_path / "started"
+    # no heartbeat or reap of its own during the test: the test plays the other worker
+    process = workers.start(
+        "work", WORKER_HEARTBEAT_PERIOD=3600, WORKER_HEARTBEAT_TIMEOUT=7200, **NO_POLLING
+    )
+    wait_for(lambda: worker_rows(session), "the worker to register")
+    (worker,) = worker_rows(session)
+    session.commit()
+    reap = Queries(bq.Task, bq.Worker, bq.Event).reap
+    found_dead = {"timeout": datetime.timedelta(seconds=60), "max_crashes": 3}
+    with app.engine.connect() as reaper:
+        # the worker's claim is held up (its foreign key check waits on the worker's row)
+        # while another worker finds it dead and re-queues what it holds: nothing yet
+        reaper.execute(
+            text("SELECT 1 FROM beanflow_workers WHERE id = :id FOR UPDATE"), {"id": worker.id}
+        )
+        locker = reaper.execute(text("SELECT pg_backend_pid()")).scalar()
+        task = enqueue(session, workloads.slow_effect, key="k", flag=str(flag), seconds=3600)
+        wait_for(
+            lambda: session.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE :p = ANY(pg_blocking_pids(pid))"),
+                {"p": locker},
+            ).scalar(),
+            "the claim to wait on the worker's row",
+        )
+        session.commit()
+        reaper.execute(
+            text("UPDATE beanflow_workers SET last_heartbeat = now() - interval '1 hour'")
+        )
+        assert reaper.execute(reap, found_dead).one() == (1, 0, 0)
+        reaper.commit()
+    # the claim then commits: the task runs under a worker found dead, which dies before its
+    # next heartbeat could tell it to give the task back
+    wait_for(flag.exists, "the task to start")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state_of(session, task) == TaskState.PROCESSING
+
+    with app.engine.begin() as connection:
+        assert connection.execute(reap, found_dead).one() == (0, 1, 1)
+    session.refresh(task)
+    assert (task.state, task.worker_id, task.crash_count) == (TaskState.PENDING, None, 1)
+    assert task.error_message == f"its worker {worker.id} stopped heartbeating"
+
+
 def test_concurrent_workers_run_each_task_exactly_once(session, workers, effects):
     processes = [workers.start("work", BATCH_SIZE=batch) for batch in (1, 1, 5, 5)]
     wait_for(lambda: len(worker_rows(session)) == 4, "four idle workers")

@@ -144,18 +144,35 @@ def test_heartbeat_records_life_and_reports_a_worker_found_dead(app, session):
 
 def test_reaper_requeues_a_dead_workers_task_and_fails_one_that_keeps_killing(app, session):
     app.config.MAX_WORKER_CRASHES = 2
-    silent = _worker_row(app, heartbeat_age=timedelta(seconds=app.config.WORKER_HEARTBEAT_TIMEOUT))
+    timeout = timedelta(seconds=app.config.WORKER_HEARTBEAT_TIMEOUT)
+    silent = _worker_row(app, heartbeat_age=timeout)
     alive = _worker_row(app)
+    # found dead before, yet holding a task: one it claimed as it was found dead, and then
+    # either died (silent since) or is about to give back (it heartbeated, and learned it)
+    stranded_by, giving_back = _worker_row(app, heartbeat_age=timeout), _worker_row(app)
+    session.execute(
+        update(bq.Worker)
+        .where(bq.Worker.id.in_([stranded_by, giving_back]))
+        .values(state=WorkerState.NO_HEARTBEAT)
+    )
     victim = bq.enqueue(session, echo, value=1)
     killer = bq.enqueue(session, echo, value=2)
     healthy = bq.enqueue(session, echo, value=3)
+    stranded = bq.enqueue(session, echo, value=4)
+    given_back = bq.enqueue(session, echo, value=5)
     session.flush()
-    for task, worker, crashes in ((victim, silent, 0), (killer, silent, 1), (healthy, alive, 0)):
+    for task, worker, crashes in (
+        (victim, silent, 0),
+        (killer, silent, 1),
+        (healthy, alive, 0),
+        (stranded, stranded_by, 0),
+        (given_back, giving_back, 0),
+    ):
         task.state, task.worker_id, task.crash_count = TaskState.PROCESSING, worker, crashes
     session.commit()
 
     reaper = Reaper(app, _queries(app), threading.Event())
-    assert reaper.run_once() == (1, 2)
+    assert reaper.run_once() == (1, 3)
     assert reaper.run_once() == (0, 0)  # once is enough
 
     session.expire_all()
@@ -163,8 +180,15 @@ def test_reaper_requeues_a_dead_workers_task_and_fails_one_that_keeps_killing(ap
     assert (killer.state, killer.crash_count) == (TaskState.FAILED, 2)
     assert killer.error_message == "its worker died 2 times while running it"
     assert (healthy.state, healthy.worker_id) == (TaskState.PROCESSING, alive)
+    assert (stranded.state, stranded.crash_count) == (TaskState.PENDING, 1)
+    assert (given_back.state, given_back.worker_id) == (TaskState.PROCESSING, giving_back)
     states = dict(session.execute(select(bq.Worker.id, bq.Worker.state)).all())
-    assert states == {silent: WorkerState.NO_HEARTBEAT, alive: WorkerState.RUNNING}
+    assert states == {
+        silent: WorkerState.NO_HEARTBEAT,
+        alive: WorkerState.RUNNING,
+        stranded_by: WorkerState.NO_HEARTBEAT,
+        giving_back: WorkerState.NO_HEARTBEAT,
+    }
 
 
 def test_summary_logs_and_resets_the_counts(caplog):

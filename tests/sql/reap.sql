@@ -1,11 +1,22 @@
 -- Mark RUNNING workers silent for :timeout NO_HEARTBEAT and, in the same statement,
 -- return their PROCESSING tasks to PENDING, each charged a crash (FAILED at
 -- :max_crashes). Returns (workers, tasks, channels notified) counts.
+--
+-- Also the tasks of a worker already found dead and silent since: a claim it committed
+-- just after it was found dead (its statement had begun before) leaves it tasks that
+-- its next heartbeat would have given back, had it lived to send one.
 WITH dead AS
   (UPDATE beanflow_workers
    SET state='NO_HEARTBEAT'
    WHERE beanflow_workers.state = 'RUNNING'
      AND beanflow_workers.last_heartbeat < now() - :timeout RETURNING beanflow_workers.id),
+     lost AS
+  (SELECT dead.id AS id
+   FROM dead
+   UNION ALL SELECT beanflow_workers.id AS id
+   FROM beanflow_workers
+   WHERE beanflow_workers.state = 'NO_HEARTBEAT'
+     AND beanflow_workers.last_heartbeat < now() - :timeout),
      requeued AS
   (UPDATE beanflow_tasks
    SET state=CASE
@@ -25,7 +36,7 @@ WITH dead AS
                                        FROM beanflow_cancellations
                                        WHERE beanflow_cancellations.task_id = beanflow_tasks.id)
                                WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN concat(:concat_3, beanflow_tasks.crash_count + :crash_count_1, :concat_4)
-                               ELSE concat(:concat_5, dead.id, :concat_6)
+                               ELSE concat(:concat_5, lost.id, :concat_6)
                            END,
                            crash_count=(beanflow_tasks.crash_count + :crash_count_1),
                            finished_at=CASE
@@ -36,8 +47,8 @@ WITH dead AS
                                            WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN clock_timestamp()
                                        END,
                                        worker_id=:param_1::UUID
-   FROM dead
-   WHERE beanflow_tasks.worker_id = dead.id
+   FROM lost
+   WHERE beanflow_tasks.worker_id = lost.id
      AND beanflow_tasks.state = 'PROCESSING' RETURNING beanflow_tasks.id,
                                                        beanflow_tasks.channel,
                                                        beanflow_tasks.state,

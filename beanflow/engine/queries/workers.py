@@ -14,6 +14,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.sql import Executable
@@ -86,26 +87,30 @@ class WorkerStatements(Statements):
     def reap(self) -> Executable:
         """Mark RUNNING workers silent for :timeout NO_HEARTBEAT and, in the same statement,
         return their PROCESSING tasks to PENDING, each charged a crash (FAILED at
-        :max_crashes). Returns (workers, tasks, channels notified) counts."""
+        :max_crashes). Returns (workers, tasks, channels notified) counts.
+
+        Also the tasks of a worker already found dead and silent since: a claim it committed
+        just after it was found dead (its statement had begun before) leaves it tasks that
+        its next heartbeat would have given back, had it lived to send one."""
         w, t = self.worker, self.task
+        silent = w.c.last_heartbeat < func.now() - bindparam("timeout", type_=Interval)
         dead = (
             update(w)
-            .where(
-                w.c.state == literal_column("'RUNNING'"),
-                w.c.last_heartbeat < func.now() - bindparam("timeout", type_=Interval),
-            )
+            .where(w.c.state == literal_column("'RUNNING'"), silent)
             .values(state=literal_column("'NO_HEARTBEAT'"))
             .returning(w.c.id)
             .cte("dead")
         )
+        found_before = select(w.c.id).where(w.c.state == literal_column("'NO_HEARTBEAT'"), silent)
+        lost = union_all(select(dead.c.id), found_before).cte("lost")
         requeued = (
             update(t)
-            .where(t.c.worker_id == dead.c.id, t.c.state == PROCESSING)
+            .where(t.c.worker_id == lost.c.id, t.c.state == PROCESSING)
             .values(
                 **self._crash(
                     None,
                     "its worker died",
-                    func.concat("its worker ", dead.c.id, " stopped heartbeating"),
+                    func.concat("its worker ", lost.c.id, " stopped heartbeating"),
                 )
             )
             .returning(t.c.id, t.c.channel, t.c.state, t.c.error_message)
