@@ -20,12 +20,15 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
+    column,
     delete,
     exists,
     func,
     insert,
     literal,
     select,
+    table,
+    text,
     tuple_,
     union_all,
     update,
@@ -575,11 +578,15 @@ class Operations:
     ) -> dict[str, int]:
         """Delete one chunk of what ``retention`` no longer keeps: finished tasks of
         ``states`` (a task only once it has no children left: a tree goes leaves first, and
-        with each task its events), old events, long-gone workers' rows and settled
-        cancellations. Returns the rows deleted per kind; call again (after a commit) until
-        every count is 0. Each chunk locks only its own rows (SKIP LOCKED)."""
+        with each task its events; a task that a row of another table still references,
+        through a foreign key that forbids its deletion, stays), old events, long-gone
+        workers' rows and settled cancellations. Returns the rows deleted per kind; call again
+        (after a commit) until every count is 0. Each chunk locks only its own rows (SKIP
+        LOCKED). Foreign keys are not relied on to delete or unlink anything: custom models
+        may declare them without ON DELETE actions."""
         t, e, w = self.task_model, self.event_model, self.worker_model
         deleted = {}
+        referenced = self._referenced(session)
         for state in states:
             kept = retention.of(TaskState(state))
             if kept is None:
@@ -587,13 +594,18 @@ class Operations:
             chosen = (
                 select(t.id)
                 .where(t.state == state, t.finished_at < func.now() - kept, self._leaf())
-                .where(self._not_in_a_running_run())
+                .where(self._not_in_a_running_run(), *referenced)
                 .order_by(t.finished_at)
                 .limit(chunk)
                 .with_for_update(skip_locked=True)
+                .cte("chosen")
             )
+            its_events = delete(e).where(e.task_id.in_(select(chosen.c.id))).cte("its_events")
             deleted[f"tasks {TaskState(state).value.lower()}"] = session.execute(
-                delete(t).where(t.id.in_(chosen)).execution_options(synchronize_session=False)
+                delete(t)
+                .where(t.id.in_(select(chosen.c.id)))
+                .add_cte(its_events)
+                .execution_options(synchronize_session=False)
             ).rowcount
         for state in states:  # runs ended that long ago, with their steps' rows
             kept = retention.of(TaskState(state))
@@ -628,10 +640,18 @@ class Operations:
                     # a task it still holds is the reaper's to take back, by this row
                     ~exists().where(t.worker_id == w.id, t.state == TaskState.PROCESSING),
                 )
-                .limit(10)  # each one's tasks are unlinked by its foreign key: a table scan
+                .limit(10)
             )
+            gone_ids = session.scalars(gone.with_for_update(skip_locked=True)).all()
+            if gone_ids:  # unlinked from their tasks first (a table scan: ten at a time)
+                session.execute(
+                    update(t)
+                    .where(t.worker_id.in_(gone_ids))
+                    .values(worker_id=None)
+                    .execution_options(synchronize_session=False)
+                )
             deleted["workers"] = session.execute(
-                delete(w).where(w.id.in_(gone)).execution_options(synchronize_session=False)
+                delete(w).where(w.id.in_(gone_ids)).execution_options(synchronize_session=False)
             ).rowcount
         deleted["cancellations"] = session.execute(
             delete(Cancellation)
@@ -658,6 +678,31 @@ class Operations:
             WorkflowRun.id == t.workflow_run_id, WorkflowRun.state == RunState.RUNNING
         )
         return t.workflow_run_id.is_(None) | ~running
+
+    def _referenced(self, session: Session) -> list[Any]:
+        """A condition per foreign key of another table (the events' and the tasks' own
+        aside) that references the task table and forbids deleting a task it points at (ON
+        DELETE NO ACTION or RESTRICT): no row of that table points at the task. Read from the
+        catalog, so that the user's own tables count."""
+        t, e = self.task_model, self.event_model
+        quoted = session.get_bind().dialect.identifier_preparer.format_table
+        keys = session.execute(
+            text(
+                "SELECT n.nspname, c.relname, a.attname FROM pg_constraint k "
+                "JOIN pg_class c ON c.oid = k.conrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1] "
+                "WHERE k.contype = 'f' AND k.confrelid = to_regclass(:tasks) "
+                "AND cardinality(k.conkey) = 1 AND k.confdeltype IN ('a', 'r') "
+                "AND k.conrelid NOT IN (to_regclass(:tasks), to_regclass(:events)) "
+                "ORDER BY 1, 2, 3"
+            ),
+            {"tasks": quoted(t.__table__), "events": quoted(e.__table__)},
+        ).all()
+        return [
+            ~exists().where(table(name, column(key), schema=schema).c[key] == t.id)
+            for schema, name, key in keys
+        ]
 
     def _leaf(self) -> Any:
         """True for a task that has no children (any task, when the model has no parents)."""

@@ -269,6 +269,32 @@ def test_purge_removes_what_retention_no_longer_keeps_leaves_first(session, oper
     assert sorted(session.scalars(select(bq.Worker.name))) == ["holding", "recent"]
 
 
+def test_purge_leaves_a_task_that_a_users_row_still_references(session, operations, echo):
+    """The user's own rows may point at their task with a foreign key that forbids deleting
+    it (the reference README's models do): such a task stays, the rest goes, nothing fails."""
+    session.execute(
+        text(
+            'CREATE SCHEMA shop; CREATE TABLE shop."Receipts" (task_id uuid REFERENCES '
+            "beanflow_tasks (id)); CREATE TABLE notes (task_id uuid REFERENCES beanflow_tasks "
+            "(id) ON DELETE RESTRICT)"
+        )
+    )
+    old = func.now() - timedelta(days=10)
+    receipted, noted, *others = add(session, echo, 4, state=TaskState.DONE, finished_at=old)
+    session.execute(text('INSERT INTO shop."Receipts" VALUES (:id)'), {"id": receipted.id})
+    session.execute(text("INSERT INTO notes VALUES (:id)"), {"id": noted.id})
+    session.commit()
+
+    totals = operations.purge_all(ops.Retention(done=timedelta(days=7)))
+    assert totals["tasks done"] == 2
+    assert set(session.scalars(select(bq.Task.id))) == {receipted.id, noted.id}
+
+    session.execute(text('DELETE FROM shop."Receipts"'))
+    session.commit()
+    assert operations.purge_all(ops.Retention(done=timedelta(days=7)))["tasks done"] == 1
+    assert session.scalars(select(bq.Task.id)).all() == [noted.id]
+
+
 @pytest.fixture(scope="module")
 def big_table(server_url, template_database):
     """1,000,000 task rows as a long-running deployment has them: mostly done over the last

@@ -9,7 +9,7 @@ import sys
 import typing
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session
 
 import beanflow as bq
@@ -148,6 +148,16 @@ def test_custom_models(empty_db_url):
         assert task.worker.state == bq.WorkerState.SHUTDOWN
         events = session.scalars(select(custom.Event.type).order_by(custom.Event.id)).all()
         assert events == [bq.EventType.CLAIMED, bq.EventType.COMPLETE]
+
+        # retention, though these foreign keys delete and unlink nothing themselves
+        session.execute(text("UPDATE task SET finished_at = now() - interval '40 days'"))
+        session.execute(text("UPDATE worker SET last_heartbeat = now() - interval '40 days'"))
+        session.commit()
+        result = beanflow(empty_db_url, "-a", "my_pkgs.custom.app", "purge")
+        assert result.returncode == 0, result.stderr
+        assert "1 tasks done" in result.stdout and "1 workers" in result.stdout
+        for model in (custom.Task, custom.Event, custom.Worker):
+            assert session.scalar(select(func.count()).select_from(model)) == 0
     engine.dispose()
 
 
