@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, inspect
+from sqlalchemy import CheckConstraint, Engine, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import db
@@ -75,17 +75,26 @@ class BeanQueue:
 
     def create_tables(self) -> None:
         """Create beanflow's tables and their indexes where missing (a newer version's new
-        tables, nullable columns and indexes are added to an existing database)."""
+        tables, nullable columns, indexes and checks are added to an existing database; a
+        check as NOT VALID: it applies to rows written from then on)."""
         for model in self.models:
             table = model.__table__
             model.metadata.create_all(self.engine, tables=[table])
-            present = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+            found = inspect(self.engine)
+            present = {c["name"] for c in found.get_columns(table.name)}
+            checks = {c["name"] for c in found.get_check_constraints(table.name)}
             with self.engine.begin() as connection:
                 for column in table.columns:
                     if column.name not in present and column.nullable:
                         kind = column.type.compile(dialect=self.engine.dialect)
                         connection.exec_driver_sql(
                             f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}'
+                        )
+                for check in table.constraints:
+                    if isinstance(check, CheckConstraint) and check.name not in checks:
+                        connection.exec_driver_sql(
+                            f'ALTER TABLE "{table.name}" ADD CONSTRAINT "{check.name}" '
+                            f"CHECK ({check.sqltext}) NOT VALID"
                         )
             for index in table.indexes:
                 index.create(self.engine, checkfirst=True)

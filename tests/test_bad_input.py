@@ -9,7 +9,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import exc, inspect, select, text
 
 import beanflow as bq
 from beanflow import spec
@@ -88,6 +88,81 @@ def test_rows_naming_unconfigured_code_fail_without_any_import(app, session):
         for task in failed
     )
     assert "tests.never_configured" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "constraint"),
+    [
+        ("state", "'QUEUED'", "ck_beanflow_tasks_state"),
+        ("state", "'pending'", "ck_beanflow_tasks_state"),
+        ("scheduled_at", "'-infinity'", "ck_beanflow_tasks_scheduled_at"),
+        ("scheduled_at", "'0044-03-15 BC'", "ck_beanflow_tasks_scheduled_at"),
+    ],
+)
+def test_rows_written_in_sql_that_beanflow_could_not_read_are_refused(
+    app, session, column, value, constraint
+):
+    """A task row from elsewhere (SQL, another language) with a state beanflow does not know,
+    or due before year 1 (no claim would reach it, no listing could read it back): the
+    INSERT fails, naming the rule; the rows beanflow can read go in as before."""
+    insert = "INSERT INTO beanflow_tasks (channel, module, name, {}) VALUES ('c', 'm', 'f', {})"
+    with pytest.raises(exc.IntegrityError, match=constraint):
+        session.execute(text(insert.format(column, value)))
+    session.rollback()
+    session.execute(text(insert.format("scheduled_at", "'infinity'")))  # never due, readable
+    session.execute(text(insert.format("state", "'CANCELLED'")))
+    session.commit()
+    assert len(session.scalars(select(bq.Task)).all()) == 2
+
+
+def test_rows_written_in_sql_with_kwargs_that_do_not_fit_fail_only_themselves(app, session):
+    @app.processor(channel="default")
+    def takes(db, n: int = 0) -> int:
+        return n
+
+    for kwargs in ("[1, 2]", '"x"', '{"db": 1}', '{"n": 3}'):
+        session.execute(
+            text(
+                "INSERT INTO beanflow_tasks (channel, module, name, kwargs) "
+                "VALUES ('default', :module, 'takes', CAST(:kwargs AS jsonb))"
+            ),
+            {"module": takes.module, "kwargs": kwargs},
+        )
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    outcomes = session.execute(  # in the order of the inserts
+        select(bq.Task.state, bq.Task.error_message).order_by(bq.Task.scheduled_at)
+    ).all()
+    assert [(state, (error or "").split(":")[0]) for state, error in outcomes] == [
+        (bq.TaskState.FAILED, "TypeError"),
+        (bq.TaskState.FAILED, "TypeError"),
+        (bq.TaskState.FAILED, "TypeError"),
+        (bq.TaskState.DONE, ""),
+    ]
+
+
+def test_create_tables_brings_an_existing_database_up_to_date(app, session):
+    """An earlier version's database: what a newer one adds (a nullable column, an index, the
+    checks) is added by create_tables, the checks for the rows written from then on."""
+    session.execute(
+        text(
+            "ALTER TABLE beanflow_tasks DROP CONSTRAINT ck_beanflow_tasks_state, "
+            "DROP CONSTRAINT ck_beanflow_tasks_scheduled_at, DROP COLUMN workflow_run_id "
+            "CASCADE; INSERT INTO beanflow_tasks (channel, module, name, state) "
+            "VALUES ('c', 'm', 'f', 'QUEUED')"
+        )
+    )
+    session.commit()
+    app.create_tables()
+    found = inspect(app.engine)
+    assert "workflow_run_id" in {c["name"] for c in found.get_columns("beanflow_tasks")}
+    assert "ix_beanflow_tasks_workflow_run" in {
+        i["name"] for i in found.get_indexes("beanflow_tasks")
+    }
+    with pytest.raises(exc.IntegrityError, match="ck_beanflow_tasks_state"):
+        session.execute(text("UPDATE beanflow_tasks SET channel = 'd' WHERE state = 'QUEUED'"))
+    session.rollback()
+    app.create_tables()  # again: nothing left to add
 
 
 yaml_values = st.recursive(

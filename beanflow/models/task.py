@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    CheckConstraint,
     DateTime,
     Enum,
     ForeignKey,
@@ -132,6 +133,17 @@ class TaskModelMixin:
         # Only pending rows are in this index, so the claim's cost does not grow with the
         # number of done or failed rows, and (channel, scheduled_at) gives the claim its order.
         return (
+            # Rows written by other means than beanflow (SQL, another language) are refused
+            # at once when beanflow could not read them back: a state it does not know, or a
+            # due time before year 1 (-infinity, BC), which no claim would reach either.
+            CheckConstraint(
+                "state IN ({})".format(", ".join(f"'{s.value}'" for s in TaskState)),
+                name=f"ck_{cls.__tablename__}_state",
+            ),
+            CheckConstraint(
+                "scheduled_at >= '0001-01-01 00:00:00+00'",
+                name=f"ck_{cls.__tablename__}_scheduled_at",
+            ),
             Index(
                 f"ix_{cls.__tablename__}_pending",
                 "channel",
