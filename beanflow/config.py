@@ -28,19 +28,30 @@ Parser = Callable[[Any], Any]
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
 DURATION_HELP = "a duration such as 250ms, 30s, 5m, 1h or 1d (a bare number is seconds)"
+LONGEST_DURATION = 100 * 365 * 86400.0
+
+
+class DurationTooLong(ValueError):
+    """A duration longer than LONGEST_DURATION."""
 
 
 def parse_duration(value: Any) -> float:
     """Seconds in ``"250ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"``, or a number of seconds
-    (also as text); raises ValueError for anything else, NaN and infinity included."""
+    (also as text); raises ValueError for anything else, NaN and infinity included, and for
+    more than 100 years (a time that far from now is out of reach of Python's datetime, if
+    not of PostgreSQL's)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ValueError(f"{value!r} is not {DURATION_HELP}")
-        return float(value)
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if not match:
-        raise ValueError(f"{json.dumps(value, default=repr)} is not {DURATION_HELP}")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if not match:
+            raise ValueError(f"{json.dumps(value, default=repr)} is not {DURATION_HELP}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds > LONGEST_DURATION:
+        raise DurationTooLong(f"{json.dumps(value, default=repr)} is longer than 100 years")
+    return seconds
 
 
 def _bounded(number: float, positive: bool, shown: Any) -> None:

@@ -37,7 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, defer
 
 from .app import BeanQueue
-from .config import parse_duration
+from .config import DurationTooLong, parse_duration
 from .engine.control import CONTROL_CHANNEL
 from .engine.notify import Listener
 from .engine.queries import notify
@@ -846,6 +846,8 @@ def parse_moment(text: str) -> datetime:
         pass
     try:
         return datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))
+    except DurationTooLong:
+        raise
     except ValueError:
         raise ValueError(
             f"{text!r} is neither a duration (30m, 1h, 7d) nor an ISO 8601 time"

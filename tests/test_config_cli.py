@@ -88,9 +88,19 @@ def cli(db_url: str, *arguments: str) -> subprocess.CompletedProcess:
             ["submit", "work", "echo", "-k", '{"value": "a\\u0000b"}'],
             "kwargs cannot be stored as JSON: kwargs['value']: the NUL character",
         ),
+        (
+            ["submit", "work", "echo", "-k", '{"value": 1}', "--in", "1000000000d"],
+            '--in: "1000000000d" is longer than 100 years',
+        ),
+        (
+            ["submit", "work", "echo", "-k", '{"value": 1}', "--at", "0001-01-01T00:00+05:00"],
+            "--at '0001-01-01T00:00+05:00' is out of range (years 1 to 9999, in UTC)",
+        ),
+        (["tasks", "--since", "999999999d"], '--since "999999999d" is longer than 100 years'),
+        (["purge", "--older-than", "36600d"], '--older-than: "36600d" is longer than 100 years'),
     ],
 )
-def test_submit_errors_are_one_line_with_status_2(db_url, arguments, message):
+def test_command_errors_are_one_line_with_status_2(db_url, arguments, message):
     result = cli(db_url, *arguments)
     assert result.returncode == 2
     assert result.stderr.startswith(f"Error: {message}")

@@ -3,6 +3,8 @@ to the task that caused it, and its neighbours in the batch complete."""
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 from sqlalchemy import select, text
 
@@ -41,6 +43,11 @@ BAD_EXCEPTIONS = {
     "1 MB message": (ValueError("x" * 1_000_000), "more characters not stored)"),
     "NUL in the message": (ValueError("bad\x00byte"), "ValueError: bad\\x00byte"),
     "lone surrogate in the message": (ValueError("bad \udc80 byte"), "ValueError: bad ? byte"),
+    "snoozed past year 9999": (bq.Retry(after=1e12), "not snoozed: later than a task can be due"),
+    "snoozed for the longest timedelta": (
+        bq.Retry(after=datetime.timedelta.max),
+        "not snoozed: later than a task can be due",
+    ),
 }
 
 
@@ -108,6 +115,26 @@ def test_an_exception_that_is_hard_to_record_fails_only_its_task(app, session, e
     assert len(bad.error_message) < 11_000
     [failed] = [e for e in bad.events if e.type == bq.EventType.FAILED]
     assert len(failed.traceback) < 101_000 and "Traceback" in failed.traceback
+
+
+def test_a_retry_policy_that_gives_an_impossible_time_fails_only_its_task(app, session):
+    app.config.BATCH_SIZE = BATCH
+    never = datetime.datetime.max.replace(tzinfo=datetime.timezone.utc)
+
+    @app.processor(channel="default", retry_policy=lambda task: never)
+    def flaky(n: int) -> int:
+        if n == 4:
+            raise ValueError("fails")
+        return n
+
+    tasks = [bq.enqueue(session, flaky, n=n) for n in range(BATCH)]
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [
+        (TaskState.FAILED if t is tasks[4] else TaskState.DONE, 1, 0) for t in tasks
+    ]
+    assert tasks[4].error_message == "ValueError: fails"
 
 
 def refuse_done_saying_refused(session) -> None:

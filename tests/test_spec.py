@@ -189,6 +189,14 @@ def test_validate_prints_a_summary_without_the_password(tmp_path):
             ],
         ),
         (
+            "retry_policies:\n  a: {kind: delay, delay: 40000d}\n"
+            "  b: {kind: exponential, max_delay: 36501d}\n",
+            [
+                '2:20: retry_policies.a.delay: "40000d" is longer than 100 years',
+                '3:26: retry_policies.b.max_delay: "36501d" is longer than 100 years',
+            ],
+        ),
+        (
             "retry_policies:\n  a: {kind: delay}\n",
             ["2:3: retry_policies.a: 'delay' is required"],
         ),
@@ -445,6 +453,9 @@ def test_one_duration_syntax_everywhere():
     for wrong in ("soon", "", float("nan"), float("inf"), True, None, "5 minutes"):
         with pytest.raises(ValueError, match="is not a duration such as"):
             parse_duration(wrong)
+    for too_long in ("36501d", 1e300, "999999999999d"):  # beyond any datetime, or nearly
+        with pytest.raises(ValueError, match="is longer than 100 years"):
+            parse_duration(too_long)
 
 
 def test_shipped_examples_are_valid():

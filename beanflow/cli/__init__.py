@@ -22,6 +22,7 @@ from ..config import import_object, parse_duration
 from ..deployment import Deployment, run_deployment, run_worker
 from ..errors import BeanflowError, SpecError, TablesMissing, first_line
 from ..models import TaskState
+from ..models.task import EARLIEST_DUE, LATEST_DUE
 from ..ops import TASKS_FAILED, TASKS_PENDING, Operations, database_now, report_burst
 
 logger = logging.getLogger("beanflow")
@@ -309,7 +310,10 @@ def _when(at: str | None, delay: str | None) -> Any:
             raise ValueError(
                 f"--at {at!r} is not an ISO 8601 time such as 2026-12-01T09:30:00+01:00"
             ) from None
-        return moment if moment.tzinfo else moment.astimezone()
+        moment = moment if moment.tzinfo else moment.astimezone()
+        if not EARLIEST_DUE <= moment <= LATEST_DUE:
+            raise ValueError(f"--at {at!r} is out of range (years 1 to 9999, in UTC)")
+        return moment
     if delay is not None:
         try:
             return func.now() + datetime.timedelta(seconds=parse_duration(delay))

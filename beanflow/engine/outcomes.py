@@ -7,7 +7,7 @@ import contextlib
 import logging
 import traceback
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy.sql import ClauseElement
 
 from ..errors import Cancel, Retry
 from ..models.jsonb import jsonb_text, storable_text
+from ..models.task import EARLIEST_DUE, LATEST_DUE
 from ..processors.processor import Processor
 from .deadlines import TaskCancelled
 from .queries import Queries
@@ -98,16 +99,20 @@ def record_failure(
     "cancelled" (its processor raised Cancel, or an operator cancelled it), "snoozed" (it
     raised Retry: PENDING again later, the attempt not counted), "retried" (PENDING at the
     time its retry policy gives) or "failed"; with the error and its traceback."""
-    retry_at, refund = None, 0
+    retry_at, refund, why = None, 0, ""
     if isinstance(error, (Cancel, TaskCancelled)):
         outcome, state = "cancelled", "CANCELLED"
     elif isinstance(error, Retry):
-        outcome, state, refund = "snoozed", "PENDING", 1
-        retry_at = datetime.now(timezone.utc) + error.after
+        retry_at = _due_after(error.after)
+        if retry_at is not None:
+            outcome, state, refund = "snoozed", "PENDING", 1
+        else:
+            outcome, state = "failed", "FAILED"
+            why = f" (not snoozed: later than a task can be due, {LATEST_DUE:%Y-%m-%d})"
     else:
         retry_at = _retry_at(session, task, processor, error)
         outcome, state = ("failed", "FAILED") if retry_at is None else ("retried", "PENDING")
-    message = storable_text(describe(error), MAX_ERROR_CHARS)
+    message = storable_text(describe(error) + why, MAX_ERROR_CHARS)
     kind = type(error)
     session.execute(
         queries.settle,
@@ -187,4 +192,21 @@ def _retry_at(
     except Exception as policy_error:  # noqa: BLE001
         logger.error("retry policy of %s failed: %s", processor, policy_error)
         return None
+    if isinstance(retry_at, datetime) and not _schedulable(retry_at):
+        logger.error("retry policy of %s gave %s: no task can be due then", processor, retry_at)
+        return None
     return retry_at
+
+
+def _due_after(delay: timedelta) -> datetime | None:
+    """Now plus ``delay``, or None when no task can be due then."""
+    try:
+        moment = datetime.now(timezone.utc) + delay
+    except OverflowError:
+        return None
+    return moment if _schedulable(moment) else None
+
+
+def _schedulable(moment: datetime) -> bool:
+    aware = moment if moment.tzinfo else moment.astimezone()
+    return EARLIEST_DUE <= aware <= LATEST_DUE

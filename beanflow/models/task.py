@@ -7,7 +7,7 @@ import enum
 import uuid
 import weakref
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -88,6 +88,12 @@ current_task: contextvars.ContextVar[Any] = contextvars.ContextVar(
 )
 
 
+# the due times a task row may have besides 'infinity' (never due): Python's datetime holds
+# them in any session time zone
+EARLIEST_DUE = datetime(1, 1, 2, tzinfo=timezone.utc)
+LATEST_DUE = datetime(9999, 12, 30, tzinfo=timezone.utc)
+
+
 class TaskModelMixin:
     """Columns of a task row, and the partial index that serves the claim."""
 
@@ -135,13 +141,15 @@ class TaskModelMixin:
         return (
             # Rows written by other means than beanflow (SQL, another language) are refused
             # at once when beanflow could not read them back: a state it does not know, or a
-            # due time before year 1 (-infinity, BC), which no claim would reach either.
+            # due time that Python's datetime cannot hold in any time zone (years 1 to 9999,
+            # a day of margin at each end; -infinity, which no claim would reach either).
             CheckConstraint(
                 "state IN ({})".format(", ".join(f"'{s.value}'" for s in TaskState)),
                 name=f"ck_{cls.__tablename__}_state",
             ),
             CheckConstraint(
-                "scheduled_at >= '0001-01-01 00:00:00+00'",
+                f"scheduled_at = 'infinity' OR scheduled_at BETWEEN '{EARLIEST_DUE}' "
+                f"AND '{LATEST_DUE}'",
                 name=f"ck_{cls.__tablename__}_scheduled_at",
             ),
             Index(

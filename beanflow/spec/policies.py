@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from ..config import import_object, parse_duration
+from ..config import DurationTooLong, import_object, parse_duration
 from ..processors.retry import DelayRetry, ExponentialBackoffRetry, LimitAttempt, RetryPolicy
 from .load import Path_
 
@@ -40,6 +40,17 @@ class PolicyCompiler:
             self.compiled[name] = self.policy(spec, ("retry_policies", name), (*chain, name))
         return self.compiled[name]
 
+    def duration(self, value: Any, path: Path_) -> timedelta | None:
+        """``value`` as a duration; None when it is none (reported, unless the schema has:
+        it checks the syntax, not the length)."""
+        try:
+            return timedelta(seconds=parse_duration(value))
+        except DurationTooLong as error:
+            self.problem(path, str(error))
+        except ValueError:
+            pass
+        return None
+
     def policy(self, spec: Any, path: Path_, chain: tuple[str, ...] = ()) -> Compiled | None:
         """A policy written inline or named; None when it has problems (already reported)."""
         if isinstance(spec, str):
@@ -54,14 +65,17 @@ class PolicyCompiler:
         try:
             kind = spec.get("kind")
             if kind == "delay":
-                return DelayRetry(timedelta(seconds=parse_duration(spec["delay"]))), exceptions
+                delay = self.duration(spec["delay"], (*path, "delay"))
+                return None if delay is None else (DelayRetry(delay), exceptions)
             if kind == "exponential":
-                max_delay = spec.get("max_delay", "1h")
+                max_delay = self.duration(spec.get("max_delay", "1h"), (*path, "max_delay"))
+                if max_delay is None:
+                    return None
                 return ExponentialBackoffRetry(
                     base=spec.get("base", 2.0),
                     exponent_offset=spec.get("exponent_offset", 0.0),
                     exponent_scalar=spec.get("exponent_scalar", 1.0),
-                    max_delay=timedelta(seconds=parse_duration(max_delay)),
+                    max_delay=max_delay,
                     jitter=spec.get("jitter", 0.0),
                 ), exceptions
             if kind == "limit":
