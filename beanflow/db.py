@@ -9,6 +9,7 @@ from sqlalchemy.engine import URL, make_url
 
 from . import embedded
 from .config import Config
+from .models.jsonb import read_json
 
 
 def database_url(config: Config) -> str:
@@ -24,7 +25,7 @@ def database_url(config: Config) -> str:
 
 def make_engine(config: Config) -> Engine:
     """An engine for the configured database."""
-    return create_engine(database_url(config))
+    return create_engine(database_url(config), json_deserializer=read_json)
 
 
 _QUEUED = "beanflow_queued_statements"
@@ -53,7 +54,13 @@ def make_hot_path_engine(url: str | URL) -> Engine:
     simply dropped, since nothing ran in it. SQLAlchemy's own bookkeeping is unchanged.
     Code that bypasses SQLAlchemy (a raw DBAPI cursor) would not be inside the savepoint.
     """
-    engine = create_engine(url, pool_size=1, max_overflow=0, execution_options={_HOT_PATH: True})
+    engine = create_engine(
+        url,
+        pool_size=1,
+        max_overflow=0,
+        execution_options={_HOT_PATH: True},
+        json_deserializer=read_json,
+    )
     dialect = engine.dialect
     roll_back_now = dialect.do_rollback_to_savepoint
 

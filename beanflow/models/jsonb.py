@@ -13,6 +13,26 @@ import math
 from typing import Any
 
 
+class Unreadable:
+    """A stored JSON value that Python's ``json`` cannot read back (nested deeper than its
+    recursion limit): a row written in SQL may hold one. Read as this, it fails only the
+    task it belongs to, instead of every read of the rows around it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<unreadable JSON: {self.reason}>"
+
+
+def read_json(text: str) -> Any:
+    """``json.loads``, but a value nested too deeply for it reads as ``Unreadable``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return Unreadable("nested too deeply")
+
+
 def jsonb_text(value: Any, name: str) -> str:
     """The JSON text of ``value``; raises ValueError naming the path under ``name`` (such as
     ``kwargs['items'][2]``) of the first thing PostgreSQL's jsonb cannot store."""

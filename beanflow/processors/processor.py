@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import KwargsError, NotCompleted, TaskFailed
-from ..models.jsonb import jsonb_text
+from ..models.jsonb import Unreadable, jsonb_text
 from ..models.task import Task, check_channel, current_task
 from .retry import RetryPolicy
 
@@ -114,6 +114,10 @@ class Processor:
         become its children); returns the result to store. The function may decide the outcome
         itself with ``complete(task, result)`` or ``fail(task, message)``; with
         ``auto_complete`` off it must."""
+        if isinstance(task.kwargs, Unreadable):  # rows written in SQL
+            raise KwargsError(f"kwargs cannot be read: {task.kwargs.reason}")
+        if not isinstance(task.kwargs, dict):
+            raise KwargsError(f"kwargs must be a JSON object, got {type(task.kwargs).__name__}")
         available = {"db": db, "task": task, "savepoint": savepoint}
         arguments = {name: available[name] for name in self._injected}
         token = current_task.set(task)
