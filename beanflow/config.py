@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
+from .models.jsonb import parse_json
 
 ENV_PREFIX = "BEANFLOW_"
 
@@ -29,6 +30,10 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
 DURATION_HELP = "a duration such as 250ms, 30s, 5m, 1h or 1d (a bare number is seconds)"
 LONGEST_DURATION = 100 * 365 * 86400.0
+
+
+class HeartbeatsTooClose(ConfigError):
+    """WORKER_HEARTBEAT_TIMEOUT is not longer than WORKER_HEARTBEAT_PERIOD."""
 
 
 class DurationTooLong(ValueError):
@@ -178,7 +183,7 @@ class Config:
                 value = field.default
             setattr(self, name, value)
         if self.WORKER_HEARTBEAT_TIMEOUT <= self.WORKER_HEARTBEAT_PERIOD:
-            raise ConfigError(
+            raise HeartbeatsTooClose(
                 f"WORKER_HEARTBEAT_TIMEOUT ({self.WORKER_HEARTBEAT_TIMEOUT:g}s) must be longer "
                 f"than WORKER_HEARTBEAT_PERIOD ({self.WORKER_HEARTBEAT_PERIOD:g}s), or live "
                 "workers would find each other dead"
@@ -206,7 +211,7 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Co
 def _from_environment(raw: str, variable: str) -> Any:
     """Environment values are JSON where they parse as JSON, else plain strings."""
     try:
-        return json.loads(raw)
+        return parse_json(raw)
     except ValueError:
         if raw.lstrip().startswith(("[", "{")):
             raise ConfigError(f"{variable}: not valid JSON: {raw!r}") from None

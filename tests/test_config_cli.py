@@ -96,6 +96,10 @@ def cli(db_url: str, *arguments: str) -> subprocess.CompletedProcess:
             ["submit", "work", "echo", "-k", '{"value": 1}', "--at", "0001-01-01T00:00+05:00"],
             "--at '0001-01-01T00:00+05:00' is out of range (years 1 to 9999, in UTC)",
         ),
+        (
+            ["submit", "work", "echo", "-k", '{"value": ' + "[" * 5000 + "]" * 5000 + "}"],
+            "--kwargs is not valid JSON: nested too deeply",
+        ),
         (["tasks", "--since", "999999999d"], '--since "999999999d" is longer than 100 years'),
         (["purge", "--older-than", "36600d"], '--older-than: "36600d" is longer than 100 years'),
     ],

@@ -75,6 +75,12 @@ def problems_of(tmp_path, text: str) -> list[str]:
     return [str(p).removeprefix(f"{path}:") for p in problems]
 
 
+def test_a_bad_variable_is_not_charged_to_a_key_of_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEANFLOW_BATCH_SIZE", "[1")
+    text = "worker:\n  heartbeat_period: 10s\n  heartbeat_timeout: 1m\n"
+    assert problems_of(tmp_path, text) == ["1:1: BEANFLOW_BATCH_SIZE: not valid JSON: '[1'"]
+
+
 def test_valid_file_compiles_to_the_engines_objects(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_DB_URL", "postgresql://u:secret@db.example:5432/shop")
     deployment, problems = spec.check(write(tmp_path, VALID))

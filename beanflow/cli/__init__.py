@@ -22,6 +22,7 @@ from ..config import import_object, parse_duration
 from ..deployment import Deployment, run_deployment, run_worker
 from ..errors import BeanflowError, SpecError, TablesMissing, first_line
 from ..models import TaskState
+from ..models.jsonb import parse_json
 from ..models.task import EARLIEST_DUE, LATEST_DUE
 from ..ops import TASKS_FAILED, TASKS_PENDING, Operations, database_now, report_burst
 
@@ -259,7 +260,7 @@ def submit(
     if at is not None and delay is not None:
         fail("give --at or --in, not both")
     try:
-        kwargs = json.loads(kwargs_json)
+        kwargs = parse_json(kwargs_json)
     except ValueError as error:
         fail(f"--kwargs is not valid JSON: {error}")
     try:

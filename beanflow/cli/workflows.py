@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ..config import parse_duration
 from ..models import RunState, TaskState
+from ..models.jsonb import parse_json
 from ..ops import TASKS_FAILED, TASKS_PENDING, format_age, operator
 from ..workflows import Workflows
 from . import deployment_or_app, fail, main
@@ -60,7 +61,7 @@ def start(
     """Start a run of WORKFLOW; prints the run's id (with --wait, its result; status 3 if it
     failed or was cancelled)."""
     try:
-        given = json.loads(input_json)
+        given = parse_json(input_json)
     except ValueError as error:
         fail(f"--input is not valid JSON: {error}")
     try:

@@ -25,6 +25,15 @@ class Unreadable:
         return f"<unreadable JSON: {self.reason}>"
 
 
+def parse_json(text: str) -> Any:
+    """``json.loads`` for text a user gives: ValueError, never RecursionError, for what it
+    cannot read."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(text: str) -> Any:
     """``json.loads``, but a value nested too deeply for it reads as ``Unreadable``."""
     try:

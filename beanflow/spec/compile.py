@@ -25,6 +25,7 @@ from ..config import (
     ENV_PREFIX,
     Config,
     ConfigError,
+    HeartbeatsTooClose,
     duration,
     import_object,
     parse_duration,
@@ -142,11 +143,13 @@ class _Compiler:
             return None
         try:
             return Config(env=self.env, **settings)
-        except ConfigError as error:
+        except HeartbeatsTooClose as error:
             worker = self.section("worker")
             path = ("worker", "heartbeat_timeout") if "heartbeat_timeout" in worker else ()
             self.problem(path, str(error))
-            return None
+        except ConfigError as error:  # a BEANFLOW_* variable: the message names it
+            self.problem((), str(error))
+        return None
 
     def scan(self, deployment: Deployment) -> None:
         app = deployment.app
