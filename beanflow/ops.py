@@ -86,6 +86,11 @@ class TaskFilter:
     parent: uuid.UUID | None = None
     error: str | None = None  # text in the error message (case-insensitive)
 
+    def __post_init__(self) -> None:
+        for name in ("channel", "processor", "error"):
+            if "\x00" in (getattr(self, name) or ""):
+                raise ValueError(f"{name}: text with the NUL character matches no task")
+
 
 @dataclasses.dataclass
 class Page:

@@ -98,6 +98,9 @@ def test_tasks_filter_and_page(client, session, echo):
         ({"state": "SLEEPING"}, "bad filter: &#39;SLEEPING&#39; is not a valid TaskState"),
         ({"since": "yesterday"}, "bad filter: &#39;yesterday&#39; is neither a duration"),
         ({"parent": "42"}, "bad filter: badly formed hexadecimal UUID string"),
+        ({"channel": "a\x00b"}, "bad filter: channel: text with the NUL character matches no"),
+        ({"error": "\x00"}, "bad filter: error: text with the NUL character matches no task"),
+        ({"since": "999999999d"}, "bad filter: &#34;999999999d&#34; is longer than 100 years"),
         ({"after": "nonsense"}, "not a page cursor: &#39;nonsense&#39;"),
     ],
 )

@@ -350,6 +350,7 @@ def test_the_dashboard_shows_runs_and_their_graphs_and_steers_them(flows, sessio
     assert f'href="/runs/{done}"' in listing and f'href="/runs/{failed}"' in listing
     assert client.get("/runs", params={"state": "FAILED"}).text.count('href="/runs/') == 1
     assert client.get("/runs", params={"state": "NOPE"}).status_code == 400
+    assert client.get("/runs", params={"workflow": "a\x00b"}).status_code == 400
     page = client.get(f"/runs/{done}").text
     for name in ("fetch", "avatar", "welcome", "gift", "report"):
         assert f'class="step-name">{name}</text>' in page

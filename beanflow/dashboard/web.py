@@ -231,6 +231,8 @@ class _Pages:
         state = request.query_params.get("state") or None
         if state is not None and state not in RunState.__members__:
             raise HTTPException(400, f"bad filter: {state!r} is not a run state")
+        if workflow is not None and "\x00" in workflow:
+            raise HTTPException(400, "bad filter: workflow: no name has the NUL character")
         found = []
         if self.workflows is not None:
             workflows = self.workflows
