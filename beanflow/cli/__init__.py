@@ -311,8 +311,11 @@ def _when(at: str | None, delay: str | None) -> Any:
             raise ValueError(
                 f"--at {at!r} is not an ISO 8601 time such as 2026-12-01T09:30:00+01:00"
             ) from None
-        moment = moment if moment.tzinfo else moment.astimezone()
-        if not EARLIEST_DUE <= moment <= LATEST_DUE:
+        try:
+            moment = moment if moment.tzinfo else moment.astimezone()
+        except (OverflowError, ValueError):  # year 1 or 9999 moved out of range by the offset
+            moment = None
+        if moment is None or not EARLIEST_DUE <= moment <= LATEST_DUE:
             raise ValueError(f"--at {at!r} is out of range (years 1 to 9999, in UTC)")
         return moment
     if delay is not None:

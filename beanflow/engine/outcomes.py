@@ -208,5 +208,8 @@ def _due_after(delay: timedelta) -> datetime | None:
 
 
 def _schedulable(moment: datetime) -> bool:
-    aware = moment if moment.tzinfo else moment.astimezone()
+    try:
+        aware = moment if moment.tzinfo else moment.astimezone()  # a naive one: local time
+    except (OverflowError, ValueError):  # year 1 or 9999 moved out of range by the offset
+        return False
     return EARLIEST_DUE <= aware <= LATEST_DUE
