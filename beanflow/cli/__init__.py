@@ -23,7 +23,7 @@ from ..deployment import Deployment, run_deployment, run_worker
 from ..errors import BeanflowError, SpecError, TablesMissing, first_line
 from ..models import TaskState
 from ..models.jsonb import parse_json
-from ..models.task import EARLIEST_DUE, LATEST_DUE
+from ..models.task import as_due_time
 from ..ops import TASKS_FAILED, TASKS_PENDING, Operations, database_now, report_burst
 
 logger = logging.getLogger("beanflow")
@@ -311,13 +311,10 @@ def _when(at: str | None, delay: str | None) -> Any:
             raise ValueError(
                 f"--at {at!r} is not an ISO 8601 time such as 2026-12-01T09:30:00+01:00"
             ) from None
-        try:
-            moment = moment if moment.tzinfo else moment.astimezone()
-        except (OverflowError, ValueError):  # year 1 or 9999 moved out of range by the offset
-            moment = None
-        if moment is None or not EARLIEST_DUE <= moment <= LATEST_DUE:
+        due = as_due_time(moment)
+        if due is None:
             raise ValueError(f"--at {at!r} is out of range (years 1 to 9999, in UTC)")
-        return moment
+        return due
     if delay is not None:
         try:
             return func.now() + datetime.timedelta(seconds=parse_duration(delay))

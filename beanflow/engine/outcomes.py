@@ -17,7 +17,7 @@ from sqlalchemy.sql import ClauseElement
 
 from ..errors import Cancel, Retry
 from ..models.jsonb import jsonb_text, storable_text
-from ..models.task import EARLIEST_DUE, LATEST_DUE
+from ..models.task import LATEST_DUE, as_due_time
 from ..processors.processor import Processor
 from .deadlines import TaskCancelled
 from .queries import Queries
@@ -192,7 +192,7 @@ def _retry_at(
     except Exception as policy_error:  # noqa: BLE001
         logger.error("retry policy of %s failed: %s", processor, policy_error)
         return None
-    if isinstance(retry_at, datetime) and not _schedulable(retry_at):
+    if isinstance(retry_at, datetime) and as_due_time(retry_at) is None:
         logger.error("retry policy of %s gave %s: no task can be due then", processor, retry_at)
         return None
     return retry_at
@@ -201,15 +201,6 @@ def _retry_at(
 def _due_after(delay: timedelta) -> datetime | None:
     """Now plus ``delay``, or None when no task can be due then."""
     try:
-        moment = datetime.now(timezone.utc) + delay
+        return as_due_time(datetime.now(timezone.utc) + delay)
     except OverflowError:
         return None
-    return moment if _schedulable(moment) else None
-
-
-def _schedulable(moment: datetime) -> bool:
-    try:
-        aware = moment if moment.tzinfo else moment.astimezone()  # a naive one: local time
-    except (OverflowError, ValueError):  # year 1 or 9999 moved out of range by the offset
-        return False
-    return EARLIEST_DUE <= aware <= LATEST_DUE

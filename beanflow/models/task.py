@@ -94,6 +94,16 @@ EARLIEST_DUE = datetime(1, 1, 2, tzinfo=timezone.utc)
 LATEST_DUE = datetime(9999, 12, 30, tzinfo=timezone.utc)
 
 
+def as_due_time(moment: datetime) -> datetime | None:
+    """``moment`` (a naive one in local time) as a task's due time, or None when no task can
+    be due then."""
+    try:
+        aware = moment if moment.tzinfo else moment.astimezone()
+    except (OverflowError, ValueError):  # year 1 or 9999 moved out of range by the offset
+        return None
+    return aware if EARLIEST_DUE <= aware <= LATEST_DUE else None
+
+
 class TaskModelMixin:
     """Columns of a task row, and the partial index that serves the claim."""
 

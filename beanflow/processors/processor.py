@@ -114,9 +114,9 @@ class Processor:
         become its children); returns the result to store. The function may decide the outcome
         itself with ``complete(task, result)`` or ``fail(task, message)``; with
         ``auto_complete`` off it must."""
-        if isinstance(task.kwargs, Unreadable):  # rows written in SQL
-            raise KwargsError(f"kwargs cannot be read: {task.kwargs.reason}")
-        if not isinstance(task.kwargs, dict):
+        if not isinstance(task.kwargs, dict):  # a row written in SQL
+            if isinstance(task.kwargs, Unreadable):
+                raise KwargsError(f"kwargs cannot be read: {task.kwargs.reason}")
             raise KwargsError(f"kwargs must be a JSON object, got {type(task.kwargs).__name__}")
         available = {"db": db, "task": task, "savepoint": savepoint}
         arguments = {name: available[name] for name in self._injected}
