@@ -144,6 +144,101 @@ def test_rows_written_in_sql_with_kwargs_that_do_not_fit_fail_only_themselves(ap
     assert errors[3] == "KwargsError: kwargs cannot be read: nested too deeply"
 
 
+def _insert_rows(session, processor, *rows: tuple[str, str]) -> None:
+    """Task rows of ``processor`` written in SQL, in this order: (kwargs, other columns)."""
+    for kwargs, columns in rows:
+        names = "".join(f", {column.split('=')[0]}" for column in filter(None, [columns]))
+        values = "".join(f", {column.split('=', 1)[1]}" for column in filter(None, [columns]))
+        session.execute(
+            text(
+                f"INSERT INTO beanflow_tasks (channel, module, name, kwargs{names}) "
+                f"VALUES ('default', :module, :name, CAST(:kwargs AS jsonb){values})"
+            ),
+            {"module": processor.module, "name": processor.name, "kwargs": kwargs},
+        )
+
+
+def test_rows_written_in_sql_that_no_claim_can_take_fail_alone(app, session):
+    """A due row whose claim fails (a user's trigger refuses it) or that cannot be read back
+    (a year past 9999) would make every claim of its channel fail, and stall it: it is failed
+    alone, saying why, and the rows beside it run. Counts at the ends of their range (a claim
+    adds one attempt, a negative crash count) are claimed and run as any other."""
+
+    @app.processor(channel="default")
+    def takes(n: int = 0) -> int:
+        return n
+
+    session.execute(
+        text(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.state = 'PROCESSING' AND NEW.kwargs ? 'refuse' THEN "
+            "RAISE EXCEPTION 'refused by a trigger'; END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER refuse BEFORE UPDATE ON beanflow_tasks "
+            "FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    )
+    _insert_rows(
+        session,
+        takes,
+        ('{"n": 1}', ""),
+        ('{"n": 2}', "created_at='50000-01-01'"),
+        ('{"refuse": true}', ""),
+        ('{"n": 4}', f"attempts={2**31 - 1}"),
+        ('{"n": 5}', "crash_count=-1"),
+        ('{"n": 6}', ""),
+    )
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    rows = session.execute(
+        select(bq.Task.state, bq.Task.attempts, bq.Task.error_message).order_by(
+            bq.Task.scheduled_at
+        )
+    ).all()
+    assert [(state, attempts) for state, attempts, _ in rows] == [
+        (bq.TaskState.DONE, 1),
+        (bq.TaskState.FAILED, 0),
+        (bq.TaskState.FAILED, 0),
+        (bq.TaskState.DONE, 2**31 - 1),
+        (bq.TaskState.DONE, 1),
+        (bq.TaskState.DONE, 1),
+    ]
+    assert rows[1].error_message == "it cannot be claimed: ValueError: year 50000 is out of range"
+    assert rows[2].error_message.startswith("it cannot be claimed: ")
+    assert "refused by a trigger" in rows[2].error_message
+    failures = session.scalars(
+        select(bq.Event.exception_type).where(bq.Event.type == "FAILED")
+    ).all()
+    assert sorted(failures) == ["builtins.ValueError", "sqlalchemy.exc.InternalError"]
+
+
+def test_a_row_no_claim_can_take_that_arrives_during_a_batch_fails_alone(app, session, db_url):
+    """The row comes due while a batch runs: the completion's statement, which also claims
+    the next batch, fails. The row is failed; the batch's task, whose completion was rolled
+    back with it, is returned to the queue with its attempt given back, and runs again."""
+    runs = []
+
+    @app.processor(channel="default")
+    def adds_a_bad_row() -> None:
+        runs.append(1)
+        if len(runs) == 1:  # committed by another connection: due before this batch's commit
+            with app.engine.begin() as connection:
+                _insert_rows(connection, adds_a_bad_row, ("{}", "created_at='50000-01-01'"))
+
+    bq.enqueue(session, adds_a_bad_row)
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    rows = session.execute(
+        select(bq.Task.state, bq.Task.attempts, bq.Task.error_message).order_by(
+            bq.Task.scheduled_at
+        )
+    ).all()
+    assert rows == [
+        (bq.TaskState.DONE, 1, None),
+        (bq.TaskState.FAILED, 0, "it cannot be claimed: ValueError: year 50000 is out of range"),
+    ]
+    assert len(runs) == 2
+
+
 def test_create_tables_brings_an_existing_database_up_to_date(app, session):
     """An earlier version's database: what a newer one adds (a nullable column, an index, the
     checks) is added by create_tables, the checks for the rows written from then on."""

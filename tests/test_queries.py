@@ -391,8 +391,8 @@ def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):
     connection = session.connection()
     for statement in (
         "EXECUTE beanflow_complete(NULL, '{}', '{}', gen_random_uuid())",
-        f"EXECUTE beanflow_claim_16(1, '{worker}', 'c', '-infinity', 0, 0, 1)",
-        f"EXECUTE beanflow_complete_claim_16(NULL, '{{}}', '{{}}', '{worker}', 1, 'c', "
+        f"EXECUTE beanflow_claim_16('{worker}', 'c', '-infinity', 0, 0, 1)",
+        f"EXECUTE beanflow_complete_claim_16(NULL, '{{}}', '{{}}', '{worker}', 'c', "
         "'-infinity', 0, 0, 1)",
     ):
         root = root_of(connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement).scalar())

@@ -160,6 +160,7 @@ def test_reaper_requeues_a_dead_workers_task_and_fails_one_that_keeps_killing(ap
     healthy = bq.enqueue(session, echo, value=3)
     stranded = bq.enqueue(session, echo, value=4)
     given_back = bq.enqueue(session, echo, value=5)
+    counted_out = bq.enqueue(session, echo, value=6)  # a crash count written in SQL at the top
     session.flush()
     for task, worker, crashes in (
         (victim, silent, 0),
@@ -167,17 +168,19 @@ def test_reaper_requeues_a_dead_workers_task_and_fails_one_that_keeps_killing(ap
         (healthy, alive, 0),
         (stranded, stranded_by, 0),
         (given_back, giving_back, 0),
+        (counted_out, silent, 2**31 - 1),
     ):
         task.state, task.worker_id, task.crash_count = TaskState.PROCESSING, worker, crashes
     session.commit()
 
     reaper = Reaper(app, _queries(app), threading.Event())
-    assert reaper.run_once() == (1, 3)
+    assert reaper.run_once() == (1, 4)
     assert reaper.run_once() == (0, 0)  # once is enough
 
     session.expire_all()
     assert (victim.state, victim.crash_count, victim.worker_id) == (TaskState.PENDING, 1, None)
     assert (killer.state, killer.crash_count) == (TaskState.FAILED, 2)
+    assert (counted_out.state, counted_out.crash_count) == (TaskState.FAILED, 2**31 - 1)
     assert killer.error_message == "its worker died 2 times while running it"
     assert (healthy.state, healthy.worker_id) == (TaskState.PROCESSING, alive)
     assert (stranded.state, stranded.crash_count) == (TaskState.PENDING, 1)

@@ -19,16 +19,17 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, NoReturn, TypeVar
 
-from sqlalchemy import exc
+from sqlalchemy import exc, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from .. import db
 from ..errors import first_line
+from ..models.jsonb import storable_text
 from ..processors.processor import Processor
 from . import metrics
 from .connections import WorkerConnections
-from .outcomes import record_failure
+from .outcomes import MAX_ERROR_CHARS, describe, record_failure
 from .queries import Prepared, Queries
 from .queries.tasks import BEFORE_ANY_TASK
 
@@ -52,6 +53,16 @@ class OutcomeNotRecorded(Exception):
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(f"its outcome could not be recorded: {first_line(error)}")
+
+
+@dataclasses.dataclass
+class Claim:
+    """A claim a worker sends: its statement (a claim, or a completion and a claim), its
+    claim's parameters, and up to how many tasks it claims."""
+
+    statement: Any
+    parameters: dict[str, Any]
+    size: int
 
 
 @dataclasses.dataclass
@@ -180,29 +191,32 @@ class Batch:
             for task, outcome in self.ended:
                 metrics.task_ended(task, outcome)
 
-    def complete(
-        self, session: Session, claim: tuple[Any, dict[str, Any]] | None = None
-    ) -> tuple[int, list[Any]]:
+    def complete(self, session: Session, claim: Claim | None = None) -> tuple[int, list[Any]]:
         """Mark the finished tasks DONE with one statement; with ``claim`` (a statement of
-        ``WorkerConnections.complete_and_claim`` and its claim's parameters) the same
-        statement claims the next tasks. Returns how many this worker still held, and the
-        tasks claimed. If the database refuses, roll back, find the tasks whose DONE it
-        refuses, fail those, and return the others to the queue to run again (raises
-        BatchAborted)."""
+        ``WorkerConnections.complete_and_claim``) the same statement claims the next tasks.
+        Returns how many this worker still held, and the tasks claimed. If the database
+        refuses, roll back, find the tasks whose DONE it refuses, fail those, and return the
+        others to the queue to run again (raises BatchAborted); if it is the claim that fails
+        (a due row it cannot take), fail the rows at fault instead (``fail_unclaimable``)."""
         finished, self.finished = self.finished, []
         ids = [entry.task.id for entry in finished]
         results = [entry.result for entry in finished]
         try:
             if claim is None:
                 return self._execute(session, ids, results), []
-            statement, parameters = claim
-            rows = session.execute(statement, parameters | self._parameters(ids, results)).all()
+            parameters = claim.parameters | self._parameters(ids, results)
+            rows = session.execute(claim.statement, parameters).all()
             return rows[0][1], [task for task, _ in rows if task is not None]
-        except exc.DBAPIError as error:
+        except Exception as error:  # noqa: BLE001 - loading a claimed row may raise anything
+            if claim is None and not isinstance(error, exc.DBAPIError):
+                raise
             self._unless_lost(error)
             refused = error
         session.rollback()
-        culprits = {ids[0]: refused} if len(ids) == 1 else self._probe(session, ids, results)
+        alone = len(ids) == 1 and claim is None
+        culprits = {ids[0]: refused} if alone else self._probe(session, ids, results)
+        if not culprits and claim is not None and self.fail_unclaimable(session, claim):
+            self.abort(session, [], list(self.started))  # none of theirs: they run again
         if not culprits:
             # refused only together with the tasks' own writes (their run is rolled back):
             # each is charged, so that it runs again alone, and the culprit ends by its crashes
@@ -213,6 +227,49 @@ class Batch:
             if task_id in culprits
         ]
         self.abort(session, failures, [task_id for task_id in ids if task_id not in culprits])
+
+    def claim_refused(self, session: Session, claim: Claim, error: Exception) -> NoReturn:
+        """``claim`` failed, and not for a lost connection: roll the open transaction back,
+        fail the due rows at fault (``fail_unclaimable``) and return the tasks run in it to
+        the queue with their attempt given back (raises BatchAborted). When no row is at
+        fault, re-raise ``error``."""
+        self._unless_lost(error)
+        session.rollback()
+        if not self.fail_unclaimable(session, claim):
+            raise error
+        self.abort(session, [], list(self.started))
+
+    def fail_unclaimable(self, session: Session, claim: Claim) -> int:
+        """After ``claim`` failed: claim alone each task it would choose from, in a savepoint
+        rolled back at once, and fail each one whose claim fails (a count at the top of its
+        range, a user's trigger or check, a column its type cannot read), saying why: a row
+        that no claim can take must not stall its channel. Commits; returns how many failed."""
+        refused = {}
+        claim_one = select(self.connections.model).from_statement(self.queries.claim_one)
+        candidates = self.queries.claimable_up_to(claim.size)
+        for task_id in session.scalars(candidates, claim.parameters).all():
+            savepoint = session.begin_nested()
+            try:
+                session.execute(claim_one, {"task_id": task_id, "worker": self.worker_id}).all()
+            except Exception as error:  # noqa: BLE001 - whatever the row makes the claim raise
+                self._unless_lost(error)
+                refused[task_id] = error
+            savepoint.rollback()
+        session.expunge_all()
+        for task_id, error in refused.items():
+            message = storable_text(f"it cannot be claimed: {describe(error)}", MAX_ERROR_CHARS)
+            kind = type(error)
+            session.execute(
+                self.queries.fail_unclaimable,
+                {
+                    "task_id": task_id,
+                    "error": message,
+                    "exception_type": f"{kind.__module__}.{kind.__qualname__}",
+                },
+            )
+            logger.error("task %s failed: %s", task_id, message)
+        session.commit()
+        return len(refused)
 
     def _probe(
         self, session: Session, ids: list[Any], results: list[str | None]

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg2
@@ -25,7 +25,16 @@ from .. import db
 from ..errors import ProcessorNotFound, first_line
 from ..models.cancellation import Cancellation
 from ..models.waiter import Waiter
-from .batch import Batch, BatchAborted, ConnectionLost, Finished, Frontier, Pace, Unstarted
+from .batch import (
+    Batch,
+    BatchAborted,
+    Claim,
+    ConnectionLost,
+    Finished,
+    Frontier,
+    Pace,
+    Unstarted,
+)
 from .connections import WorkerConnections
 from .control import Control
 from .deadlines import Deadlines, GraceExceeded, TaskCancelled
@@ -288,20 +297,30 @@ class TaskWorker:
         assert session is not None
         # A lost claim only returns its tasks to PENDING, so its commit need not wait for the
         # disk; a task's completion commit (synchronous) flushes the claim's WAL before it.
-        db.send_with_next_statement(session.connection(), "SET LOCAL synchronous_commit TO OFF")
-        tasks = self._claim_in(session)
-        session.commit()
-        return tasks
+        while True:
+            db.send_with_next_statement(session.connection(), "SET LOCAL synchronous_commit TO OFF")
+            try:
+                tasks = self._claim_in(session)
+            except BatchAborted:  # the rows no claim could take were failed: claim again
+                continue
+            session.commit()
+            return tasks
 
     def _claim_in(self, session: Session) -> list[Any]:
-        """Claim as many tasks as the pace of recent ones says fit in the batch window."""
-        size, parameters = self._next_claim()
-        return self._took(list(session.scalars(self.connections.claim(size), parameters)), size)
+        """Claim as many tasks as the pace of recent ones says fit in the batch window. A row
+        that makes the claim fail is failed alone (``Batch.claim_refused``)."""
+        claim = self._next_claim(self.connections.claim)
+        try:
+            tasks = list(session.scalars(claim.statement, claim.parameters))
+        except Exception as error:  # noqa: BLE001 - loading a claimed row may raise anything
+            self.batch.claim_refused(session, claim, error)
+        return self._took(tasks, claim.size)
 
-    def _next_claim(self) -> tuple[int, dict[str, Any]]:
-        """The size and parameters of the next claim."""
+    def _next_claim(self, statement: Callable[[int], Any]) -> Claim:
+        """The next claim, sent with ``statement(size)``."""
         parameters = {"worker": self.id} | self._channel_parameters | self.frontier.parameters()
-        return self.pace.size(), parameters
+        size = self.pace.size()
+        return Claim(statement(size), parameters, size)
 
     def _took(self, tasks: list[Any], size: int) -> list[Any]:
         """``tasks`` were claimed (up to ``size``): they are this worker's to start."""
@@ -321,7 +340,7 @@ class TaskWorker:
         A task that a dead worker held before may be what killed it (the claim takes at most
         one): it runs last, in its own transaction, after the others have committed, so it
         cannot take them down with it."""
-        innocent = [task for task in tasks if task.crash_count == 0]
+        innocent = [task for task in tasks if task.crash_count <= 0]
         groups = [innocent] + [[task] for task in tasks if task.crash_count > 0]
         session = self.connections.session
         assert session is not None
@@ -439,8 +458,7 @@ class TaskWorker:
         if finished:
             claim = None
             if claiming:  # made by the completion's statement: one round trip for both
-                size, parameters = self._next_claim()
-                claim = (self.connections.complete_and_claim(size), parameters)
+                claim = self._next_claim(self.connections.complete_and_claim)
             done, claimed = self.batch.complete(session, claim)
             if done != finished:
                 session.rollback()
@@ -453,8 +471,8 @@ class TaskWorker:
                 self.found_dead = True
                 self.stop()
                 return []
-            if claiming:
-                claimed = self._took(claimed, size)
+            if claim is not None:
+                claimed = self._took(claimed, claim.size)
         elif claiming:
             claimed = self._claim_in(session)
         if self.app.task_end_hooks and (committed or self.batch.failed):

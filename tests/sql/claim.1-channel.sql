@@ -17,7 +17,7 @@ WITH candidates AS MATERIALIZED
    FOR UPDATE SKIP LOCKED), due AS
   (SELECT candidates.id AS id
    FROM candidates
-   WHERE candidates.crash_count = :crash_count_1
+   WHERE candidates.crash_count <= :crash_count_1
      OR candidates.id =
        (SELECT candidates.id
         FROM candidates
@@ -27,7 +27,7 @@ WITH candidates AS MATERIALIZED
                             claimed AS
   (UPDATE beanflow_tasks
    SET state='PROCESSING',
-       attempts=(beanflow_tasks.attempts + :attempts_1),
+       attempts=(least(beanflow_tasks.attempts, 2147483646) + 1),
        started_at=clock_timestamp(),
        worker_id=:worker::UUID
    FROM due

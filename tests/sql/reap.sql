@@ -24,7 +24,7 @@ WITH dead AS
                          (SELECT *
                           FROM beanflow_cancellations
                           WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN 'CANCELLED'
-                 WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN 'FAILED'
+                 WHEN (least(beanflow_tasks.crash_count, 2147483646) + 1 >= :max_crashes) THEN 'FAILED'
                  ELSE 'PENDING'
              END,
              error_message=CASE
@@ -35,16 +35,16 @@ WITH dead AS
                                       (SELECT concat(:concat_2, beanflow_cancellations.requested_by) AS concat_1
                                        FROM beanflow_cancellations
                                        WHERE beanflow_cancellations.task_id = beanflow_tasks.id)
-                               WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN concat(:concat_3, beanflow_tasks.crash_count + :crash_count_1, :concat_4)
+                               WHEN (least(beanflow_tasks.crash_count, 2147483646) + 1 >= :max_crashes) THEN concat(:concat_3, least(beanflow_tasks.crash_count, 2147483646) + 1, :concat_4)
                                ELSE concat(:concat_5, lost.id, :concat_6)
                            END,
-                           crash_count=(beanflow_tasks.crash_count + :crash_count_1),
+                           crash_count=(least(beanflow_tasks.crash_count, 2147483646) + 1),
                            finished_at=CASE
                                            WHEN (EXISTS
                                                    (SELECT *
                                                     FROM beanflow_cancellations
                                                     WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN clock_timestamp()
-                                           WHEN (beanflow_tasks.crash_count + :crash_count_1 >= :max_crashes) THEN clock_timestamp()
+                                           WHEN (least(beanflow_tasks.crash_count, 2147483646) + 1 >= :max_crashes) THEN clock_timestamp()
                                        END,
                                        worker_id=:param_1::UUID
    FROM lost

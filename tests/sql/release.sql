@@ -13,10 +13,10 @@ WITH released AS
                           FROM beanflow_cancellations
                           WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN 'CANCELLED'
                  WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
-                       AND beanflow_tasks.crash_count + CASE
-                                                            WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
-                                                            ELSE :param_2
-                                                        END >= :max_crashes) THEN 'FAILED'
+                       AND least(beanflow_tasks.crash_count, 2147483646) + CASE
+                                                                               WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
+                                                                               ELSE :param_2
+                                                                           END >= :max_crashes) THEN 'FAILED'
                  ELSE 'PENDING'
              END,
              error_message=CASE
@@ -28,23 +28,23 @@ WITH released AS
                                        FROM beanflow_cancellations
                                        WHERE beanflow_cancellations.task_id = beanflow_tasks.id)
                                WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
-                                     AND beanflow_tasks.crash_count + CASE
-                                                                          WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
-                                                                          ELSE :param_2
-                                                                      END >= :max_crashes) THEN concat(:concat_3, beanflow_tasks.crash_count + CASE
-                                                                                                                                                   WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
-                                                                                                                                                   ELSE :param_2
-                                                                                                                                               END, :concat_4)
+                                     AND least(beanflow_tasks.crash_count, 2147483646) + CASE
+                                                                                             WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
+                                                                                             ELSE :param_2
+                                                                                         END >= :max_crashes) THEN concat(:concat_3, least(beanflow_tasks.crash_count, 2147483646) + CASE
+                                                                                                                                                                                         WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
+                                                                                                                                                                                         ELSE :param_2
+                                                                                                                                                                                     END, :concat_4)
                                ELSE beanflow_tasks.error_message
                            END,
                            attempts=(beanflow_tasks.attempts - CASE
                                                                    WHEN (beanflow_tasks.id = ANY (:innocent::UUID[])) THEN :param_3
                                                                    ELSE :param_4
                                                                END),
-                           crash_count=(beanflow_tasks.crash_count + CASE
-                                                                         WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
-                                                                         ELSE :param_2
-                                                                     END),
+                           crash_count=(least(beanflow_tasks.crash_count, 2147483646) + CASE
+                                                                                            WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
+                                                                                            ELSE :param_2
+                                                                                        END),
                            started_at=:param_5,
                            finished_at=CASE
                                            WHEN (EXISTS
@@ -52,10 +52,10 @@ WITH released AS
                                                     FROM beanflow_cancellations
                                                     WHERE beanflow_cancellations.task_id = beanflow_tasks.id)) THEN clock_timestamp()
                                            WHEN (beanflow_tasks.id = ANY (:charged::UUID[])
-                                                 AND beanflow_tasks.crash_count + CASE
-                                                                                      WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
-                                                                                      ELSE :param_2
-                                                                                  END >= :max_crashes) THEN clock_timestamp()
+                                                 AND least(beanflow_tasks.crash_count, 2147483646) + CASE
+                                                                                                         WHEN (beanflow_tasks.id = ANY (:charged::UUID[])) THEN :param_1
+                                                                                                         ELSE :param_2
+                                                                                                     END >= :max_crashes) THEN clock_timestamp()
                                        END,
                                        worker_id=:param_6::UUID
    WHERE beanflow_tasks.worker_id = :worker::UUID

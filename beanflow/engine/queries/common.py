@@ -30,6 +30,17 @@ FAILED = literal_column("'FAILED'")
 CANCELLED = literal_column("'CANCELLED'")
 
 
+# A count written in SQL at the top of the INTEGER range must not make the engine's "+ 1"
+# overflow: the statement would fail for every task it touches (a claim, a reap), and stall them.
+_LARGEST_COUNT = literal_column(str(2**31 - 2))
+_ONE = literal_column("1")
+
+
+def counted_up(count: Any, by: Any = _ONE) -> Any:
+    """``count + by``, short of the INTEGER column's overflow (``by`` is 0 or 1)."""
+    return func.least(count, _LARGEST_COUNT) + by
+
+
 def channel_parameters(channels: list[str]) -> dict[str, str]:
     """Bind parameters of the per-channel statements (``claim``, ``next_due``)."""
     return {f"channel_{i}": channel for i, channel in enumerate(channels)}
@@ -129,10 +140,10 @@ class Statements:
         """
         t = self.task
         if charged is None:
-            crashes = t.c.crash_count + 1
+            crashes = counted_up(t.c.crash_count)
             gives_up = crashes >= bindparam("max_crashes", type_=Integer)
         else:
-            crashes = t.c.crash_count + case((charged, 1), else_=0)
+            crashes = counted_up(t.c.crash_count, case((charged, 1), else_=0))
             gives_up = and_(charged, crashes >= bindparam("max_crashes", type_=Integer))
         ends = [(gives_up, FAILED)]
         messages = [(gives_up, func.concat(f"{reason} ", crashes, " times while running it"))]

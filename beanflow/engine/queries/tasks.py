@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 
-from .common import DONE, PENDING, PROCESSING, Statements
+from .common import DONE, FAILED, PENDING, PROCESSING, Statements, counted_up
 
 TIMESTAMPTZ = DateTime(timezone=True)
 BEFORE_ANY_TASK = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc)
@@ -149,22 +149,8 @@ class TaskStatements(Statements):
         UPDATE, the planner may re-run a SKIP LOCKED subquery and claim more rows than asked.
         """
         t = self.task
-        # The batch size is written into the statement, not bound: a prepared statement's
-        # generic plan guesses a bound LIMIT at a tenth of the table, and PostgreSQL 18 then
-        # joins the UPDATE with a sequential scan of every task.
         limit = literal_column(str(int(size)))
-        due_now = t.c.scheduled_at <= func.now()
-        # :floor_N, where the claim starts to read channel N's pending tasks (batch.Frontier;
-        # by default, before any task)
-        each = [
-            branch.where(due_now)
-            .where(t.c.scheduled_at >= bindparam(f"floor_{i}", BEFORE_ANY_TASK, type_=TIMESTAMPTZ))
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            for i, branch in enumerate(
-                self._pending_of_each_channel(t.c.id, t.c.scheduled_at, t.c.crash_count)
-            )
-        ]
+        each = self._due_of_each_channel(size, t.c.id, t.c.scheduled_at, t.c.crash_count)
         if len(each) == 1:
             candidates = each[0].cte("candidates").prefix_with("MATERIALIZED")
         else:
@@ -192,20 +178,81 @@ class TaskStatements(Statements):
         )
         due = (
             select(candidates.c.id)
-            .where(or_(candidates.c.crash_count == 0, candidates.c.id == first_suspect))
+            .where(or_(candidates.c.crash_count <= 0, candidates.c.id == first_suspect))
             .cte("due")
         )
+        return self._claiming(t.c.id == due.c.id).cte("claimed")
+
+    def _due_of_each_channel(self, size: int, *columns: Any) -> list[Any]:
+        """Per channel, ``columns`` of its first ``size`` due PENDING tasks from :floor_N on,
+        locked (``FOR UPDATE SKIP LOCKED``)."""
+        t = self.task
+        # The batch size is written into the statement, not bound: a prepared statement's
+        # generic plan guesses a bound LIMIT at a tenth of the table, and PostgreSQL 18 then
+        # joins the UPDATE with a sequential scan of every task.
+        limit = literal_column(str(int(size)))
+        due_now = t.c.scheduled_at <= func.now()
+        # :floor_N, where the claim starts to read channel N's pending tasks (batch.Frontier;
+        # by default, before any task)
+        return [
+            branch.where(due_now)
+            .where(t.c.scheduled_at >= bindparam(f"floor_{i}", BEFORE_ANY_TASK, type_=TIMESTAMPTZ))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            for i, branch in enumerate(self._pending_of_each_channel(*columns))
+        ]
+
+    def _claiming(self, which: Any) -> Any:
+        """The UPDATE that makes the tasks ``which`` selects :worker's, returning them."""
+        t = self.task
         return (
             update(t)
-            .where(t.c.id == due.c.id)
+            .where(which)
             .values(
                 state=PROCESSING,
                 worker_id=bindparam("worker"),
-                attempts=t.c.attempts + 1,
+                attempts=counted_up(t.c.attempts),
                 started_at=func.clock_timestamp(),
             )
             .returning(*t.c)
-            .cte("claimed")
+        )
+
+    def claimable_up_to(self, size: int) -> Executable:
+        """The ids of the tasks a claim of up to ``size`` (with the same parameters) would
+        choose from, locked: where a claim that failed for a row's sake looks for that row
+        (a rare path, not PREPAREd)."""
+        t = self.task
+        each = self._due_of_each_channel(size, t.c.id)
+        return each[0] if len(each) == 1 else union_all(*each)
+
+    @functools.cached_property
+    def claim_one(self) -> Executable:
+        """The claim of the task :task_id alone (as ``claim_up_to`` claims each task)."""
+        return self._claiming(self.task.c.id == bindparam("task_id"))
+
+    @functools.cached_property
+    def fail_unclaimable(self) -> Executable:
+        """Fail the PENDING task :task_id, which no claim can take, with :error (and an
+        event of :exception_type); returns its id."""
+        t = self.task
+        failed = (
+            update(t)
+            .where(t.c.id == bindparam("task_id"), t.c.state == PENDING)
+            .values(
+                state=FAILED, error_message=bindparam("error"), finished_at=func.clock_timestamp()
+            )
+            .returning(t.c.id)
+            .cte("failed")
+        )
+        return self._with_events(
+            select(failed.c.id),
+            failed,
+            {
+                "task_id": failed.c.id,
+                "type": FAILED,
+                "error_message": bindparam("error", type_=Text),
+                "exception_type": bindparam("exception_type", type_=String),
+            },
         )
 
     def _with_claim_events(self, statement: Any, claimed: Any) -> Any:
