@@ -31,6 +31,7 @@ def make_engine(config: Config) -> Engine:
 _QUEUED = "beanflow_queued_statements"
 _IN_FLIGHT = "beanflow_sent_with_a_statement"  # queued statements prefixed to the one running
 _HOT_PATH = "beanflow_hot_path"  # an execution option of the hot-path engine's connections
+_COMMITS = "beanflow_commits"  # how many transactions the hot-path connection has committed
 
 
 def on_hot_path(connection: Connection) -> bool:
@@ -124,4 +125,14 @@ def make_hot_path_engine(url: str | URL) -> Engine:
     def forget_queued(connection: Connection) -> None:
         connection.connection.info.pop(_QUEUED, None)
 
+    @event.listens_for(engine, "commit")
+    def count_commit(connection: Connection) -> None:
+        info = connection.connection.info
+        info[_COMMITS] = info.get(_COMMITS, 0) + 1
+
     return engine
+
+
+def commits(connection: Connection) -> int:
+    """How many transactions the hot-path ``connection`` has committed."""
+    return int(connection.connection.info.get(_COMMITS, 0))

@@ -97,6 +97,9 @@ def test_rows_naming_unconfigured_code_fail_without_any_import(app, session):
         ("state", "'pending'", "ck_beanflow_tasks_state"),
         ("scheduled_at", "'-infinity'", "ck_beanflow_tasks_scheduled_at"),
         ("scheduled_at", "'0044-03-15 BC'", "ck_beanflow_tasks_scheduled_at"),
+        ("created_at", "'50000-01-01'", "ck_beanflow_tasks_times"),
+        ("started_at", "'-infinity'", "ck_beanflow_tasks_times"),
+        ("finished_at", "'0001-01-01 00:00Z'", "ck_beanflow_tasks_times"),
     ],
 )
 def test_rows_written_in_sql_that_beanflow_could_not_read_are_refused(
@@ -160,9 +163,10 @@ def _insert_rows(session, processor, *rows: tuple[str, str]) -> None:
 
 def test_rows_written_in_sql_that_no_claim_can_take_fail_alone(app, session):
     """A due row whose claim fails (a user's trigger refuses it) or that cannot be read back
-    (a year past 9999) would make every claim of its channel fail, and stall it: it is failed
-    alone, saying why, and the rows beside it run. Counts at the ends of their range (a claim
-    adds one attempt, a negative crash count) are claimed and run as any other."""
+    (a year past 9999, written before the table's checks refused it: they apply to its
+    updates, its failure's too) would make every claim of its channel fail, and stall it: it
+    is failed alone, saying why, and the rows beside it run. Counts at the ends of their range
+    (a claim adds one attempt, a negative crash count) are claimed and run as any other."""
 
     @app.processor(channel="default")
     def takes(n: int = 0) -> int:
@@ -170,6 +174,7 @@ def test_rows_written_in_sql_that_no_claim_can_take_fail_alone(app, session):
 
     session.execute(
         text(
+            "ALTER TABLE beanflow_tasks DROP CONSTRAINT ck_beanflow_tasks_times; "
             "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
             "IF NEW.state = 'PROCESSING' AND NEW.kwargs ? 'refuse' THEN "
             "RAISE EXCEPTION 'refused by a trigger'; END IF; RETURN NEW; END $$; "
@@ -188,6 +193,7 @@ def test_rows_written_in_sql_that_no_claim_can_take_fail_alone(app, session):
         ('{"n": 6}', ""),
     )
     session.commit()
+    app.create_tables()  # the checks are back, NOT VALID: the rows above stay
     assert app.process_tasks(["default"], burst=True) == 0
     rows = session.execute(
         select(bq.Task.state, bq.Task.attempts, bq.Task.error_message).order_by(
@@ -202,13 +208,17 @@ def test_rows_written_in_sql_that_no_claim_can_take_fail_alone(app, session):
         (bq.TaskState.DONE, 1),
         (bq.TaskState.DONE, 1),
     ]
-    assert rows[1].error_message == "it cannot be claimed: ValueError: year 50000 is out of range"
-    assert rows[2].error_message.startswith("it cannot be claimed: ")
-    assert "refused by a trigger" in rows[2].error_message
+    assert rows[1].error_message == (
+        "it cannot be claimed: (psycopg2.errors.CheckViolation) new row for relation "
+        '"beanflow_tasks" violates check constraint "ck_beanflow_tasks_times"'
+    )
+    assert rows[2].error_message == (
+        "it cannot be claimed: (psycopg2.errors.RaiseException) refused by a trigger"
+    )
     failures = session.scalars(
         select(bq.Event.exception_type).where(bq.Event.type == "FAILED")
     ).all()
-    assert sorted(failures) == ["builtins.ValueError", "sqlalchemy.exc.InternalError"]
+    assert sorted(failures) == ["sqlalchemy.exc.IntegrityError", "sqlalchemy.exc.InternalError"]
 
 
 def test_a_row_no_claim_can_take_that_arrives_during_a_batch_fails_alone(app, session, db_url):
@@ -216,6 +226,8 @@ def test_a_row_no_claim_can_take_that_arrives_during_a_batch_fails_alone(app, se
     the next batch, fails. The row is failed; the batch's task, whose completion was rolled
     back with it, is returned to the queue with its attempt given back, and runs again."""
     runs = []
+    session.execute(text("ALTER TABLE beanflow_tasks DROP CONSTRAINT ck_beanflow_tasks_times"))
+    session.commit()
 
     @app.processor(channel="default")
     def adds_a_bad_row() -> None:
@@ -234,7 +246,7 @@ def test_a_row_no_claim_can_take_that_arrives_during_a_batch_fails_alone(app, se
     ).all()
     assert rows == [
         (bq.TaskState.DONE, 1, None),
-        (bq.TaskState.FAILED, 0, "it cannot be claimed: ValueError: year 50000 is out of range"),
+        (bq.TaskState.FAILED, 0, "it cannot be claimed: year 50000 is out of range"),
     ]
     assert len(runs) == 2
 
@@ -245,7 +257,8 @@ def test_create_tables_brings_an_existing_database_up_to_date(app, session):
     session.execute(
         text(
             "ALTER TABLE beanflow_tasks DROP CONSTRAINT ck_beanflow_tasks_state, "
-            "DROP CONSTRAINT ck_beanflow_tasks_scheduled_at, DROP COLUMN workflow_run_id "
+            "DROP CONSTRAINT ck_beanflow_tasks_scheduled_at, "
+            "DROP CONSTRAINT ck_beanflow_tasks_times, DROP COLUMN workflow_run_id "
             "CASCADE; INSERT INTO beanflow_tasks (channel, module, name, state) "
             "VALUES ('c', 'm', 'f', 'QUEUED')"
         )
@@ -256,6 +269,11 @@ def test_create_tables_brings_an_existing_database_up_to_date(app, session):
     assert "workflow_run_id" in {c["name"] for c in found.get_columns("beanflow_tasks")}
     assert "ix_beanflow_tasks_workflow_run" in {
         i["name"] for i in found.get_indexes("beanflow_tasks")
+    }
+    assert {c["name"] for c in found.get_check_constraints("beanflow_tasks")} == {
+        "ck_beanflow_tasks_state",
+        "ck_beanflow_tasks_scheduled_at",
+        "ck_beanflow_tasks_times",
     }
     with pytest.raises(exc.IntegrityError, match="ck_beanflow_tasks_state"):
         session.execute(text("UPDATE beanflow_tasks SET channel = 'd' WHERE state = 'QUEUED'"))

@@ -58,6 +58,14 @@ class _Sends:
         self.value = value
 
 
+class _Ends:
+    """An outcome: the task ends the session it shares with its batch (``db.commit()``, say),
+    then writes on."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+
 @pytest.fixture
 def effects(app):
     UserBase.metadata.create_all(app.engine)
@@ -75,6 +83,11 @@ def run_batch_with_one_bad(app, session, effects, outcome) -> tuple[list, object
             db.execute(text("SELECT :value"), {"value": outcome.value})
         db.add(effects(key=key))
         if not bad:
+            return key
+        if isinstance(outcome, _Ends):
+            db.flush()
+            getattr(db, outcome.method)()
+            db.add(effects(key="written after"))
             return key
         if isinstance(outcome, BaseException):
             raise outcome
@@ -115,6 +128,25 @@ def test_an_exception_that_is_hard_to_record_fails_only_its_task(app, session, e
     assert len(bad.error_message) < 11_000
     [failed] = [e for e in bad.events if e.type == bq.EventType.FAILED]
     assert len(failed.traceback) < 101_000 and "Traceback" in failed.traceback
+
+
+@pytest.mark.parametrize("method", ["commit", "rollback", "close"])
+def test_a_task_that_ends_its_batchs_transaction_fails_alone(app, session, effects, method):
+    """``db.commit()``, ``db.rollback()`` or ``db.close()`` in a processor ends the transaction
+    that also holds the writes of the tasks before it in the batch. The task fails, saying so;
+    those tasks complete with their writes (committed), or run again, their attempt given back
+    (rolled back: their writes were gone, yet they were marked DONE); nothing the task writes
+    after that is kept."""
+    good, bad = run_batch_with_one_bad(app, session, effects, _Ends(method))
+    assert [(task.state, task.attempts, task.crash_count) for task in good] == [
+        (TaskState.DONE, 1, 0)
+    ] * (BATCH - 1)
+    assert bad.state == TaskState.FAILED
+    what = "committed the transaction" if method == "commit" else "rolled back or closed"
+    assert bad.error_message.startswith(f"TransactionEnded: it {what}")
+    keys = session.scalars(select(Effect.key).order_by(Effect.key)).all()
+    before = ["k4"] if method == "commit" else []  # what it wrote before it committed
+    assert keys == sorted([f"k{n}" for n in range(BATCH) if n != 4] + before)
 
 
 def test_a_retry_policy_that_gives_an_impossible_time_fails_only_its_task(app, session):

@@ -26,10 +26,11 @@ from sqlalchemy.orm import Session
 from .. import db
 from ..errors import first_line
 from ..models.jsonb import storable_text
+from ..models.task import EARLIEST_DUE, LATEST_DUE
 from ..processors.processor import Processor
 from . import metrics
 from .connections import WorkerConnections
-from .outcomes import MAX_ERROR_CHARS, describe, record_failure
+from .outcomes import MAX_ERROR_CHARS, record_failure
 from .queries import Prepared, Queries
 from .queries.tasks import BEFORE_ANY_TASK
 
@@ -53,6 +54,10 @@ class OutcomeNotRecorded(Exception):
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(f"its outcome could not be recorded: {first_line(error)}")
+
+
+class TransactionEnded(Exception):
+    """A task committed, rolled back or closed the session it shares with its batch."""
 
 
 @dataclasses.dataclass
@@ -256,20 +261,33 @@ class Batch:
                 refused[task_id] = error
             savepoint.rollback()
         session.expunge_all()
+        failed = 0
         for task_id, error in refused.items():
-            message = storable_text(f"it cannot be claimed: {describe(error)}", MAX_ERROR_CHARS)
+            message = storable_text(f"it cannot be claimed: {first_line(error)}", MAX_ERROR_CHARS)
             kind = type(error)
-            session.execute(
-                self.queries.fail_unclaimable,
-                {
-                    "task_id": task_id,
-                    "error": message,
-                    "exception_type": f"{kind.__module__}.{kind.__qualname__}",
-                },
-            )
+            parameters = {
+                "task_id": task_id,
+                "error": message,
+                "exception_type": f"{kind.__module__}.{kind.__qualname__}",
+                "earliest": EARLIEST_DUE,
+                "latest": LATEST_DUE,
+            }
+            try:
+                self._guarded(
+                    session, partial(session.execute, self.queries.fail_unclaimable, parameters)
+                )
+            except exc.DBAPIError as refusal:  # a trigger or check of the user's, say
+                logger.error(
+                    "task %s: %s; nor can it be failed (%s): correct or delete its row",
+                    task_id,
+                    message,
+                    first_line(refusal),
+                )
+                continue
             logger.error("task %s failed: %s", task_id, message)
+            failed += 1
         session.commit()
-        return len(refused)
+        return failed
 
     def _probe(
         self, session: Session, ids: list[Any], results: list[str | None]

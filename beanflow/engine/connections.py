@@ -106,6 +106,11 @@ class WorkerConnections:
         prepare_once(self.session.connection(), prepared)
         return statement
 
+    def commits(self) -> int:
+        """How many transactions the hot-path connection has committed (``db.commits``)."""
+        assert self.session is not None
+        return db.commits(self.session.get_bind())  # type: ignore[arg-type]
+
     def broken(self) -> bool:
         """Whether the hot-path connection is gone (the server dropped it, or it was closed,
         by a task for instance): what ran in its transaction is lost."""

@@ -25,6 +25,7 @@ from .. import db
 from ..errors import ProcessorNotFound, first_line
 from ..models.cancellation import Cancellation
 from ..models.waiter import Waiter
+from ..processors.processor import Processor
 from .batch import (
     Batch,
     BatchAborted,
@@ -33,6 +34,7 @@ from .batch import (
     Finished,
     Frontier,
     Pace,
+    TransactionEnded,
     Unstarted,
 )
 from .connections import WorkerConnections
@@ -402,6 +404,7 @@ class TaskWorker:
         started = time.monotonic()
         self.batch.started.append(task.id)
         savepoint = session.begin_nested() if processor.uses_session else None
+        commits = self.connections.commits() if savepoint is not None else 0
         try:
             try:
                 with self.deadlines.task(processor.timeout, task.id):
@@ -418,11 +421,18 @@ class TaskWorker:
         except BaseException as error:  # noqa: BLE001 - a task's failure is data, not a crash
             if self.connections.broken():
                 raise ConnectionLost(f"task {task.id} lost it: {first_line(error)}") from None
+            if savepoint is not None and not savepoint.parent.is_active:
+                self._transaction_ended(session, task, processor, commits)
+                return
             undo(savepoint)
             self.batch.record_failure(session, task, processor, error)
             return
-        if savepoint is not None and savepoint.is_active:
-            savepoint.commit()
+        if savepoint is not None:
+            if not savepoint.parent.is_active:
+                self._transaction_ended(session, task, processor, commits)
+                return
+            if savepoint.is_active:
+                savepoint.commit()
         self.batch.finished.append(Finished(task, processor, result, duration))
         if logger.isEnabledFor(logging.DEBUG):  # at INFO: a fifth to a third of a fast drain
             fields = {
@@ -442,6 +452,35 @@ class TaskWorker:
                 duration,
                 extra=fields,
             )
+
+    def _transaction_ended(
+        self, session: Session, task: Any, processor: Processor, commits: int
+    ) -> None:
+        """``task`` committed, rolled back or closed ``db``, the session whose transaction also
+        holds the writes of the tasks run before it in the batch. It fails (its policy decides
+        what follows). If that transaction was committed, those tasks complete as usual; if it
+        was rolled back, their writes are gone with it, and they return to the queue to run
+        again, their attempt given back (with the batch's unstarted tasks)."""
+        committed = self.connections.commits() != commits
+        if session.get_transaction() is not None:  # it wrote on, in a transaction of its own
+            session.rollback()
+            if committed:  # the batch goes on: its tasks, expired by the rollback, are read again
+                for task_of_batch in list(session.identity_map.values()):
+                    if isinstance(task_of_batch, self.app.task_model):
+                        session.refresh(task_of_batch)
+        if committed:
+            what = "committed the transaction it shares with its batch (db.commit())"
+        else:
+            what = "rolled back or closed the session it shares with its batch"
+        error = TransactionEnded(
+            f"it {what}: a processor's changes commit or roll back with its completion "
+            "(to undo its own, roll back its savepoint)"
+        )
+        if committed:
+            self.batch.record_failure(session, task, processor, error)
+            return
+        earlier = [task_id for task_id in self.batch.started if task_id != task.id]
+        self.batch.abort(session, [(task, processor, error)], earlier)
 
     def _commit(self, session: Session, claim_next: bool = False) -> list[Any]:
         """Commit the open transaction, completing every task that finished in it with one

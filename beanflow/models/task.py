@@ -104,6 +104,11 @@ def as_due_time(moment: datetime) -> datetime | None:
     return aware if EARLIEST_DUE <= aware <= LATEST_DUE else None
 
 
+def _readable(column: str) -> str:
+    """SQL: ``column`` holds a time that Python can read in any time zone."""
+    return f"{column} BETWEEN '{EARLIEST_DUE}' AND '{LATEST_DUE}'"
+
+
 class TaskModelMixin:
     """Columns of a task row, and the partial index that serves the claim."""
 
@@ -151,16 +156,22 @@ class TaskModelMixin:
         return (
             # Rows written by other means than beanflow (SQL, another language) are refused
             # at once when beanflow could not read them back: a state it does not know, or a
-            # due time that Python's datetime cannot hold in any time zone (years 1 to 9999,
-            # a day of margin at each end; -infinity, which no claim would reach either).
+            # time that Python's datetime cannot hold in any time zone (years 1 to 9999, a day
+            # of margin at each end; a due time of -infinity, which no claim would reach either).
             CheckConstraint(
                 "state IN ({})".format(", ".join(f"'{s.value}'" for s in TaskState)),
                 name=f"ck_{cls.__tablename__}_state",
             ),
             CheckConstraint(
-                f"scheduled_at = 'infinity' OR scheduled_at BETWEEN '{EARLIEST_DUE}' "
-                f"AND '{LATEST_DUE}'",
+                f"scheduled_at = 'infinity' OR {_readable('scheduled_at')}",
                 name=f"ck_{cls.__tablename__}_scheduled_at",
+            ),
+            CheckConstraint(
+                " AND ".join(
+                    f"({column} IS NULL OR {_readable(column)})"
+                    for column in ("created_at", "started_at", "finished_at")
+                ),
+                name=f"ck_{cls.__tablename__}_times",
             ),
             Index(
                 f"ix_{cls.__tablename__}_pending",

@@ -233,13 +233,22 @@ class TaskStatements(Statements):
     @functools.cached_property
     def fail_unclaimable(self) -> Executable:
         """Fail the PENDING task :task_id, which no claim can take, with :error (and an
-        event of :exception_type); returns its id."""
+        event of :exception_type); returns its id. A creation time that cannot be read back
+        (a row from before the table's checks) is brought within the readable years, so that
+        the checks, which apply to the updated row, do not refuse its failure."""
         t = self.task
         failed = (
             update(t)
             .where(t.c.id == bindparam("task_id"), t.c.state == PENDING)
             .values(
-                state=FAILED, error_message=bindparam("error"), finished_at=func.clock_timestamp()
+                state=FAILED,
+                error_message=bindparam("error"),
+                created_at=func.least(
+                    func.greatest(t.c.created_at, bindparam("earliest", type_=TIMESTAMPTZ)),
+                    bindparam("latest", type_=TIMESTAMPTZ),
+                ),
+                started_at=None,
+                finished_at=func.clock_timestamp(),
             )
             .returning(t.c.id)
             .cte("failed")
