@@ -4,6 +4,8 @@ to the task that caused it, and its neighbours in the batch complete."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -58,12 +60,11 @@ class _Sends:
         self.value = value
 
 
-class _Ends:
-    """An outcome: the task ends the session it shares with its batch (``db.commit()``, say),
-    then writes on."""
+class _Does:
+    """An outcome: the task calls ``action(db, task)`` after its write, and returns."""
 
-    def __init__(self, method: str) -> None:
-        self.method = method
+    def __init__(self, action: Callable[[Any, Any], object]) -> None:
+        self.action = action
 
 
 @pytest.fixture
@@ -78,16 +79,15 @@ def run_batch_with_one_bad(app, session, effects, outcome) -> tuple[list, object
     app.config.BATCH_SIZE = BATCH
 
     @app.processor(channel="default")
-    def batch_member(db, key: str, bad: bool) -> object:
+    def batch_member(db, task, key: str, bad: bool) -> object:
         if bad and isinstance(outcome, _Sends):  # the task's first statement
             db.execute(text("SELECT :value"), {"value": outcome.value})
         db.add(effects(key=key))
         if not bad:
             return key
-        if isinstance(outcome, _Ends):
+        if isinstance(outcome, _Does):
             db.flush()
-            getattr(db, outcome.method)()
-            db.add(effects(key="written after"))
+            outcome.action(db, task)
             return key
         if isinstance(outcome, BaseException):
             raise outcome
@@ -137,16 +137,55 @@ def test_a_task_that_ends_its_batchs_transaction_fails_alone(app, session, effec
     those tasks complete with their writes (committed), or run again, their attempt given back
     (rolled back: their writes were gone, yet they were marked DONE); nothing the task writes
     after that is kept."""
-    good, bad = run_batch_with_one_bad(app, session, effects, _Ends(method))
+
+    def ends_it(db, task) -> None:
+        getattr(db, method)()
+        db.add(Effect(key="written after"))
+
+    good, bad = run_batch_with_one_bad(app, session, effects, _Does(ends_it))
     assert [(task.state, task.attempts, task.crash_count) for task in good] == [
         (TaskState.DONE, 1, 0)
     ] * (BATCH - 1)
-    assert bad.state == TaskState.FAILED
     what = "committed the transaction" if method == "commit" else "rolled back or closed"
+    assert bad.state == TaskState.FAILED
     assert bad.error_message.startswith(f"TransactionEnded: it {what}")
     keys = session.scalars(select(Effect.key).order_by(Effect.key)).all()
     before = ["k4"] if method == "commit" else []  # what it wrote before it committed
     assert keys == sorted([f"k{n}" for n in range(BATCH) if n != 4] + before)
+
+
+TAKES_ITS_ROW = {
+    "deletes it": lambda db, task: db.delete(task),
+    "deletes it in SQL": lambda db, task: db.execute(
+        text("DELETE FROM beanflow_tasks WHERE id = :id"), {"id": task.id}
+    ),
+    "gives it another worker": lambda db, task: setattr(task, "worker_id", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAKES_ITS_ROW))
+def test_a_task_that_deletes_or_reassigns_its_own_row_fails_alone(app, session, effects, case):
+    """Its completion does not find the row as its worker's. That meant the worker had been
+    found dead: it rolled the batch back and stopped, and so did each worker that ran the task
+    next (a supervised one is restarted: the task stalled its channel). The worker's row says
+    it was not: the task fails, its neighbours run again."""
+    good, bad = run_batch_with_one_bad(app, session, effects, _Does(TAKES_ITS_ROW[case]))
+    assert_only_the_bad_one_failed(session, good, bad, "TaskRowTaken: its row was deleted")
+
+
+@pytest.mark.parametrize("method", ["expire_all", "expunge_all"])
+def test_a_task_that_expires_or_lets_go_of_the_sessions_objects_disturbs_nothing(
+    app, session, effects, method
+):
+    """Expired, the batch's tasks were let go by the session before the worker read them
+    again: it took that for a lost connection, and charged the whole batch a crash."""
+    good, bad = run_batch_with_one_bad(
+        app, session, effects, _Does(lambda db, task: getattr(db, method)())
+    )
+    tasks = [*good, bad]
+    assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [(TaskState.DONE, 1, 0)] * BATCH
+    keys = session.scalars(select(Effect.key).order_by(Effect.key)).all()
+    assert keys == sorted(f"k{n}" for n in range(BATCH))
 
 
 def test_a_retry_policy_that_gives_an_impossible_time_fails_only_its_task(app, session):

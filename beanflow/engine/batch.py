@@ -60,6 +60,10 @@ class TransactionEnded(Exception):
     """A task committed, rolled back or closed the session it shares with its batch."""
 
 
+class TaskRowTaken(Exception):
+    """A task's row was deleted, or given another worker, in the transaction it ran in."""
+
+
 @dataclasses.dataclass
 class Claim:
     """A claim a worker sends: its statement (a claim, or a completion and a claim), its
@@ -232,6 +236,27 @@ class Batch:
             if task_id in culprits
         ]
         self.abort(session, failures, [task_id for task_id in ids if task_id not in culprits])
+
+    def unless_taken_by_themselves(self, session: Session, finished: list[Finished]) -> None:
+        """Some of the ``finished`` tasks were not this worker's to complete any more. If this
+        worker was not found dead (its row still says RUNNING), it was their own doing, in
+        this transaction (a processor deleted its task's row, or changed its worker): fail
+        those, return the others to the queue to run again (raises BatchAborted). Otherwise,
+        return: the caller rolls back and stops."""
+        w, t = self.queries.worker, self.queries.task
+        state = session.scalar(select(w.c.state).where(w.c.id == self.worker_id))
+        if state != "RUNNING":
+            return
+        ids = [entry.task.id for entry in finished]
+        held = select(t.c.id).where(t.c.id.in_(ids), t.c.worker_id == self.worker_id)
+        still = set(session.scalars(held))
+        error = TaskRowTaken(
+            "its row was deleted, or given another worker, in the transaction it ran in "
+            "(a processor must not delete or reassign its own task)"
+        )
+        failures = [(e.task, e.processor, error) for e in finished if e.task.id not in still]
+        taken = {task.id for task, _, _ in failures}
+        self.abort(session, failures, [i for i in self.started if i not in taken])
 
     def claim_refused(self, session: Session, claim: Claim, error: Exception) -> NoReturn:
         """``claim`` failed, and not for a lost connection: roll the open transaction back,

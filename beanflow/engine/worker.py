@@ -491,6 +491,7 @@ class TaskWorker:
         instead, and stop: no task is completed twice. Returns the tasks claimed."""
         committed = self.batch.finished  # complete() replaces the list, leaving this one
         finished = len(committed)
+        self._reload_expired(session)
         session.expunge_all()  # the session keeps no task objects from batch to batch
         claiming = claim_next and not self.stopping.is_set()
         claimed: list[Any] = []
@@ -500,6 +501,7 @@ class TaskWorker:
                 claim = self._next_claim(self.connections.complete_and_claim)
             done, claimed = self.batch.complete(session, claim)
             if done != finished:
+                self.batch.unless_taken_by_themselves(session, committed)
                 session.rollback()
                 logger.error(
                     "worker %s: %d task(s) were taken from it while it ran them (it was found "
@@ -533,6 +535,13 @@ class TaskWorker:
         self.batch.count(committed)
         self.batch.reset()
         return claimed
+
+    def _reload_expired(self, session: Session) -> None:
+        """Read again the tasks a processor expired (``db.expire_all()``, say), before the
+        session lets them go: detached, they could not be read at all."""
+        for state in session.identity_map.all_states():
+            if state.expired_attributes and isinstance(state.obj(), self.app.task_model):
+                session.refresh(state.obj())
 
     def _sleep(self) -> None:
         """Wait for a notify, the next scheduled task, a signal or POLL_TIMEOUT."""
