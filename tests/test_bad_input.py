@@ -49,6 +49,23 @@ def test_impossible_channel_names_are_refused_up_front(channel):
         bq.Task(channel=channel, module="m", name="n")
 
 
+def test_functions_whose_body_a_call_does_not_run_are_refused_as_processors():
+    """A worker calls a processor and stores what it returns: an async or generator function
+    would return an object that never ran (it was a confusing "result cannot be stored")."""
+    from .workloads.app import awaits, yields
+
+    with pytest.raises(TypeError, match="awaits is an async function"):
+        bq.processor(channel="c")(awaits)
+    with pytest.raises(TypeError, match="yields is a generator function"):
+        bq.processor(channel="c")(yields)
+
+    def by_position(first, /, second=2):  # noqa: ANN001, ANN202
+        return first
+
+    with pytest.raises(TypeError, match=r"required positional-only parameters \(first\)"):
+        bq.processor(channel="c")(by_position)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -61,9 +61,9 @@ class _Sends:
 
 
 class _Does:
-    """An outcome: the task calls ``action(db, task)`` after its write, and returns."""
+    """An outcome: the task calls ``action(db, task, savepoint)`` after its write, and returns."""
 
-    def __init__(self, action: Callable[[Any, Any], object]) -> None:
+    def __init__(self, action: Callable[[Any, Any, Any], object]) -> None:
         self.action = action
 
 
@@ -79,7 +79,7 @@ def run_batch_with_one_bad(app, session, effects, outcome) -> tuple[list, object
     app.config.BATCH_SIZE = BATCH
 
     @app.processor(channel="default")
-    def batch_member(db, task, key: str, bad: bool) -> object:
+    def batch_member(db, task, savepoint, key: str, bad: bool) -> object:
         if bad and isinstance(outcome, _Sends):  # the task's first statement
             db.execute(text("SELECT :value"), {"value": outcome.value})
         db.add(effects(key=key))
@@ -87,7 +87,7 @@ def run_batch_with_one_bad(app, session, effects, outcome) -> tuple[list, object
             return key
         if isinstance(outcome, _Does):
             db.flush()
-            outcome.action(db, task)
+            outcome.action(db, task, savepoint)
             return key
         if isinstance(outcome, BaseException):
             raise outcome
@@ -138,7 +138,7 @@ def test_a_task_that_ends_its_batchs_transaction_fails_alone(app, session, effec
     (rolled back: their writes were gone, yet they were marked DONE); nothing the task writes
     after that is kept."""
 
-    def ends_it(db, task) -> None:
+    def ends_it(db, task, savepoint) -> None:
         getattr(db, method)()
         db.add(Effect(key="written after"))
 
@@ -154,12 +154,29 @@ def test_a_task_that_ends_its_batchs_transaction_fails_alone(app, session, effec
     assert keys == sorted([f"k{n}" for n in range(BATCH) if n != 4] + before)
 
 
+@pytest.mark.parametrize("method", ["commit", "rollback"])
+def test_a_task_that_ends_its_savepoint_then_fails_leaves_no_write(app, session, effects, method):
+    """It released or rolled back its savepoint, wrote on, then raised: those writes have no
+    savepoint to undo them, and were committed with its neighbours' completion. Now the
+    batch's transaction is rolled back, the task fails by its policy, its neighbours run
+    again."""
+
+    def ends_its_savepoint(db, task, savepoint) -> None:
+        getattr(savepoint, method)()
+        db.add(Effect(key="written after"))
+        db.flush()
+        raise ValueError("and then it failed")
+
+    good, bad = run_batch_with_one_bad(app, session, effects, _Does(ends_its_savepoint))
+    assert_only_the_bad_one_failed(session, good, bad, "ValueError: and then it failed")
+
+
 TAKES_ITS_ROW = {
-    "deletes it": lambda db, task: db.delete(task),
-    "deletes it in SQL": lambda db, task: db.execute(
+    "deletes it": lambda db, task, savepoint: db.delete(task),
+    "deletes it in SQL": lambda db, task, savepoint: db.execute(
         text("DELETE FROM beanflow_tasks WHERE id = :id"), {"id": task.id}
     ),
-    "gives it another worker": lambda db, task: setattr(task, "worker_id", None),
+    "gives it another worker": lambda db, task, savepoint: setattr(task, "worker_id", None),
 }
 
 
@@ -180,7 +197,7 @@ def test_a_task_that_expires_or_lets_go_of_the_sessions_objects_disturbs_nothing
     """Expired, the batch's tasks were let go by the session before the worker read them
     again: it took that for a lost connection, and charged the whole batch a crash."""
     good, bad = run_batch_with_one_bad(
-        app, session, effects, _Does(lambda db, task: getattr(db, method)())
+        app, session, effects, _Does(lambda db, task, savepoint: getattr(db, method)())
     )
     tasks = [*good, bad]
     assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [(TaskState.DONE, 1, 0)] * BATCH

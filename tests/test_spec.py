@@ -170,6 +170,18 @@ def test_validate_prints_a_summary_without_the_password(tmp_path):
             ["3:5: processors.p.function: 'beanflow.config:ENV_PREFIX' is not callable"],
         ),
         (
+            "processors:\n  p:\n    function: tests.workloads.app:awaits\n    channel: c\n"
+            "  q:\n    function: tests.workloads.app:yields\n    channel: c\n",
+            [
+                "3:5: processors.p.function: awaits is an async function: a worker calls "
+                "processors synchronously, so its body would never run; define it with def (and "
+                "call asyncio.run() inside it)",
+                "6:5: processors.q.function: yields is a generator function (it yields): a worker "
+                "calls processors and stores what they return, so its body would never run; "
+                "return a value instead",
+            ],
+        ),
+        (
             "processors:\n  p:\n    function: tests.workloads.app:echo\n    channel: work\n"
             "    retry_policy: nope\n",
             ["5:5: processors.p.retry_policy: no retry policy named 'nope'; declared: none"],

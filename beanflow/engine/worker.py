@@ -424,6 +424,11 @@ class TaskWorker:
             if savepoint is not None and not savepoint.parent.is_active:
                 self._transaction_ended(session, task, processor, commits)
                 return
+            if savepoint is not None and not savepoint.is_active:
+                # it released or rolled back its savepoint, then failed: what it wrote after
+                # that is in the batch's transaction, with no savepoint of its own to undo it
+                earlier = [task_id for task_id in self.batch.started if task_id != task.id]
+                self.batch.abort(session, [(task, processor, error)], earlier)
             undo(savepoint)
             self.batch.record_failure(session, task, processor, error)
             return

@@ -22,6 +22,38 @@ MAX_KWARGS_CHARS = 1_000_000
 ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
 
 
+def why_not_a_processor(func: Callable[..., Any]) -> str | None:
+    """Why ``func`` cannot be a processor (None: it can). A worker calls it and stores what
+    it returns: an ``async def`` or a generator function would return an object that never
+    ran."""
+    name = getattr(func, "__qualname__", repr(func))
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        return (
+            f"{name} is an async function: a worker calls processors synchronously, so its "
+            "body would never run; define it with def (and call asyncio.run() inside it)"
+        )
+    if inspect.isgeneratorfunction(func):
+        return (
+            f"{name} is a generator function (it yields): a worker calls processors and "
+            "stores what they return, so its body would never run; return a value instead"
+        )
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # a callable whose signature cannot be read: let it be
+        return None
+    positional = [
+        p.name
+        for p in parameters
+        if p.kind is p.POSITIONAL_ONLY and p.default is p.empty and p.name not in INJECTED
+    ]
+    if positional:
+        return (
+            f"{name} has required positional-only parameters ({', '.join(positional)}): a "
+            "task passes its kwargs by name"
+        )
+    return None
+
+
 class Processor:
     """A function registered to run tasks of one channel.
 
@@ -40,6 +72,9 @@ class Processor:
         task_model: type | None = None,
     ) -> None:
         check_channel(channel)
+        why_not = why_not_a_processor(func)
+        if why_not is not None:
+            raise TypeError(why_not)
         self.func = func
         self.channel = channel
         self.module = func.__module__

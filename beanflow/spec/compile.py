@@ -37,7 +37,7 @@ from ..engine.pool import ChannelPlan
 from ..engine.schedules import Schedule
 from ..errors import BeanflowError
 from ..models.task import check_channel
-from ..processors.processor import Processor
+from ..processors.processor import Processor, why_not_a_processor
 from ..workflows import Workflows
 from .load import Document, Path_, Problem
 from .policies import PolicyCompiler
@@ -226,6 +226,10 @@ class _Compiler:
             return None
         if not callable(function):
             self.problem(path, f"{written!r} is not callable")
+            return None
+        why_not = why_not_a_processor(function)
+        if why_not is not None:
+            self.problem(path, why_not)
             return None
         return function
 

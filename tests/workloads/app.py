@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import String, text
@@ -124,3 +125,12 @@ def fails_once(flag: str) -> str:
         path.write_text("failed once")
         raise RuntimeError("the first run fails")
     return "ran again"
+
+
+async def awaits() -> None:
+    """Not a processor: an async function (a file naming it is refused)."""
+
+
+def yields() -> Iterator[int]:
+    """Not a processor: a generator function (a file naming it is refused)."""
+    yield 1
