@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, literal, select, text
 
 import beanflow as bq
 from beanflow.models import TaskState
@@ -205,11 +205,31 @@ def test_a_task_that_expires_or_lets_go_of_the_sessions_objects_disturbs_nothing
     assert keys == sorted(f"k{n}" for n in range(BATCH))
 
 
-def test_a_retry_policy_that_gives_an_impossible_time_fails_only_its_task(app, session):
-    app.config.BATCH_SIZE = BATCH
-    never = datetime.datetime.max.replace(tzinfo=datetime.timezone.utc)
+BAD_POLICIES = {
+    "a time no task can be due at": (
+        datetime.datetime.max.replace(tzinfo=datetime.timezone.utc),
+        "gave 9999-12-31 23:59:59.999999+00:00: no task can be due then",
+    ),
+    "a number": (5, "gave 5, not a time (a datetime or a SQL expression)"),
+    "a delay": (
+        datetime.timedelta(seconds=5),
+        "gave datetime.timedelta(seconds=5), not a time (a datetime or a SQL expression)",
+    ),
+    "SQL the server refuses": (func.now() + 5, "raised ProgrammingError: "),
+    "SQL that is not a time": (literal(5), "gave 5, not a time"),
+}
 
-    @app.processor(channel="default", retry_policy=lambda task: never)
+
+@pytest.mark.parametrize("case", sorted(BAD_POLICIES))
+def test_a_retry_policy_that_gives_no_time_fails_only_its_task(app, session, case):
+    """Its failure row was refused (a time psycopg2 cannot send, a value or an expression
+    that is no time: the policy's own SQL spoiled the transaction), so the task was charged a
+    crash, its neighbours went back to the queue, and it failed in the end as if it had killed
+    its workers. Now it fails at once, saying why it is not retried."""
+    app.config.BATCH_SIZE = BATCH
+    policy, problem = BAD_POLICIES[case]
+
+    @app.processor(channel="default", retry_policy=lambda task: policy)
     def flaky(n: int) -> int:
         if n == 4:
             raise ValueError("fails")
@@ -222,7 +242,9 @@ def test_a_retry_policy_that_gives_an_impossible_time_fails_only_its_task(app, s
     assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [
         (TaskState.FAILED if t is tasks[4] else TaskState.DONE, 1, 0) for t in tasks
     ]
-    assert tasks[4].error_message == "ValueError: fails"
+    assert tasks[4].error_message.startswith(
+        f"ValueError: fails (not retried: its retry policy {problem}"
+    )
 
 
 def refuse_done_saying_refused(session) -> None:

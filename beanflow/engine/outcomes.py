@@ -15,7 +15,7 @@ from sqlalchemy import exc, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
-from ..errors import Cancel, Retry
+from ..errors import Cancel, Retry, first_line
 from ..models.jsonb import jsonb_text, storable_text
 from ..models.task import LATEST_DUE, as_due_time
 from ..processors.processor import Processor
@@ -110,7 +110,7 @@ def record_failure(
             outcome, state = "failed", "FAILED"
             why = f" (not snoozed: later than a task can be due, {LATEST_DUE:%Y-%m-%d})"
     else:
-        retry_at = _retry_at(session, task, processor, error)
+        retry_at, why = _retry_at(session, task, processor, error)
         outcome, state = ("failed", "FAILED") if retry_at is None else ("retried", "PENDING")
     message = storable_text(describe(error) + why, MAX_ERROR_CHARS)
     kind = type(error)
@@ -181,21 +181,38 @@ _EVENTS = {
 
 def _retry_at(
     session: Session, task: Any, processor: Processor | None, error: BaseException
-) -> Any:
-    """When its processor's retry policy runs ``task`` again after ``error`` (None: never)."""
+) -> tuple[Any, str]:
+    """When its processor's retry policy runs ``task`` again after ``error`` (None: never),
+    and, when the policy itself failed, why it is not retried (to add to the error message)."""
     if processor is None:
-        return None
+        return None, ""
     try:
         retry_at = processor.retry_at(task, error)
         if isinstance(retry_at, ClauseElement):
-            retry_at = session.scalar(select(retry_at))
-    except Exception as policy_error:  # noqa: BLE001
-        logger.error("retry policy of %s failed: %s", processor, policy_error)
-        return None
-    if isinstance(retry_at, datetime) and as_due_time(retry_at) is None:
-        logger.error("retry policy of %s gave %s: no task can be due then", processor, retry_at)
-        return None
-    return retry_at
+            with session.begin_nested():  # an expression the server refuses spoils nothing
+                retry_at = session.scalar(select(retry_at))
+    except Exception as policy_error:  # noqa: BLE001 - a policy is the user's code
+        problem = f"raised {type(policy_error).__name__}: {first_line(policy_error)}"
+    else:
+        if retry_at is None:
+            return None, ""
+        if not isinstance(retry_at, datetime):
+            problem = f"gave {_shown(retry_at)}, not a time (a datetime or a SQL expression)"
+        elif as_due_time(retry_at) is None:
+            problem = f"gave {retry_at}: no task can be due then"
+        else:
+            return retry_at, ""
+    logger.error("retry policy of %s %s", processor, problem)
+    return None, f" (not retried: its retry policy {problem})"
+
+
+def _shown(value: Any) -> str:
+    """A short ``repr`` of a value a policy gave (even one whose ``repr`` raises)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - the user's __repr__ is code too
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 100 else f"{text[:100]}…"
 
 
 def _due_after(delay: timedelta) -> datetime | None:
