@@ -3,12 +3,13 @@ to the task that caused it, and its neighbours in the batch complete."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import func, literal, select, text
+from sqlalchemy import exc, func, literal, select, text
 
 import beanflow as bq
 from beanflow.models import TaskState
@@ -169,6 +170,23 @@ def test_a_task_that_ends_its_savepoint_then_fails_leaves_no_write(app, session,
 
     good, bad = run_batch_with_one_bad(app, session, effects, _Does(ends_its_savepoint))
     assert_only_the_bad_one_failed(session, good, bad, "ValueError: and then it failed")
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["in its savepoint", "released"])
+def test_a_task_that_swallows_a_database_error_fails_alone(app, session, effects, released):
+    """It caught the error of its statement and returned: PostgreSQL had aborted the
+    transaction, so the batch's completion was refused, and the whole batch was charged a
+    crash, again and again, until the task failed as if it had killed its workers."""
+
+    def action(db, task, savepoint) -> None:
+        if released:
+            savepoint.commit()
+        with contextlib.suppress(exc.DataError):  # what the test is about
+            db.execute(text("SELECT 1 / 0"))
+
+    good, bad = run_batch_with_one_bad(app, session, effects, _Does(action))
+    assert_only_the_bad_one_failed(session, good, bad, "TransactionAborted: a statement it ran")
+    assert [task.crash_count for task in [*good, bad]] == [0] * BATCH
 
 
 TAKES_ITS_ROW = {

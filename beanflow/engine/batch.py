@@ -60,6 +60,11 @@ class TransactionEnded(Exception):
     """A task committed, rolled back or closed the session it shares with its batch."""
 
 
+class TransactionAborted(Exception):
+    """A task caught the error of a statement it ran and returned: PostgreSQL had aborted
+    the transaction it shares with its batch."""
+
+
 class TaskRowTaken(Exception):
     """A task's row was deleted, or given another worker, in the transaction it ran in."""
 
@@ -358,6 +363,15 @@ class Batch:
         self.ended.append((task, outcome))
         if outcome in ("failed", "cancelled"):
             self.failed.append(task)
+
+    def abort_for(
+        self, session: Session, task: Any, processor: Processor, error: BaseException
+    ) -> NoReturn:
+        """``task`` failed in a way its savepoint cannot undo: roll the open transaction back,
+        fail it with ``error``, and return the tasks run before it to the queue, their attempt
+        given back (raises BatchAborted)."""
+        earlier = [task_id for task_id in self.started if task_id != task.id]
+        self.abort(session, [(task, processor, error)], earlier)
 
     def abort(
         self,

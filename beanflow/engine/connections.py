@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
+from psycopg2.extensions import TRANSACTION_STATUS_INERROR
 from sqlalchemy import Integer, column, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
@@ -110,6 +111,13 @@ class WorkerConnections:
         """How many transactions the hot-path connection has committed (``db.commits``)."""
         assert self.session is not None
         return db.commits(self.session.get_bind())  # type: ignore[arg-type]
+
+    def in_failed_transaction(self) -> bool:
+        """Whether a statement failed in the hot-path connection's transaction, which
+        PostgreSQL then refuses to go on with (until a rollback to a savepoint before it)."""
+        assert self.session is not None
+        dbapi = self.session.get_bind().connection.dbapi_connection  # type: ignore[union-attr]
+        return dbapi.info.transaction_status == TRANSACTION_STATUS_INERROR
 
     def broken(self) -> bool:
         """Whether the hot-path connection is gone (the server dropped it, or it was closed,

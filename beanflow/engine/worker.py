@@ -34,6 +34,7 @@ from .batch import (
     Finished,
     Frontier,
     Pace,
+    TransactionAborted,
     TransactionEnded,
     Unstarted,
 )
@@ -427,14 +428,25 @@ class TaskWorker:
             if savepoint is not None and not savepoint.is_active:
                 # it released or rolled back its savepoint, then failed: what it wrote after
                 # that is in the batch's transaction, with no savepoint of its own to undo it
-                earlier = [task_id for task_id in self.batch.started if task_id != task.id]
-                self.batch.abort(session, [(task, processor, error)], earlier)
+                self.batch.abort_for(session, task, processor, error)
             undo(savepoint)
             self.batch.record_failure(session, task, processor, error)
             return
         if savepoint is not None:
             if not savepoint.parent.is_active:
                 self._transaction_ended(session, task, processor, commits)
+                return
+            if self.connections.in_failed_transaction():
+                unnoticed = TransactionAborted(
+                    "a statement it ran failed, and it went on as if it had not (it caught the "
+                    "error): PostgreSQL refuses the rest of such a transaction, so its changes "
+                    "are rolled back; let the error propagate, or roll back a savepoint taken "
+                    "before the statement"
+                )
+                if not savepoint.is_active:  # its own savepoint ended: nothing else undoes it
+                    self.batch.abort_for(session, task, processor, unnoticed)
+                undo(savepoint)
+                self.batch.record_failure(session, task, processor, unnoticed)
                 return
             if savepoint.is_active:
                 savepoint.commit()
@@ -468,11 +480,7 @@ class TaskWorker:
         again, their attempt given back (with the batch's unstarted tasks)."""
         committed = self.connections.commits() != commits
         if session.get_transaction() is not None:  # it wrote on, in a transaction of its own
-            session.rollback()
-            if committed:  # the batch goes on: its tasks, expired by the rollback, are read again
-                for task_of_batch in list(session.identity_map.values()):
-                    if isinstance(task_of_batch, self.app.task_model):
-                        session.refresh(task_of_batch)
+            session.rollback()  # (the tasks it expires are read again: _reload_expired)
         if committed:
             what = "committed the transaction it shares with its batch (db.commit())"
         else:
@@ -484,8 +492,7 @@ class TaskWorker:
         if committed:
             self.batch.record_failure(session, task, processor, error)
             return
-        earlier = [task_id for task_id in self.batch.started if task_id != task.id]
-        self.batch.abort(session, [(task, processor, error)], earlier)
+        self.batch.abort_for(session, task, processor, error)
 
     def _commit(self, session: Session, claim_next: bool = False) -> list[Any]:
         """Commit the open transaction, completing every task that finished in it with one
