@@ -425,12 +425,7 @@ class TaskWorker:
             if savepoint is not None and not savepoint.parent.is_active:
                 self._transaction_ended(session, task, processor, commits)
                 return
-            if savepoint is not None and not savepoint.is_active:
-                # it released or rolled back its savepoint, then failed: what it wrote after
-                # that is in the batch's transaction, with no savepoint of its own to undo it
-                self.batch.abort_for(session, task, processor, error)
-            undo(savepoint)
-            self.batch.record_failure(session, task, processor, error)
+            self._fail(session, task, processor, savepoint, error)
             return
         if savepoint is not None:
             if not savepoint.parent.is_active:
@@ -443,10 +438,7 @@ class TaskWorker:
                     "are rolled back; let the error propagate, or roll back a savepoint taken "
                     "before the statement"
                 )
-                if not savepoint.is_active:  # its own savepoint ended: nothing else undoes it
-                    self.batch.abort_for(session, task, processor, unnoticed)
-                undo(savepoint)
-                self.batch.record_failure(session, task, processor, unnoticed)
+                self._fail(session, task, processor, savepoint, unnoticed)
                 return
             if savepoint.is_active:
                 savepoint.commit()
@@ -469,6 +461,22 @@ class TaskWorker:
                 duration,
                 extra=fields,
             )
+
+    def _fail(
+        self,
+        session: Session,
+        task: Any,
+        processor: Processor,
+        savepoint: Any,
+        error: BaseException,
+    ) -> None:
+        """Undo ``task``'s writes (its savepoint) and record its failure. If it released or
+        rolled back its savepoint itself, what it wrote after that has no savepoint to undo
+        it: the batch's transaction is rolled back instead (``Batch.abort_for``)."""
+        if savepoint is not None and not savepoint.is_active:
+            self.batch.abort_for(session, task, processor, error)
+        undo(savepoint)
+        self.batch.record_failure(session, task, processor, error)
 
     def _transaction_ended(
         self, session: Session, task: Any, processor: Processor, commits: int
