@@ -238,6 +238,48 @@ def test_rows_written_in_sql_that_no_claim_can_take_fail_alone(app, session):
     assert sorted(failures) == ["sqlalchemy.exc.IntegrityError", "sqlalchemy.exc.InternalError"]
 
 
+REFUSED_FOR_NOW = {
+    "a cancelled statement": "query_canceled",
+    "a lock timeout": "lock_not_available",
+    "a deadlock": "deadlock_detected",
+    "a read-only transaction": "read_only_sql_transaction",
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_FOR_NOW))
+@pytest.mark.parametrize("step", ["claim", "completion"])
+def test_a_refusal_that_is_not_a_rows_fault_fails_no_task(app, session, case, step):
+    """The server refuses a claim or a completion for a reason of its own: a statement or
+    lock timeout, an operator's cancel, a deadlock, a read-only transaction (a failover) —
+    here a trigger raises the same error three times. No task is failed for it: the worker
+    tries again (after a pause, when its claim was refused), and each task runs once more at
+    most, its attempt given back. Before, each due task was tried alone, and the ones whose
+    claim failed again were failed for good ("it cannot be claimed")."""
+
+    @app.processor(channel="default")
+    def takes(n: int) -> int:
+        return n
+
+    state = "PROCESSING" if step == "claim" else "DONE"
+    session.execute(
+        text(
+            "CREATE SEQUENCE refusals; "
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.state = '{state}' AND nextval('refusals') <= 3 THEN "
+            f"RAISE EXCEPTION 'not now' USING ERRCODE = '{REFUSED_FOR_NOW[case]}'; "
+            "END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER refuse BEFORE UPDATE ON beanflow_tasks "
+            "FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    )
+    tasks = [bq.enqueue(session, takes, n=n) for n in range(3)]
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [(bq.TaskState.DONE, 1, 0)] * 3
+    assert session.scalar(text("SELECT last_value FROM refusals")) > 3  # refused 3 times
+
+
 def test_a_row_no_claim_can_take_that_arrives_during_a_batch_fails_alone(app, session, db_url):
     """The row comes due while a batch runs: the completion's statement, which also claims
     the next batch, fails. The row is failed; the batch's task, whose completion was rolled

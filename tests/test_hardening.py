@@ -74,9 +74,9 @@ def effects(app):
     return Effect
 
 
-def run_batch_with_one_bad(app, session, effects, outcome) -> tuple[list, object]:
-    """Enqueue a batch of 10 writing tasks, the 5th of which ends with ``outcome`` (a value it
-    returns, or an exception it raises); drain it as one batch; return (good, bad)."""
+def run_batch_with_one_bad(app, session, effects, outcome, batches: int = 1) -> tuple[list, object]:
+    """Enqueue ``batches`` batches of 10 writing tasks, the 5th of which ends with ``outcome``
+    (a value it returns, or an exception it raises); drain them; return (good, bad)."""
     app.config.BATCH_SIZE = BATCH
 
     @app.processor(channel="default")
@@ -94,7 +94,8 @@ def run_batch_with_one_bad(app, session, effects, outcome) -> tuple[list, object
             raise outcome
         return outcome
 
-    tasks = [bq.enqueue(session, batch_member, key=f"k{n}", bad=n == 4) for n in range(BATCH)]
+    count = BATCH * batches
+    tasks = [bq.enqueue(session, batch_member, key=f"k{n}", bad=n == 4) for n in range(count)]
     session.commit()
     assert app.process_tasks(["default"], burst=True) == 0  # the worker lived to the end
     session.expire_all()
@@ -221,6 +222,60 @@ def test_a_task_that_expires_or_lets_go_of_the_sessions_objects_disturbs_nothing
     assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [(TaskState.DONE, 1, 0)] * BATCH
     keys = session.scalars(select(Effect.key).order_by(Effect.key)).all()
     assert keys == sorted(f"k{n}" for n in range(BATCH))
+
+
+SETTINGS = {
+    "search_path": "SET search_path TO nowhere",
+    "search_path, for its transaction": "SET LOCAL search_path TO nowhere",
+    "search_path, by set_config": "SELECT set_config('search_path', 'nowhere', false)",
+    "statement_timeout": "SET statement_timeout = 1",
+    "read-only transactions": "SET default_transaction_read_only = on",
+    "role": "SET ROLE pg_read_all_data",
+}
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS))
+def test_a_setting_a_task_changes_lasts_until_it_ends(app, session, effects, case):
+    """A task's SET (for the session or its transaction) reached the tasks after it in the
+    worker, and the worker's own statements: with another search_path, say, the next tasks'
+    statements failed (they were failed for good, by no fault of theirs) and the batch's
+    completion too (the whole batch was charged a crash, again and again)."""
+    good, bad = run_batch_with_one_bad(
+        app,
+        session,
+        effects,
+        _Does(lambda db, task, savepoint: db.execute(text(SETTINGS[case]))),
+        batches=2,
+    )
+    tasks = [*good, bad]
+    count = 2 * BATCH
+    assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [(TaskState.DONE, 1, 0)] * count
+    keys = session.scalars(select(Effect.key).order_by(Effect.key)).all()
+    assert keys == sorted(f"k{n}" for n in range(count))
+
+
+def test_a_task_sees_no_setting_of_a_task_before_it(app, session):
+    """A tenant's id in a setting (for row-level security, say) or a role, SET by one task, is
+    not the next task's: each runs with the worker connection's settings."""
+    app.config.BATCH_SIZE = BATCH
+
+    @app.processor(channel="default")
+    def tenant(db, n: int) -> list:
+        if n == 0:
+            db.execute(text("SET app.tenant = '42'; SET ROLE pg_read_all_data"))
+        return list(
+            db.execute(text("SELECT current_setting('app.tenant', true), current_user")).one()
+        )
+
+    tasks = [bq.enqueue(session, tenant, n=n) for n in range(3)]
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    assert [task.result for task in tasks] == [
+        ["42", "pg_read_all_data"],
+        ["", "postgres"],
+        ["", "postgres"],
+    ]
 
 
 BAD_POLICIES = {

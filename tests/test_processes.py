@@ -368,3 +368,21 @@ def test_a_cancelled_task_whose_worker_died_is_not_run_again(
     session.refresh(task)
     assert task.error_message == "cancelled by tester"
     assert task.attempts == 1  # never started again
+
+
+def test_a_worker_that_cannot_set_up_its_connection_tries_again(app, session, workers, db_url):
+    """A table lock held elsewhere (an index being built, say) makes the worker's first
+    statements wait past its ``lock_timeout``: it tries again with backoff until the lock is
+    gone. Before, the connection that failed while it was being set up was never given back
+    to the hot path's one-connection pool, and the worker could not connect again, ever."""
+    task = enqueue(session, workloads.echo, value=1)
+    holder = app.engine.connect()
+    holder.execute(text("LOCK TABLE beanflow_events IN SHARE MODE"))
+    workers.env["BEANFLOW_DATABASE_URL"] = f"{db_url}?options=-c%20lock_timeout%3D50"
+    process = workers.start("work", burst=True)
+    refused = "canceling statement due to lock timeout"
+    wait_for(lambda: workers.output(process).count(refused) >= 2, "two refused attempts")
+    holder.rollback()
+    holder.close()
+    assert process.wait(60) == 0
+    assert state_of(session, task) == TaskState.DONE

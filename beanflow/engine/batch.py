@@ -227,6 +227,8 @@ class Batch:
             self._unless_lost(error)
             refused = error
         session.rollback()
+        if refused_for_now(refused):  # no row's fault: they run again, after the loop's pause
+            self.abort(session, [], list(self.started), raising=refused)
         alone = len(ids) == 1 and claim is None
         culprits = {ids[0]: refused} if alone else self._probe(session, ids, results)
         if not culprits and claim is not None and self.fail_unclaimable(session, claim):
@@ -270,6 +272,8 @@ class Batch:
         fault, re-raise ``error``."""
         self._unless_lost(error)
         session.rollback()
+        if refused_for_now(error):  # no row's fault: claim again after the loop's pause
+            self.abort(session, [], list(self.started), raising=error)
         if not self.fail_unclaimable(session, claim):
             raise error
         self.abort(session, [], list(self.started))
@@ -288,6 +292,8 @@ class Batch:
                 session.execute(claim_one, {"task_id": task_id, "worker": self.worker_id}).all()
             except Exception as error:  # noqa: BLE001 - whatever the row makes the claim raise
                 self._unless_lost(error)
+                if refused_for_now(error):
+                    raise
                 refused[task_id] = error
             savepoint.rollback()
         session.expunge_all()
@@ -329,6 +335,8 @@ class Batch:
             try:
                 self._guarded(session, partial(self._execute, session, [task_id], [result]))
             except exc.DBAPIError as error:
+                if refused_for_now(error):
+                    raise
                 refused[task_id] = error
         session.rollback()
         return refused
@@ -379,10 +387,12 @@ class Batch:
         failures: list[tuple[Any, Processor | None, BaseException]],
         innocent: list[Any],
         charged: list[Any] = (),
+        raising: BaseException | None = None,
     ) -> NoReturn:
         """Roll the open transaction (every task's changes in it) back, record ``failures``,
         and return the rest of what the worker holds to the queue: ``innocent`` task ids with
-        their attempt given back (their run left no trace), ``charged`` ones charged a crash."""
+        their attempt given back (their run left no trace), ``charged`` ones charged a crash.
+        Raises BatchAborted, or ``raising`` (for the worker's loop to pause on)."""
         session.rollback()
         self.reset()
         for task, processor, error in failures:
@@ -393,7 +403,7 @@ class Batch:
         self.reset()
         session.expunge_all()
         self.release(list(charged), innocent)
-        raise BatchAborted()
+        raise raising or BatchAborted()
 
     def _guarded(self, session: Session, write: Callable[[], T]) -> T:
         """``write()`` in a savepoint that costs no round trip (it travels with the write's
@@ -412,6 +422,20 @@ class Batch:
     def _unless_lost(self, error: BaseException) -> None:
         if self.connections.broken():
             raise ConnectionLost(first_line(error)) from None
+
+
+# classes of SQLSTATE by which the server refuses a statement for a reason of its own, not a
+# row's: a lost connection (08), a read-only transaction (25), a deadlock or serialization
+# failure (40), no resources (53), a lock timeout (55), a cancel or statement timeout (57), a
+# system error (58)
+_NOT_A_ROWS_FAULT = frozenset({"08", "25", "40", "53", "55", "57", "58"})
+
+
+def refused_for_now(error: BaseException) -> bool:
+    """Whether the server refused a statement for a reason of its own, which may pass: no
+    task or row is failed for it, and what was refused is tried again."""
+    code = getattr(getattr(error, "orig", None), "pgcode", None) or ""
+    return code[:2] in _NOT_A_ROWS_FAULT
 
 
 class Unstarted:

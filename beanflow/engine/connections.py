@@ -20,6 +20,10 @@ from .queries.tasks import COMPLETED
 
 # for the rest of a transaction in which a hot statement gets its generic plan
 NO_SEQUENTIAL_SCANS = "SET LOCAL enable_seqscan = off"
+# the hot-path connection's own setting: its statements are planned once, for any parameters
+PLAN_ONCE = "SET plan_cache_mode = force_generic_plan"
+# back to the connection's settings (as it opened, and PLAN_ONCE), whatever a task SET
+RESET_SETTINGS = f"RESET ALL; RESET ROLE; {PLAN_ONCE}"
 _PREPARED = "beanflow_prepared"  # a connection's info: the names PREPAREd on it
 
 
@@ -67,13 +71,17 @@ class WorkerConnections:
         if self.session is not None:
             return False
         connection = self._hot_engine.connect()
-        # planned once for this connection: the statements' parameters never change the plan
-        connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        prepare_once(connection, self.complete)  # and planned now
-        connection.execute(
-            self.complete.execute, {"task_ids": [], "task_results": [], "worker": uuid.uuid4()}
-        )
-        connection.commit()
+        try:
+            # planned once for this connection: the statements' parameters never change the plan
+            connection.exec_driver_sql(PLAN_ONCE)
+            prepare_once(connection, self.complete)  # and planned now
+            connection.execute(
+                self.complete.execute, {"task_ids": [], "task_results": [], "worker": uuid.uuid4()}
+            )
+            connection.commit()
+        except BaseException:
+            _drop(connection)  # else its engine's only connection stays checked out for ever
+            raise
         self.session = Session(bind=connection, expire_on_commit=False, autoflush=True)
         self.listener = Listener(self.engine, self.channels)
         return True
@@ -112,6 +120,13 @@ class WorkerConnections:
         assert self.session is not None
         return db.commits(self.session.get_bind())  # type: ignore[arg-type]
 
+    def reset_settings(self) -> None:
+        """Undo whatever a task given the session SET (for the session or its transaction, by
+        SET or set_config, its role included): the tasks after it and the worker's own
+        statements run with the connection's settings. Sent with the next statement."""
+        assert self.session is not None
+        db.send_with_next_statement(self.session.get_bind(), RESET_SETTINGS)  # type: ignore[arg-type]
+
     def in_failed_transaction(self) -> bool:
         """Whether a statement failed in the hot-path connection's transaction, which
         PostgreSQL then refuses to go on with (until a rollback to a savepoint before it)."""
@@ -143,10 +158,17 @@ class WorkerConnections:
             connection = self.session.get_bind()
             with contextlib.suppress(Exception):  # the connection is already broken
                 self.session.close()
-                connection.invalidate()
-                connection.close()
+            _drop(connection)  # type: ignore[arg-type]
             self.session = None
 
     def dispose(self) -> None:
         self.close()
         self._hot_engine.dispose()
+
+
+def _drop(connection: Connection) -> None:
+    """Close ``connection`` for good (it may be broken), giving its slot back to its pool."""
+    with contextlib.suppress(Exception):
+        connection.invalidate()
+    with contextlib.suppress(Exception):
+        connection.close()

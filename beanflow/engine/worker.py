@@ -37,6 +37,7 @@ from .batch import (
     TransactionAborted,
     TransactionEnded,
     Unstarted,
+    refused_for_now,
 )
 from .connections import WorkerConnections
 from .control import Control
@@ -213,7 +214,15 @@ class TaskWorker:
                 tasks = None  # returned to the queue by _connect's release
                 self._lost_connection = True
                 backoff = min(max(backoff * 2, 0.1), 5.0)
-                if isinstance(error, CONNECTION_ERRORS):
+                if refused_for_now(error) and not self.connections.broken():
+                    logger.warning(
+                        "worker %s: the database refused its statement for now (%s); trying "
+                        "again in %.1fs",
+                        self.id,
+                        first_line(error),
+                        backoff,
+                    )
+                elif isinstance(error, CONNECTION_ERRORS):
                     logger.warning(
                         "worker %s lost its database connection (%s); reconnecting in %.1fs",
                         self.id,
@@ -442,6 +451,7 @@ class TaskWorker:
                 return
             if savepoint.is_active:
                 savepoint.commit()
+            self.connections.reset_settings()
         self.batch.finished.append(Finished(task, processor, result, duration))
         if logger.isEnabledFor(logging.DEBUG):  # at INFO: a fifth to a third of a fast drain
             fields = {
@@ -489,6 +499,7 @@ class TaskWorker:
         committed = self.connections.commits() != commits
         if session.get_transaction() is not None:  # it wrote on, in a transaction of its own
             session.rollback()  # (the tasks it expires are read again: _reload_expired)
+        self.connections.reset_settings()  # what it SET may have been committed
         if committed:
             what = "committed the transaction it shares with its batch (db.commit())"
         else:
