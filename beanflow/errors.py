@@ -74,3 +74,17 @@ def first_line(error: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(error).__name__
+
+
+# classes of SQLSTATE by which the server refuses a statement for a reason of its own, not a
+# row's: a lost connection (08), a read-only transaction (25), a deadlock or serialization
+# failure (40), no resources (53), a lock timeout (55), a cancel or statement timeout (57), a
+# system error (58)
+_NOT_A_ROWS_FAULT = frozenset({"08", "25", "40", "53", "55", "57", "58"})
+
+
+def refused_for_now(error: BaseException) -> bool:
+    """Whether the server refused a statement for a reason of its own, which may pass: no
+    task or row is failed for it, and what was refused is tried again."""
+    code = getattr(getattr(error, "orig", None), "pgcode", None) or ""
+    return code[:2] in _NOT_A_ROWS_FAULT

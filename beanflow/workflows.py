@@ -64,7 +64,7 @@ from .app import BeanQueue
 from .engine.connections import execute, prepare_once
 from .engine.queries import Prepared
 from .engine.service import PeriodicService
-from .errors import BeanflowError, KwargsError, first_line
+from .errors import BeanflowError, KwargsError, first_line, refused_for_now
 from .models import (
     FINAL_STATES,
     RunState,
@@ -800,6 +800,9 @@ class WorkflowService(PeriodicService):
                     session.commit()
                 except Exception as error:  # noqa: BLE001 - charged to the run
                     session.rollback()
+                    if refused_for_now(error):  # no fault of the run's: the next round
+                        logger.warning("run %s: not advanced now: %s", run_id, first_line(error))
+                        continue
                     logger.exception("run %s cannot advance; it fails", run_id)
                     message = f"its progression failed: {type(error).__name__}: {first_line(error)}"
                     self.workflows.fail(session, run_id, message)

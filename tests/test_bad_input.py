@@ -247,20 +247,23 @@ REFUSED_FOR_NOW = {
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED_FOR_NOW))
-@pytest.mark.parametrize("step", ["claim", "completion"])
+@pytest.mark.parametrize("step", ["claim", "completion", "failure"])
 def test_a_refusal_that_is_not_a_rows_fault_fails_no_task(app, session, case, step):
-    """The server refuses a claim or a completion for a reason of its own: a statement or
-    lock timeout, an operator's cancel, a deadlock, a read-only transaction (a failover) —
-    here a trigger raises the same error three times. No task is failed for it: the worker
-    tries again (after a pause, when its claim was refused), and each task runs once more at
-    most, its attempt given back. Before, each due task was tried alone, and the ones whose
-    claim failed again were failed for good ("it cannot be claimed")."""
+    """The server refuses a claim, a completion or a failure's record for a reason of its
+    own: a statement or lock timeout, an operator's cancel, a deadlock, a read-only
+    transaction (a failover) — here a trigger raises the same error three times. No task is
+    failed or charged for it: the worker pauses and tries again, and the tasks run again,
+    their attempt given back. Before, each due task was tried alone, and the ones whose claim
+    failed again were failed for good ("it cannot be claimed"); a refused failure charged
+    its task a crash."""
 
     @app.processor(channel="default")
     def takes(n: int) -> int:
+        if step == "failure":
+            raise ValueError(n)
         return n
 
-    state = "PROCESSING" if step == "claim" else "DONE"
+    state = {"claim": "PROCESSING", "completion": "DONE", "failure": "FAILED"}[step]
     session.execute(
         text(
             "CREATE SEQUENCE refusals; "
@@ -276,7 +279,8 @@ def test_a_refusal_that_is_not_a_rows_fault_fails_no_task(app, session, case, st
     session.commit()
     assert app.process_tasks(["default"], burst=True) == 0
     session.expire_all()
-    assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [(bq.TaskState.DONE, 1, 0)] * 3
+    ended = bq.TaskState.FAILED if step == "failure" else bq.TaskState.DONE
+    assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [(ended, 1, 0)] * 3
     assert session.scalar(text("SELECT last_value FROM refusals")) > 3  # refused 3 times
 
 

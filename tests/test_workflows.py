@@ -222,6 +222,37 @@ def test_a_step_ended_outside_a_worker_is_taken_up_by_the_service(flows, session
     assert run.state == RunState.FAILED and run.error == "step one: cancelled by tester"
 
 
+def test_a_progression_the_server_refuses_for_now_does_not_fail_the_run(flows, session):
+    """The service meets a refusal that passes (a lock timeout while a migration holds the
+    steps' table, say; here a trigger raises it once): the run stays running, and the next
+    round advances it. Before, the run failed for good ("its progression failed")."""
+    run_id = start(flows, session, "linear")
+    session.execute(
+        text(
+            "CREATE SEQUENCE refusals; "
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF nextval('refusals') = 1 THEN "
+            "RAISE EXCEPTION 'not now' USING ERRCODE = 'lock_not_available'; "
+            "END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER refuse BEFORE INSERT ON beanflow_workflow_steps "
+            "FOR EACH ROW EXECUTE FUNCTION refuse(); "
+            "UPDATE beanflow_tasks SET state = 'DONE', finished_at = now() "  # ended elsewhere
+            "WHERE workflow_run_id = :run"
+        ),
+        {"run": run_id},
+    )
+    session.commit()
+    service = WorkflowService(flows.workflows)
+    service.run_once()
+    run = run_of(session, run_id)
+    assert (run.state, run.error) == (RunState.RUNNING, None)
+    service.run_once()
+    steps = session.scalars(select(WorkflowStep.step).where(WorkflowStep.run_id == run_id))
+    assert sorted(steps) == ["one", "two"]  # released by the second round
+    drain(flows)
+    assert run_of(session, run_id).state == RunState.DONE
+
+
 HEAD = """\
 version: 1
 database: postgresql://u@db.example/x

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from .. import db
-from ..errors import first_line
+from ..errors import first_line, refused_for_now
 from ..models.jsonb import storable_text
 from ..models.task import EARLIEST_DUE, LATEST_DUE
 from ..processors.processor import Processor
@@ -361,12 +361,14 @@ class Batch:
                 ),
             )
         except exc.DBAPIError as refused:
+            innocent = [entry.task.id for entry in self.finished]
+            if refused_for_now(refused):  # no fault of the task's: it runs again, later
+                self.abort(session, [], [*innocent, task.id], raising=refused)
             logger.error(
                 "task %s: its failure could not be recorded (%s); it is charged a crash",
                 task.id,
                 first_line(refused),
             )
-            innocent = [entry.task.id for entry in self.finished]
             self.abort(session, [], innocent, charged=[task.id])
         self.ended.append((task, outcome))
         if outcome in ("failed", "cancelled"):
@@ -422,20 +424,6 @@ class Batch:
     def _unless_lost(self, error: BaseException) -> None:
         if self.connections.broken():
             raise ConnectionLost(first_line(error)) from None
-
-
-# classes of SQLSTATE by which the server refuses a statement for a reason of its own, not a
-# row's: a lost connection (08), a read-only transaction (25), a deadlock or serialization
-# failure (40), no resources (53), a lock timeout (55), a cancel or statement timeout (57), a
-# system error (58)
-_NOT_A_ROWS_FAULT = frozenset({"08", "25", "40", "53", "55", "57", "58"})
-
-
-def refused_for_now(error: BaseException) -> bool:
-    """Whether the server refused a statement for a reason of its own, which may pass: no
-    task or row is failed for it, and what was refused is tried again."""
-    code = getattr(getattr(error, "orig", None), "pgcode", None) or ""
-    return code[:2] in _NOT_A_ROWS_FAULT
 
 
 class Unstarted:

@@ -25,11 +25,15 @@ class Listener:
         # server restart, and must not be handed out again once it LISTENs)
         arguments, keywords = engine.dialect.create_connect_args(engine.url)
         self.connection: Any = engine.dialect.loaded_dbapi.connect(*arguments, **keywords)
-        self.connection.autocommit = True
-        with self.connection.cursor() as cursor:
-            for channel in self.channels:
-                # a quoted identifier: a channel name can never inject SQL
-                cursor.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        try:
+            self.connection.autocommit = True
+            with self.connection.cursor() as cursor:
+                for channel in self.channels:
+                    # a quoted identifier: a channel name can never inject SQL
+                    cursor.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        except BaseException:
+            self.close()  # not left open until the garbage collector finds it
+            raise
 
     def wait(self, timeout: float, wake_fd: int | None = None) -> bool:
         """Sleep until a notify arrives, ``wake_fd`` is readable, or ``timeout`` seconds pass.

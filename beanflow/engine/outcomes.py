@@ -15,7 +15,7 @@ from sqlalchemy import exc, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
-from ..errors import Cancel, Retry, first_line
+from ..errors import Cancel, Retry, first_line, refused_for_now
 from ..models.jsonb import jsonb_text, storable_text
 from ..models.task import LATEST_DUE, as_due_time
 from ..processors.processor import Processor
@@ -192,6 +192,8 @@ def _retry_at(
             with session.begin_nested():  # an expression the server refuses spoils nothing
                 retry_at = session.scalar(select(retry_at))
     except Exception as policy_error:  # noqa: BLE001 - a policy is the user's code
+        if refused_for_now(policy_error):  # the server's refusal, not the policy's fault
+            raise
         problem = f"raised {type(policy_error).__name__}: {first_line(policy_error)}"
     else:
         if retry_at is None:

@@ -22,7 +22,7 @@ from sqlalchemy import exc
 from sqlalchemy.orm import Session
 
 from .. import db
-from ..errors import ProcessorNotFound, first_line
+from ..errors import ProcessorNotFound, first_line, refused_for_now
 from ..models.cancellation import Cancellation
 from ..models.waiter import Waiter
 from ..processors.processor import Processor
@@ -37,7 +37,6 @@ from .batch import (
     TransactionAborted,
     TransactionEnded,
     Unstarted,
-    refused_for_now,
 )
 from .connections import WorkerConnections
 from .control import Control
