@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -32,6 +33,9 @@ _QUEUED = "beanflow_queued_statements"
 _IN_FLIGHT = "beanflow_sent_with_a_statement"  # queued statements prefixed to the one running
 _HOT_PATH = "beanflow_hot_path"  # an execution option of the hot-path engine's connections
 _COMMITS = "beanflow_commits"  # how many transactions the hot-path connection has committed
+_CHANGED = "beanflow_session_changed"  # a statement since watch_session() may have changed it
+# what a statement that may change its session's state (settings, role, advisory locks) says
+_MAY_CHANGE_SESSION = re.compile("set|advisory", re.IGNORECASE)
 
 
 def on_hot_path(connection: Connection) -> bool:
@@ -94,7 +98,10 @@ def make_hot_path_engine(url: str | URL) -> Engine:
 
     @event.listens_for(engine, "before_cursor_execute", retval=True)
     def send_queued(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
-        statements = connection.connection.info.get(_QUEUED)
+        info = connection.connection.info
+        if _MAY_CHANGE_SESSION.search(statement):
+            info[_CHANGED] = True
+        statements = info.get(_QUEUED)
         if statements:
             prefix = "".join(f"{s}; " for s in statements)
             if executemany:
@@ -131,6 +138,18 @@ def make_hot_path_engine(url: str | URL) -> Engine:
         info[_COMMITS] = info.get(_COMMITS, 0) + 1
 
     return engine
+
+
+def watch_session(connection: Connection) -> None:
+    """From now on, note whether a statement sent on the hot-path ``connection`` may change
+    its session's state: a SET or RESET, ``set_config``, an advisory lock (or anything else
+    whose text says "set" or "advisory": an UPDATE, say)."""
+    connection.connection.info[_CHANGED] = False
+
+
+def session_changed(connection: Connection) -> bool:
+    """Whether a statement since ``watch_session`` may have changed the session's state."""
+    return bool(connection.connection.info.get(_CHANGED, True))
 
 
 def commits(connection: Connection) -> int:

@@ -278,6 +278,73 @@ def test_a_task_sees_no_setting_of_a_task_before_it(app, session):
     ]
 
 
+@pytest.mark.parametrize(
+    "ends", ["returns", "raises", "rolls back db", "releases its savepoint, then raises"]
+)
+def test_a_lock_a_task_takes_for_the_session_ends_with_it(app, session, ends):
+    """A session-level advisory lock survives a rollback: a task that raised between its lock
+    and its unlock (or never unlocked) left it on the worker's connection, for good, and every
+    task that takes the same lock on another worker waited for ever. It is released with the
+    worker's next statement."""
+    app.config.BATCH_SIZE = BATCH
+
+    @app.processor(channel="default")
+    def locks(db, savepoint) -> None:
+        db.execute(text("SELECT pg_advisory_lock(42)"))
+        if ends == "rolls back db":
+            db.rollback()
+        if ends.startswith("releases"):
+            savepoint.commit()
+        if "raises" in ends:
+            raise ValueError("between its lock and its unlock")
+
+    @app.processor(channel="default")
+    def tries(db) -> bool:
+        db.execute(text("SELECT 1"))  # the worker's next statement
+        with app.engine.connect() as elsewhere:  # another worker, say
+            took = elsewhere.scalar(text("SELECT pg_try_advisory_lock(42)"))
+            elsewhere.execute(text("SELECT pg_advisory_unlock_all()"))
+        return took
+
+    first, second = bq.enqueue(session, locks), bq.enqueue(session, tries)
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    assert first.state == (TaskState.DONE if ends == "returns" else TaskState.FAILED)
+    assert (second.state, second.result) == (TaskState.DONE, True)
+
+
+def test_a_lock_taken_in_a_function_a_task_calls_ends_with_its_batch(app, session):
+    """The task's statement does not show it (a function of yours takes the lock): the lock
+    is released after the batch's commit, before the next batch starts."""
+    app.config.BATCH_SIZE = 1
+    session.execute(
+        text(
+            "CREATE FUNCTION take_lock() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM pg_advisory_lock(42); END $$"
+        )
+    )
+
+    @app.processor(channel="default")
+    def calls(db) -> None:
+        db.execute(text("SELECT take_lock()"))
+
+    @app.processor(channel="default")
+    def tries(db) -> bool:
+        db.execute(text("SELECT 1"))  # the worker's next statement
+        with app.engine.connect() as elsewhere:
+            took = elsewhere.scalar(text("SELECT pg_try_advisory_lock(42)"))
+            elsewhere.execute(text("SELECT pg_advisory_unlock_all()"))
+        return took
+
+    first, second = bq.enqueue(session, calls), bq.enqueue(session, tries)
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    assert first.state == TaskState.DONE
+    assert (second.state, second.result) == (TaskState.DONE, True)
+
+
 BAD_POLICIES = {
     "a time no task can be due at": (
         datetime.datetime.max.replace(tzinfo=datetime.timezone.utc),

@@ -6,7 +6,7 @@ import datetime
 import signal
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, make_url, select, text
 
 import beanflow as bq
 from beanflow import ops
@@ -378,7 +378,8 @@ def test_a_worker_that_cannot_set_up_its_connection_tries_again(app, session, wo
     task = enqueue(session, workloads.echo, value=1)
     holder = app.engine.connect()
     holder.execute(text("LOCK TABLE beanflow_events IN SHARE MODE"))
-    workers.env["BEANFLOW_DATABASE_URL"] = f"{db_url}?options=-c%20lock_timeout%3D50"
+    waits_50ms = make_url(db_url).update_query_dict({"options": "-c lock_timeout=50"})
+    workers.env["BEANFLOW_DATABASE_URL"] = waits_50ms.render_as_string(hide_password=False)
     process = workers.start("work", burst=True)
     refused = "canceling statement due to lock timeout"
     wait_for(lambda: workers.output(process).count(refused) >= 2, "two refused attempts")

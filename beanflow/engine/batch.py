@@ -396,6 +396,7 @@ class Batch:
         their attempt given back (their run left no trace), ``charged`` ones charged a crash.
         Raises BatchAborted, or ``raising`` (for the worker's loop to pause on)."""
         session.rollback()
+        self.connections.reset_session()  # the rollback left the tasks' session-level locks
         self.reset()
         for task, processor, error in failures:
             outcome = record_failure(session, self.queries, self.worker_id, task, processor, error)

@@ -22,8 +22,10 @@ from .queries.tasks import COMPLETED
 NO_SEQUENTIAL_SCANS = "SET LOCAL enable_seqscan = off"
 # the hot-path connection's own setting: its statements are planned once, for any parameters
 PLAN_ONCE = "SET plan_cache_mode = force_generic_plan"
-# back to the connection's settings (as it opened, and PLAN_ONCE), whatever a task SET
-RESET_SETTINGS = f"RESET ALL; RESET ROLE; {PLAN_ONCE}"
+# what a task given the session may have left on it, undone: its settings (back to the
+# connection's own, as it opened, and PLAN_ONCE), its role, its session-level advisory locks
+# (which a rollback does not release)
+RESET_SESSION = f"RESET ALL; RESET ROLE; {PLAN_ONCE}; SELECT pg_advisory_unlock_all()"
 _PREPARED = "beanflow_prepared"  # a connection's info: the names PREPAREd on it
 
 
@@ -65,6 +67,7 @@ class WorkerConnections:
         self._hot_engine = db.make_hot_path_engine(engine.url)
         self.session: Session | None = None
         self.listener: Listener | None = None
+        self._used = False  # a task given the session ran since the last batch's completion
 
     def open(self) -> bool:
         """Connect unless connected; True when this made new connections."""
@@ -120,12 +123,31 @@ class WorkerConnections:
         assert self.session is not None
         return db.commits(self.session.get_bind())  # type: ignore[arg-type]
 
-    def reset_settings(self) -> None:
-        """Undo whatever a task given the session SET (for the session or its transaction, by
-        SET or set_config, its role included): the tasks after it and the worker's own
-        statements run with the connection's settings. Sent with the next statement."""
+    def watch_session(self) -> None:
+        """A task given the session starts: note whether its statements may change the
+        session's state (``db.watch_session``), and that the batch used the session."""
         assert self.session is not None
-        db.send_with_next_statement(self.session.get_bind(), RESET_SETTINGS)  # type: ignore[arg-type]
+        db.watch_session(self.session.get_bind())  # type: ignore[arg-type]
+        self._used = True
+
+    def reset_session(self, if_changed: bool = False) -> None:
+        """Undo what a task given the session left on its connection: whatever it SET (for
+        the session or its transaction, by SET or set_config, its role included) and the
+        advisory locks it took for the session. The tasks after it and the worker's own
+        statements run with the connection's settings. Sent with the next statement. With
+        ``if_changed``, only when one of its statements may have changed them (a SET in a
+        function it called is undone after the batch's commit: ``reset_after_batch``)."""
+        assert self.session is not None
+        connection = self.session.get_bind()
+        if not if_changed or db.session_changed(connection):  # type: ignore[arg-type]
+            db.send_with_next_statement(connection, RESET_SESSION)  # type: ignore[arg-type]
+
+    def reset_after_batch(self) -> None:
+        """After a batch's commit: undo what its tasks given the session may have left on it
+        through the functions they called, which their statements do not show."""
+        if self._used:
+            self._used = False
+            self.reset_session()
 
     def in_failed_transaction(self) -> bool:
         """Whether a statement failed in the hot-path connection's transaction, which

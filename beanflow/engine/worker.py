@@ -413,7 +413,10 @@ class TaskWorker:
         started = time.monotonic()
         self.batch.started.append(task.id)
         savepoint = session.begin_nested() if processor.uses_session else None
-        commits = self.connections.commits() if savepoint is not None else 0
+        commits = 0
+        if savepoint is not None:
+            commits = self.connections.commits()
+            self.connections.watch_session()
         try:
             try:
                 with self.deadlines.task(processor.timeout, task.id):
@@ -450,7 +453,7 @@ class TaskWorker:
                 return
             if savepoint.is_active:
                 savepoint.commit()
-            self.connections.reset_settings()
+            self.connections.reset_session(if_changed=True)
         self.batch.finished.append(Finished(task, processor, result, duration))
         if logger.isEnabledFor(logging.DEBUG):  # at INFO: a fifth to a third of a fast drain
             fields = {
@@ -485,6 +488,8 @@ class TaskWorker:
         if savepoint is not None and not savepoint.is_active:
             self.batch.abort_for(session, task, processor, error)
         undo(savepoint)
+        if savepoint is not None:  # its settings went with its savepoint, its locks did not
+            self.connections.reset_session(if_changed=True)
         self.batch.record_failure(session, task, processor, error)
 
     def _transaction_ended(
@@ -498,7 +503,7 @@ class TaskWorker:
         committed = self.connections.commits() != commits
         if session.get_transaction() is not None:  # it wrote on, in a transaction of its own
             session.rollback()  # (the tasks it expires are read again: _reload_expired)
-        self.connections.reset_settings()  # what it SET may have been committed
+        self.connections.reset_session()  # what it SET may have been committed
         if committed:
             what = "committed the transaction it shares with its batch (db.commit())"
         else:
@@ -558,6 +563,7 @@ class TaskWorker:
             # this transaction rather than in one more of its own
             self._due_in = self._next_due(session)
         session.commit()
+        self.connections.reset_after_batch()  # with the next statement
         self.held.committed()
         if logger.isEnabledFor(logging.DEBUG):
             claimed_too = f" and a claim of {len(claimed)}" if claim_next else ""
