@@ -34,8 +34,9 @@ _IN_FLIGHT = "beanflow_sent_with_a_statement"  # queued statements prefixed to t
 _HOT_PATH = "beanflow_hot_path"  # an execution option of the hot-path engine's connections
 _COMMITS = "beanflow_commits"  # how many transactions the hot-path connection has committed
 _CHANGED = "beanflow_session_changed"  # a statement since watch_session() may have changed it
-# what a statement that may change its session's state (settings, role, advisory locks) says
-_MAY_CHANGE_SESSION = re.compile("set|advisory", re.IGNORECASE)
+# a statement that may change its session's state: a SET or RESET (settings, the role), or a
+# call of set_config or of an advisory lock function
+_MAY_CHANGE_SESSION = re.compile(r"(?:^|;)\s*(?:re)?set\b|set_config|advisory", re.IGNORECASE)
 
 
 def on_hot_path(connection: Connection) -> bool:
@@ -142,8 +143,8 @@ def make_hot_path_engine(url: str | URL) -> Engine:
 
 def watch_session(connection: Connection) -> None:
     """From now on, note whether a statement sent on the hot-path ``connection`` may change
-    its session's state: a SET or RESET, ``set_config``, an advisory lock (or anything else
-    whose text says "set" or "advisory": an UPDATE, say)."""
+    its session's state: a SET or RESET, a call of ``set_config`` or of an advisory lock
+    function (what a function of the user's does is not seen)."""
     connection.connection.info[_CHANGED] = False
 
 

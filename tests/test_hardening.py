@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import exc, func, literal, select, text
 
 import beanflow as bq
+from beanflow import db
 from beanflow.models import TaskState
 
 from .workloads.app import Effect, UserBase
@@ -252,6 +253,33 @@ def test_a_setting_a_task_changes_lasts_until_it_ends(app, session, effects, cas
     assert [(t.state, t.attempts, t.crash_count) for t in tasks] == [(TaskState.DONE, 1, 0)] * count
     keys = session.scalars(select(Effect.key).order_by(Effect.key)).all()
     assert keys == sorted(f"k{n}" for n in range(count))
+
+
+CHANGES_THE_SESSION = {
+    "SET search_path TO public": True,
+    "  set local statement_timeout = 0": True,
+    "RESET ALL": True,
+    "SELECT 1; SET ROLE postgres": True,
+    "SELECT set_config('app.tenant', '42', false)": True,
+    "SELECT pg_advisory_lock(7), pg_advisory_unlock(7)": True,
+    "UPDATE settings SET a = 1": False,
+    "SELECT a FROM settings ORDER BY a OFFSET 1": False,
+    "INSERT INTO settings (a) VALUES (1) ON CONFLICT DO NOTHING": False,
+}
+
+
+def test_only_a_statement_that_may_change_the_session_is_followed_by_a_reset(db_url):
+    """The reset costs the server a statement's work: it follows a task one of whose
+    statements is a SET or RESET, or calls set_config or an advisory lock function; not an
+    UPDATE's SET, an OFFSET, a table named settings."""
+    engine = db.make_hot_path_engine(db_url)
+    with engine.connect() as connection:
+        connection.exec_driver_sql("CREATE TEMPORARY TABLE settings (a integer)")
+        for statement, changes in CHANGES_THE_SESSION.items():
+            db.watch_session(connection)
+            connection.exec_driver_sql(statement)
+            assert db.session_changed(connection) == changes, statement
+    engine.dispose()
 
 
 def test_a_task_sees_no_setting_of_a_task_before_it(app, session):
