@@ -84,7 +84,11 @@ _NOT_A_ROWS_FAULT = frozenset({"08", "25", "40", "53", "55", "57", "58"})
 
 
 def refused_for_now(error: BaseException) -> bool:
-    """Whether the server refused a statement for a reason of its own, which may pass: no
-    task or row is failed for it, and what was refused is tried again."""
-    code = getattr(getattr(error, "orig", None), "pgcode", None) or ""
+    """Whether the server refused a statement for a reason of its own, which may pass, or
+    could not be reached: no task or row is failed for it, and what was refused is tried
+    again."""
+    cause = getattr(error, "orig", None) or error
+    code = getattr(cause, "pgcode", None)
+    if code is None:  # the driver's own: no connection, or it broke
+        return type(cause).__name__ in ("OperationalError", "InterfaceError")
     return code[:2] in _NOT_A_ROWS_FAULT

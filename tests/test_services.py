@@ -249,6 +249,36 @@ def test_scheduler_catches_up_once_then_enqueues_each_tick_once(app, session):
     assert session.get(bq.Task, state.last_task_id).unique_key.endswith(upcoming.isoformat())
 
 
+def test_a_tick_the_database_refuses_for_now_is_caught_up_not_lost(app, session):
+    """The database refuses a tick's insert for a reason that passes (a lock timeout here; a
+    restart, a failover): the scheduler pauses, then catches up as after any downtime.
+    Before, the tick was skipped for good."""
+    every_second = Schedule("tick", echo, "* * * * * *", kwargs={"value": "tick"}, catch_up=1)
+    scheduler = Scheduler(app, [every_second])
+    scheduler.run_once()  # a new schedule: it only looks ahead
+    session.execute(
+        text(
+            "CREATE SEQUENCE refusals; "
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF nextval('refusals') = 1 THEN "
+            "RAISE EXCEPTION 'not now' USING ERRCODE = 'lock_not_available'; "
+            "END IF; RETURN NEW; END $$; "
+            "CREATE TRIGGER refuse BEFORE INSERT ON beanflow_tasks "
+            "FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    )
+    session.commit()
+    refused = scheduler.upcoming["tick"]
+    while datetime.now(timezone.utc).timestamp() + scheduler.LEAD_SECONDS < refused.timestamp():
+        time.sleep(0.01)  # the clock has to reach the tick's lead time
+    with pytest.raises(exc.OperationalError, match="not now"):
+        scheduler.run_once()
+    assert scheduler.next_wait() > 0  # a pause before it tries again
+    scheduler.run_once()  # catching up: the tick, if it is due by now, else it looks ahead
+    scheduler.run_once()  # and the tick, due within its lead time
+    assert refused in session.scalars(select(bq.Task.scheduled_at)).all()
+
+
 def test_the_pace_claims_what_fits_in_the_window():
     from beanflow.engine.batch import Pace
 

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from sqlalchemy import exc
 
-from ..errors import first_line
+from ..errors import first_line, refused_for_now
 from ..models.schedule import ScheduleState
 from ..processors.processor import Processor
 from . import metrics
@@ -76,10 +76,11 @@ class Scheduler(PeriodicService):
         self.seen = schedule_seen(ScheduleState.__table__)
         self.ticked = schedule_ticked(ScheduleState.__table__)
         self.upcoming: dict[str, datetime] | None = None  # None until it has caught up
+        self.pause = 0.0  # grows while the database refuses, or cannot be reached
 
     def next_wait(self) -> float:
         if self.upcoming is None:
-            return 0.0
+            return self.pause
         soonest = min(self.upcoming.values(), default=None)
         if soonest is None:
             return 3600.0
@@ -87,6 +88,17 @@ class Scheduler(PeriodicService):
         return max(wait, 0.0)
 
     def run_once(self) -> None:
+        """Enqueue what is due. If the database refuses for now (or cannot be reached), catch
+        up once it answers, after a pause, as after any downtime: no tick is lost for it."""
+        try:
+            self._enqueue_due()
+        except exc.DBAPIError:
+            self.upcoming = None
+            self.pause = min(max(self.pause * 2, 0.5), 10.0)
+            raise
+        self.pause = 0.0
+
+    def _enqueue_due(self) -> None:
         now = datetime.now(timezone.utc)
         if self.upcoming is None:
             for schedule in self.schedules.values():
@@ -112,7 +124,8 @@ class Scheduler(PeriodicService):
 
     def enqueue(self, schedule: Schedule, tick: datetime) -> bool:
         """Insert the task of ``tick`` unless some scheduler already did; True if this one
-        did. A database error is logged and the tick skipped (the next one is retried)."""
+        did. A database error that is the tick's own (a trigger of yours refuses its row, say)
+        is logged and the tick skipped; one that passes is raised (``run_once``)."""
         processor = schedule.processor
         try:
             with self.app.engine.begin() as connection:
@@ -133,6 +146,8 @@ class Scheduler(PeriodicService):
                         self.ticked, {"schedule": schedule.name, "tick": tick, "task": inserted.id}
                     )
         except exc.DBAPIError as error:
+            if refused_for_now(error):
+                raise
             logger.error(
                 "schedule %s: could not enqueue the tick of %s: %s",
                 schedule.name,
