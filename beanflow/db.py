@@ -30,6 +30,7 @@ def make_engine(config: Config) -> Engine:
 
 
 _QUEUED = "beanflow_queued_statements"
+_QUEUED_FOR_SESSION = "beanflow_queued_session_statements"  # sent whenever the next one goes
 _IN_FLIGHT = "beanflow_sent_with_a_statement"  # queued statements prefixed to the one running
 _HOT_PATH = "beanflow_hot_path"  # an execution option of the hot-path engine's connections
 _COMMITS = "beanflow_commits"  # how many transactions the hot-path connection has committed
@@ -44,10 +45,14 @@ def on_hot_path(connection: Connection) -> bool:
     return bool(connection.get_execution_options().get(_HOT_PATH))
 
 
-def send_with_next_statement(connection: Connection, statement: str) -> None:
-    """Queue a statement that returns nothing (``SET LOCAL …``) to travel in the same round
-    trip as the connection's next one. Dropped if the transaction ends first."""
-    connection.connection.info.setdefault(_QUEUED, []).append(statement)
+def send_with_next_statement(
+    connection: Connection, statement: str, for_the_session: bool = False
+) -> None:
+    """Queue a statement whose result nobody reads (``SET LOCAL …``) to travel in the same
+    round trip as the connection's next one. Dropped if the transaction ends first, unless it
+    is ``for_the_session`` (a RESET, say): then it goes with the next statement, whenever."""
+    key = _QUEUED_FOR_SESSION if for_the_session else _QUEUED
+    connection.connection.info.setdefault(key, []).append(statement)
 
 
 def make_hot_path_engine(url: str | URL) -> Engine:
@@ -102,14 +107,14 @@ def make_hot_path_engine(url: str | URL) -> Engine:
         info = connection.connection.info
         if _MAY_CHANGE_SESSION.search(statement):
             info[_CHANGED] = True
-        statements = info.get(_QUEUED)
-        if statements:
-            prefix = "".join(f"{s}; " for s in statements)
+        for_session, statements = info.pop(_QUEUED_FOR_SESSION, []), info.get(_QUEUED, [])
+        if for_session or statements:
+            prefix = "".join(f"{s}; " for s in [*for_session, *statements])
             if executemany:
                 cursor.execute(prefix)
             else:
                 statement = prefix + statement
-                connection.connection.info[_IN_FLIGHT] = list(statements)
+                info[_IN_FLIGHT] = (for_session, list(statements))
             statements.clear()
         return statement, parameters
 
@@ -126,7 +131,9 @@ def make_hot_path_engine(url: str | URL) -> Engine:
         info = context.connection.connection.info
         in_flight = info.pop(_IN_FLIGHT, None)
         if in_flight and getattr(context.original_exception, "pgcode", None) is None:
-            queued(context.connection)[:0] = in_flight
+            for_session, statements = in_flight
+            info.setdefault(_QUEUED_FOR_SESSION, [])[:0] = for_session
+            queued(context.connection)[:0] = statements
 
     @event.listens_for(engine, "commit")
     @event.listens_for(engine, "rollback")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +14,10 @@ from sqlalchemy import exc, func, literal, select, text
 
 import beanflow as bq
 from beanflow import db
+from beanflow.engine.worker import TaskWorker
 from beanflow.models import TaskState
 
+from .helpers import wait_for
 from .workloads.app import Effect, UserBase
 
 BATCH = 10
@@ -371,6 +374,39 @@ def test_a_lock_taken_in_a_function_a_task_calls_ends_with_its_batch(app, sessio
     session.expire_all()
     assert first.state == TaskState.DONE
     assert (second.state, second.result) == (TaskState.DONE, True)
+
+
+def test_a_lock_taken_in_a_function_is_released_before_its_worker_sleeps(app, session):
+    """Released with the batch's completion, not with whatever statement comes after: an idle
+    worker would hold it while it sleeps."""
+    session.execute(
+        text(
+            "CREATE FUNCTION take_lock() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM pg_advisory_lock(42); END $$"
+        )
+    )
+
+    @app.processor(channel="default")
+    def calls(db) -> None:
+        db.execute(text("SELECT take_lock()"))
+
+    task = bq.enqueue(session, calls)
+    session.commit()
+
+    def done() -> bool:
+        session.rollback()  # a fresh snapshot each time
+        return session.scalar(select(bq.Task.state).where(bq.Task.id == task.id)) == "DONE"
+
+    worker = TaskWorker(app, ["default"])
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(done, "the task to be done")  # and its worker idle, asleep
+        with app.engine.connect() as elsewhere:
+            assert elsewhere.scalar(text("SELECT pg_try_advisory_lock(42)"))
+    finally:
+        worker.stop()
+        thread.join()
 
 
 BAD_POLICIES = {

@@ -136,15 +136,15 @@ class WorkerConnections:
         advisory locks it took for the session. The tasks after it and the worker's own
         statements run with the connection's settings. Sent with the next statement. With
         ``if_changed``, only when one of its statements may have changed them (a SET in a
-        function it called is undone after the batch's commit: ``reset_after_batch``)."""
+        function it called is undone with the batch's completion: ``reset_after_batch``)."""
         assert self.session is not None
         connection = self.session.get_bind()
         if not if_changed or db.session_changed(connection):  # type: ignore[arg-type]
-            db.send_with_next_statement(connection, RESET_SESSION)  # type: ignore[arg-type]
+            db.send_with_next_statement(connection, RESET_SESSION, for_the_session=True)  # type: ignore[arg-type]
 
     def reset_after_batch(self) -> None:
-        """After a batch's commit: undo what its tasks given the session may have left on it
-        through the functions they called, which their statements do not show."""
+        """With a batch's completion: undo what its tasks given the session may have left on
+        it through the functions they called, which their statements do not show."""
         if self._used:
             self._used = False
             self.reset_session()

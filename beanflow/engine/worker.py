@@ -526,6 +526,7 @@ class TaskWorker:
         instead, and stop: no task is completed twice. Returns the tasks claimed."""
         committed = self.batch.finished  # complete() replaces the list, leaving this one
         finished = len(committed)
+        self.connections.reset_after_batch()  # with the completion (or the next statement)
         self._reload_expired(session)
         session.expunge_all()  # the session keeps no task objects from batch to batch
         claiming = claim_next and not self.stopping.is_set()
@@ -563,7 +564,6 @@ class TaskWorker:
             # this transaction rather than in one more of its own
             self._due_in = self._next_due(session)
         session.commit()
-        self.connections.reset_after_batch()  # with the next statement
         self.held.committed()
         if logger.isEnabledFor(logging.DEBUG):
             claimed_too = f" and a claim of {len(claimed)}" if claim_next else ""
