@@ -50,9 +50,14 @@ def send_with_next_statement(
 ) -> None:
     """Queue a statement whose result nobody reads (``SET LOCAL …``) to travel in the same
     round trip as the connection's next one. Dropped if the transaction ends first, unless it
-    is ``for_the_session`` (a RESET, say): then it goes with the next statement, whenever."""
-    key = _QUEUED_FOR_SESSION if for_the_session else _QUEUED
-    connection.connection.info.setdefault(key, []).append(statement)
+    is ``for_the_session`` (a RESET, say: queued once however often it is asked for): then it
+    goes with the next statement, whenever."""
+    if not for_the_session:
+        connection.connection.info.setdefault(_QUEUED, []).append(statement)
+        return
+    queued = connection.connection.info.setdefault(_QUEUED_FOR_SESSION, [])
+    if statement not in queued:
+        queued.append(statement)
 
 
 def make_hot_path_engine(url: str | URL) -> Engine:
