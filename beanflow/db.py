@@ -35,9 +35,12 @@ _IN_FLIGHT = "beanflow_sent_with_a_statement"  # queued statements prefixed to t
 _HOT_PATH = "beanflow_hot_path"  # an execution option of the hot-path engine's connections
 _COMMITS = "beanflow_commits"  # how many transactions the hot-path connection has committed
 _CHANGED = "beanflow_session_changed"  # a statement since watch_session() may have changed it
+_UNPREPARED = "beanflow_prepared_dropped"  # … or dropped prepared statements or plans
 # a statement that may change its session's state: a SET or RESET (settings, the role), or a
 # call of set_config or of an advisory lock function
 _MAY_CHANGE_SESSION = re.compile(r"(?:^|;)\s*(?:re)?set\b|set_config|advisory", re.IGNORECASE)
+# one that may drop the session's prepared statements or their plans
+_MAY_DROP_PREPARED = re.compile(r"(?:^|;)\s*(?:deallocate|discard)\b", re.IGNORECASE)
 
 
 def on_hot_path(connection: Connection) -> bool:
@@ -112,6 +115,8 @@ def make_hot_path_engine(url: str | URL) -> Engine:
         info = connection.connection.info
         if _MAY_CHANGE_SESSION.search(statement):
             info[_CHANGED] = True
+        if _MAY_DROP_PREPARED.search(statement):
+            info[_UNPREPARED] = True
         for_session, statements = info.pop(_QUEUED_FOR_SESSION, []), info.get(_QUEUED, [])
         if for_session or statements:
             prefix = "".join(f"{s}; " for s in [*for_session, *statements])
@@ -156,13 +161,20 @@ def make_hot_path_engine(url: str | URL) -> Engine:
 def watch_session(connection: Connection) -> None:
     """From now on, note whether a statement sent on the hot-path ``connection`` may change
     its session's state: a SET or RESET, a call of ``set_config`` or of an advisory lock
-    function (what a function of the user's does is not seen)."""
+    function (what a function of the user's does is not seen); or drop its prepared
+    statements (DEALLOCATE, DISCARD)."""
     connection.connection.info[_CHANGED] = False
+    connection.connection.info[_UNPREPARED] = False
 
 
 def session_changed(connection: Connection) -> bool:
     """Whether a statement since ``watch_session`` may have changed the session's state."""
     return bool(connection.connection.info.get(_CHANGED, True))
+
+
+def prepared_dropped(connection: Connection) -> bool:
+    """Whether a statement since ``watch_session`` may have dropped prepared statements."""
+    return bool(connection.connection.info.get(_UNPREPARED, False))
 
 
 def commits(connection: Connection) -> int:

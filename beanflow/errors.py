@@ -77,10 +77,11 @@ def first_line(error: BaseException) -> str:
 
 
 # classes of SQLSTATE by which the server refuses a statement for a reason of its own, not a
-# row's: a lost connection (08), a read-only transaction (25), a deadlock or serialization
-# failure (40), no resources (53), a lock timeout (55), a cancel or statement timeout (57), a
-# system error (58)
-_NOT_A_ROWS_FAULT = frozenset({"08", "25", "40", "53", "55", "57", "58"})
+# row's: a lost connection (08), a read-only transaction (25), a prepared statement the
+# session lost (26: a pooler in transaction mode), a deadlock or serialization failure (40),
+# no resources (53), a lock timeout (55), a cancel or statement timeout (57), a system error
+# (58)
+_NOT_A_ROWS_FAULT = frozenset({"08", "25", "26", "40", "53", "55", "57", "58"})
 
 
 def refused_for_now(error: BaseException) -> bool:

@@ -409,6 +409,29 @@ def test_a_lock_taken_in_a_function_is_released_before_its_worker_sleeps(app, se
         thread.join()
 
 
+@pytest.mark.parametrize("statement", ["DEALLOCATE ALL", "DISCARD PLANS"])
+def test_a_task_that_drops_the_workers_prepared_statements_disturbs_nothing(
+    app, session, statement
+):
+    """The worker's claim and completion are prepared once per connection: a task that
+    dropped them (in the second batch, when all are in use) made the batch's completion fail,
+    and each task of the batch was failed ("its outcome could not be recorded"). They are
+    prepared again where they are next used."""
+    app.config.BATCH_SIZE = BATCH
+
+    @app.processor(channel="default")
+    def drops(db, n: int) -> int:
+        if n == BATCH + 4:
+            db.execute(text(statement))
+        return n
+
+    tasks = [bq.enqueue(session, drops, n=n) for n in range(3 * BATCH)]
+    session.commit()
+    assert app.process_tasks(["default"], burst=True) == 0
+    session.expire_all()
+    assert {(t.state, t.attempts, t.crash_count) for t in tasks} == {(TaskState.DONE, 1, 0)}
+
+
 BAD_POLICIES = {
     "a time no task can be due at": (
         datetime.datetime.max.replace(tzinfo=datetime.timezone.utc),

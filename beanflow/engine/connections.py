@@ -136,11 +136,17 @@ class WorkerConnections:
         advisory locks it took for the session. The tasks after it and the worker's own
         statements run with the connection's settings. Sent with the next statement. With
         ``if_changed``, only when one of its statements may have changed them (a SET in a
-        function it called is undone with the batch's completion: ``reset_after_batch``)."""
+        function it called is undone with the batch's completion: ``reset_after_batch``); and
+        if one of them may have dropped the worker's prepared statements, they are prepared
+        again where they are next used."""
         assert self.session is not None
-        connection = self.session.get_bind()
-        if not if_changed or db.session_changed(connection):  # type: ignore[arg-type]
-            db.send_with_next_statement(connection, RESET_SESSION, for_the_session=True)  # type: ignore[arg-type]
+        connection: Any = self.session.get_bind()
+        if not if_changed or db.session_changed(connection):
+            db.send_with_next_statement(connection, RESET_SESSION, for_the_session=True)
+        if if_changed and db.prepared_dropped(connection):  # its DEALLOCATE or DISCARD
+            # prepared again, and planned afresh, where they are next used
+            db.send_with_next_statement(connection, "DEALLOCATE ALL", for_the_session=True)
+            connection.connection.info.pop(_PREPARED, None)
 
     def reset_after_batch(self) -> None:
         """With a batch's completion: undo what its tasks given the session may have left on
