@@ -117,15 +117,14 @@ def make_hot_path_engine(url: str | URL) -> Engine:
             info[_CHANGED] = True
         if _MAY_DROP_PREPARED.search(statement):
             info[_UNPREPARED] = True
-        for_session, statements = info.pop(_QUEUED_FOR_SESSION, []), info.get(_QUEUED, [])
+        for_session, statements = info.pop(_QUEUED_FOR_SESSION, ()), info.pop(_QUEUED, ())
         if for_session or statements:
-            prefix = "".join(f"{s}; " for s in [*for_session, *statements])
+            prefix = "".join(f"{s}; " for s in (*for_session, *statements))
             if executemany:
                 cursor.execute(prefix)
             else:
                 statement = prefix + statement
-                info[_IN_FLIGHT] = (for_session, list(statements))
-            statements.clear()
+                info[_IN_FLIGHT] = (for_session, statements)
         return statement, parameters
 
     @event.listens_for(engine, "after_cursor_execute")

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from sqlalchemy import text
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
@@ -29,6 +31,23 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def refuse(session, table: str, event: str, sqlstate: str, times: int = 1, when: str = "TRUE"):
+    """Make the server refuse the first ``times`` rows that ``event`` (INSERT or UPDATE)
+    writes to ``table`` where ``when`` holds, with SQLSTATE ``sqlstate`` (a trigger; the count
+    is a sequence, which no rollback takes back)."""
+    session.execute(
+        text(
+            "CREATE SEQUENCE refusals; "
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF {when} AND nextval('refusals') <= {times} THEN "
+            f"RAISE EXCEPTION 'not now' USING ERRCODE = '{sqlstate}'; "
+            "END IF; RETURN NEW; END $$; "
+            f"CREATE TRIGGER refuse BEFORE {event} ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+    )
 
 
 def environment(**env: str) -> dict[str, str]:

@@ -15,6 +15,7 @@ import beanflow as bq
 from beanflow import spec
 from beanflow.spec.load import Problem
 
+from .helpers import refuse
 from .test_enqueue import Listening
 
 ODD_CHANNELS = [
@@ -264,17 +265,8 @@ def test_a_refusal_that_is_not_a_rows_fault_fails_no_task(app, session, case, st
         return n
 
     state = {"claim": "PROCESSING", "completion": "DONE", "failure": "FAILED"}[step]
-    session.execute(
-        text(
-            "CREATE SEQUENCE refusals; "
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF NEW.state = '{state}' AND nextval('refusals') <= 3 THEN "
-            f"RAISE EXCEPTION 'not now' USING ERRCODE = '{REFUSED_FOR_NOW[case]}'; "
-            "END IF; RETURN NEW; END $$; "
-            "CREATE TRIGGER refuse BEFORE UPDATE ON beanflow_tasks "
-            "FOR EACH ROW EXECUTE FUNCTION refuse()"
-        )
-    )
+    when = f"NEW.state = '{state}'"
+    refuse(session, "beanflow_tasks", "UPDATE", REFUSED_FOR_NOW[case], times=3, when=when)
     tasks = [bq.enqueue(session, takes, n=n) for n in range(3)]
     session.commit()
     assert app.process_tasks(["default"], burst=True) == 0

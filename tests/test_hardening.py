@@ -309,6 +309,38 @@ def test_a_task_sees_no_setting_of_a_task_before_it(app, session):
     ]
 
 
+def _tries_the_lock(app) -> bq.Processor:
+    """A processor that sends the worker's next statement, then says whether another
+    connection (another worker, say) can take advisory lock 42."""
+
+    @app.processor(channel="default")
+    def tries(db) -> bool:
+        db.execute(text("SELECT 1"))  # the worker's next statement
+        with app.engine.connect() as elsewhere:
+            took = elsewhere.scalar(text("SELECT pg_try_advisory_lock(42)"))
+            elsewhere.execute(text("SELECT pg_advisory_unlock_all()"))
+        return took
+
+    return tries
+
+
+def _takes_the_lock_in_a_function(app, session) -> bq.Processor:
+    """A processor whose statement calls a function of the user's that takes advisory lock
+    42 for the session (its statement does not show it)."""
+    session.execute(
+        text(
+            "CREATE FUNCTION take_lock() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+            "PERFORM pg_advisory_lock(42); END $$"
+        )
+    )
+
+    @app.processor(channel="default")
+    def calls(db) -> None:
+        db.execute(text("SELECT take_lock()"))
+
+    return calls
+
+
 @pytest.mark.parametrize(
     "ends", ["returns", "raises", "rolls back db", "releases its savepoint, then raises"]
 )
@@ -329,15 +361,7 @@ def test_a_lock_a_task_takes_for_the_session_ends_with_it(app, session, ends):
         if "raises" in ends:
             raise ValueError("between its lock and its unlock")
 
-    @app.processor(channel="default")
-    def tries(db) -> bool:
-        db.execute(text("SELECT 1"))  # the worker's next statement
-        with app.engine.connect() as elsewhere:  # another worker, say
-            took = elsewhere.scalar(text("SELECT pg_try_advisory_lock(42)"))
-            elsewhere.execute(text("SELECT pg_advisory_unlock_all()"))
-        return took
-
-    first, second = bq.enqueue(session, locks), bq.enqueue(session, tries)
+    first, second = bq.enqueue(session, locks), bq.enqueue(session, _tries_the_lock(app))
     session.commit()
     assert app.process_tasks(["default"], burst=True) == 0
     session.expire_all()
@@ -349,25 +373,7 @@ def test_a_lock_taken_in_a_function_a_task_calls_ends_with_its_batch(app, sessio
     """The task's statement does not show it (a function of yours takes the lock): the lock
     is released after the batch's commit, before the next batch starts."""
     app.config.BATCH_SIZE = 1
-    session.execute(
-        text(
-            "CREATE FUNCTION take_lock() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
-            "PERFORM pg_advisory_lock(42); END $$"
-        )
-    )
-
-    @app.processor(channel="default")
-    def calls(db) -> None:
-        db.execute(text("SELECT take_lock()"))
-
-    @app.processor(channel="default")
-    def tries(db) -> bool:
-        db.execute(text("SELECT 1"))  # the worker's next statement
-        with app.engine.connect() as elsewhere:
-            took = elsewhere.scalar(text("SELECT pg_try_advisory_lock(42)"))
-            elsewhere.execute(text("SELECT pg_advisory_unlock_all()"))
-        return took
-
+    calls, tries = _takes_the_lock_in_a_function(app, session), _tries_the_lock(app)
     first, second = bq.enqueue(session, calls), bq.enqueue(session, tries)
     session.commit()
     assert app.process_tasks(["default"], burst=True) == 0
@@ -379,18 +385,7 @@ def test_a_lock_taken_in_a_function_a_task_calls_ends_with_its_batch(app, sessio
 def test_a_lock_taken_in_a_function_is_released_before_its_worker_sleeps(app, session):
     """Released with the batch's completion, not with whatever statement comes after: an idle
     worker would hold it while it sleeps."""
-    session.execute(
-        text(
-            "CREATE FUNCTION take_lock() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
-            "PERFORM pg_advisory_lock(42); END $$"
-        )
-    )
-
-    @app.processor(channel="default")
-    def calls(db) -> None:
-        db.execute(text("SELECT take_lock()"))
-
-    task = bq.enqueue(session, calls)
+    task = bq.enqueue(session, _takes_the_lock_in_a_function(app, session))
     session.commit()
 
     def done() -> bool:

@@ -12,6 +12,7 @@ import beanflow as bq
 from beanflow import spec
 from beanflow.models import RunState, StepOutcome, TaskState, WorkflowRun, WorkflowStep
 from beanflow.workflows import WorkflowService
+from tests.helpers import refuse
 from tests.workloads.flows import FlowBase, FlowEffect
 
 FLOWS = "tests/workloads/flows.yaml"
@@ -227,15 +228,9 @@ def test_a_progression_the_server_refuses_for_now_does_not_fail_the_run(flows, s
     steps' table, say; here a trigger raises it once): the run stays running, and the next
     round advances it. Before, the run failed for good ("its progression failed")."""
     run_id = start(flows, session, "linear")
+    refuse(session, "beanflow_workflow_steps", "INSERT", "lock_not_available")
     session.execute(
         text(
-            "CREATE SEQUENCE refusals; "
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF nextval('refusals') = 1 THEN "
-            "RAISE EXCEPTION 'not now' USING ERRCODE = 'lock_not_available'; "
-            "END IF; RETURN NEW; END $$; "
-            "CREATE TRIGGER refuse BEFORE INSERT ON beanflow_workflow_steps "
-            "FOR EACH ROW EXECUTE FUNCTION refuse(); "
             "UPDATE beanflow_tasks SET state = 'DONE', finished_at = now() "  # ended elsewhere
             "WHERE workflow_run_id = :run"
         ),
