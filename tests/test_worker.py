@@ -8,9 +8,11 @@ import re
 import sys
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import event, func, literal, select, text, update
+from sqlalchemy import inspect as sa_inspect
 
 import beanflow as bq
+from beanflow.engine.connections import TaskLoader
 from beanflow.models import EventType, TaskState
 
 from .workloads.app import Effect, UserBase
@@ -524,3 +526,86 @@ def test_complete_overrides_the_return_value(app, session):
     drain(app)
     session.refresh(task)
     assert (task.state, task.result) == (TaskState.DONE, "from complete()")
+
+
+def test_a_claimed_task_is_the_object_the_orm_would_load(app, session):
+    """The worker makes the claimed tasks' objects itself (``TaskLoader``): each is persistent
+    in the processor's session, holds every column as the database has it, loads its
+    relationships on access and tracks its changes like any object the ORM loaded."""
+    seen = {}
+
+    @app.processor(channel="default")
+    def child(db, task) -> None:
+        state = sa_inspect(task)
+        seen.update(
+            persistent=state.persistent and task in db,
+            unloaded=set(state.unloaded),
+            values={c.key: getattr(task, c.key) for c in state.mapper.column_attrs},
+            parent=task.parent.id,
+            events=[e.type for e in task.events],
+        )
+        task.unique_key = "set by its processor"  # flushed with its completion
+
+    @app.processor(channel="default")
+    def parent(db) -> None:
+        bq.enqueue(db, child)
+
+    root = bq.enqueue(session, parent)
+    session.commit()
+    drain(app)
+
+    relationships = set(sa_inspect(bq.Task).relationships.keys())
+    assert seen["persistent"]
+    assert seen["unloaded"] <= relationships  # every column was loaded
+    assert seen["parent"] == root.id
+    assert seen["events"] == [EventType.CLAIMED]
+    task = tasks(session, parent_id=root.id)[0]
+    assert task.unique_key == "set by its processor"
+    as_claimed = {"state": TaskState.PROCESSING, "unique_key": None, "finished_at": None}
+    stored = {c.key: getattr(task, c.key) for c in sa_inspect(bq.Task).column_attrs}
+    assert seen["values"] == stored | as_claimed | {"result": None}
+
+
+def test_a_task_model_that_listens_for_loads_is_loaded_by_the_orm(app, session):
+    """A model with a ``load`` event (a reconstructor, say) gets what the ORM's loading
+    does: the event runs for each claimed task."""
+    loaded = []
+
+    def on_load(task, context) -> None:
+        loaded.append(task.id)
+
+    @app.processor(channel="default")
+    def noop() -> None:
+        pass
+
+    ids = [bq.enqueue(session, noop).id for _ in range(3)]
+    session.commit()
+    event.listen(bq.Task, "load", on_load)
+    try:
+        drain(app)
+    finally:
+        event.remove(bq.Task, "load", on_load)
+    assert sorted(loaded) == sorted(ids)
+    assert all(t.state == TaskState.DONE for t in tasks(session))
+
+
+def test_the_task_loader_updates_an_object_already_in_the_session(app, session):
+    """A claimed row whose task is in the session already updates that object (the one
+    others hold), as a refresh would; it does not make a second one."""
+
+    @app.processor(channel="default")
+    def noop() -> None:
+        pass
+
+    held = bq.enqueue(session, noop)
+    session.commit()
+    session.execute(update(bq.Task).values(attempts=7, kwargs={"n": 1}))
+    columns = list(bq.Task.__table__.c)
+    rows = session.execute(select(literal(1), *columns)).all()
+    loader = TaskLoader(bq.Task)
+    assert loader.loads(session)
+    (task,) = loader.load(session, rows, 1)
+    assert task is held
+    assert (task.attempts, task.kwargs) == (7, {"n": 1})
+    state, columns = sa_inspect(task), {c.key for c in sa_inspect(bq.Task).column_attrs}
+    assert state.persistent and not state.expired_attributes & columns and not session.dirty

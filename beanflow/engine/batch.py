@@ -29,7 +29,7 @@ from ..models.jsonb import storable_text
 from ..models.task import EARLIEST_DUE, LATEST_DUE
 from ..processors.processor import Processor
 from . import metrics
-from .connections import WorkerConnections
+from .connections import ClaimStatement, WorkerConnections
 from .outcomes import MAX_ERROR_CHARS, record_failure
 from .queries import Prepared, Queries
 from .queries.tasks import BEFORE_ANY_TASK
@@ -74,7 +74,7 @@ class Claim:
     """A claim a worker sends: its statement (a claim, or a completion and a claim), its
     claim's parameters, and up to how many tasks it claims."""
 
-    statement: Any
+    statement: ClaimStatement
     parameters: dict[str, Any]
     size: int
 
@@ -219,8 +219,8 @@ class Batch:
             if claim is None:
                 return self._execute(session, ids, results), []
             parameters = claim.parameters | self._parameters(ids, results)
-            rows = session.execute(claim.statement, parameters).all()
-            return rows[0][1], [task for task, _ in rows if task is not None]
+            (held,), tasks = claim.statement.run(session, parameters)
+            return held, tasks
         except Exception as error:  # noqa: BLE001 - loading a claimed row may raise anything
             if claim is None and not isinstance(error, exc.DBAPIError):
                 raise

@@ -38,7 +38,7 @@ from .batch import (
     TransactionEnded,
     Unstarted,
 )
-from .connections import WorkerConnections
+from .connections import ClaimStatement, WorkerConnections
 from .control import Control
 from .deadlines import Deadlines, GraceExceeded, TaskCancelled
 from .interface import QueueApp
@@ -322,12 +322,12 @@ class TaskWorker:
         that makes the claim fail is failed alone (``Batch.claim_refused``)."""
         claim = self._next_claim(self.connections.claim)
         try:
-            tasks = list(session.scalars(claim.statement, claim.parameters))
+            _, tasks = claim.statement.run(session, claim.parameters)
         except Exception as error:  # noqa: BLE001 - loading a claimed row may raise anything
             self.batch.claim_refused(session, claim, error)
         return self._took(tasks, claim.size)
 
-    def _next_claim(self, statement: Callable[[int], Any]) -> Claim:
+    def _next_claim(self, statement: Callable[[int], ClaimStatement]) -> Claim:
         """The next claim, sent with ``statement(size)``."""
         parameters = {"worker": self.id} | self._channel_parameters | self.frontier.parameters()
         size = self.pace.size()
