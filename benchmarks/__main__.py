@@ -194,10 +194,18 @@ class Bench:
         self.fill(processor, self.sizes.drain if processor is noop else self.sizes.end_to_end)
         return self.burst_rate(workers, **({} if batch is None else {"BATCH_SIZE": batch}))
 
+    def worker_cpu(self, batch: int) -> float:
+        """µs of CPU one burst worker process spends per no-op task draining W2's queue at
+        ``batch``, its start and stop (a burst over an empty queue) left out."""
+        self.reset()
+        idle = child_cpu(lambda: wait_for(self.workers(1, burst=True, BATCH_SIZE=batch)))
+        self.fill(noop, self.sizes.drain)
+        busy = child_cpu(lambda: wait_for(self.workers(1, burst=True, BATCH_SIZE=batch)))
+        return (busy - idle) / self.sizes.drain * 1e6
+
     def burst_rate(self, workers: int, **settings: Any) -> float:
         """Tasks/s of ``workers`` burst workers draining what is queued."""
-        for process in self.workers(workers, burst=True, **settings):
-            process.wait()
+        wait_for(self.workers(workers, burst=True, **settings))
         return self.done_rate()
 
     def mixed(self) -> tuple[float, float, float]:
@@ -552,6 +560,14 @@ class Bench:
         run_processes(ceiling.drain, workers, self.dsn, batch, write)
         return ceiling.drained_rate(self.dsn)
 
+    def ceiling_cpu(self, batch: int) -> float:
+        """The same for the raw loop's process (a drain of an empty table left out)."""
+        ceiling.fill(self.dsn, 0)
+        idle = child_cpu(lambda: run_processes(ceiling.drain, 1, self.dsn, batch, False))
+        ceiling.fill(self.dsn, self.sizes.drain)
+        busy = child_cpu(lambda: run_processes(ceiling.drain, 1, self.dsn, batch, False))
+        return (busy - idle) / self.sizes.drain * 1e6
+
     def ceiling_wake_up(self) -> list[float]:
         ceiling.fill(self.dsn, 0)
         context = multiprocessing.get_context("spawn")
@@ -600,6 +616,21 @@ def run_processes(target: Callable[..., None], count: int, *args: Any) -> None:
         process.start()
     for process in processes:
         process.join()
+
+
+def wait_for(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.wait()
+
+
+def child_cpu(run: Callable[[], None]) -> float:
+    """Seconds of CPU the child processes that ``run`` started and waited for spent."""
+    before = os.times()
+    run()
+    after = os.times()
+    return (
+        after.children_user + after.children_system - before.children_user - before.children_system
+    )
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -681,6 +712,15 @@ def drain(bench: Bench) -> list[Figure]:
                     bench.median(lambda w=workers, b=batch: bench.ceiling_drain(w, b)),
                 )
             )
+    figures.append(
+        Figure(
+            "W2 CPU of the worker process per task, 1 worker, batch 10 (ceiling: the raw loop's)",
+            "µs",
+            bench.median(lambda: bench.worker_cpu(10)),
+            bench.median(lambda: bench.ceiling_cpu(10)),
+            higher_is_better=False,
+        )
+    )
     return figures
 
 
