@@ -609,3 +609,63 @@ def test_the_task_loader_updates_an_object_already_in_the_session(app, session):
     assert (task.attempts, task.kwargs) == (7, {"n": 1})
     state, columns = sa_inspect(task), {c.key for c in sa_inspect(bq.Task).column_attrs}
     assert state.persistent and not state.expired_attributes & columns and not session.dirty
+
+
+def test_the_task_loader_leaves_to_the_orm_a_model_that_is_more_than_columns():
+    """Columns only: a model with a composite or a reconstructor (load events), inheritance,
+    a version counter or a property computed in SQL is loaded by the ORM."""
+    from sqlalchemy import Integer, String
+    from sqlalchemy.orm import (
+        DeclarativeBase,
+        column_property,
+        composite,
+        mapped_column,
+        reconstructor,
+    )
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Plain(bq.TaskModelMixin, Base):
+        __tablename__ = "plain"
+
+    class Reconstructed(bq.TaskModelMixin, Base):
+        __tablename__ = "reconstructed"
+
+        @reconstructor
+        def init_on_load(self) -> None:
+            self.seen = True
+
+    class Point:
+        def __init__(self, x: int, y: int) -> None:
+            self.x, self.y = x, y
+
+        def __composite_values__(self) -> tuple[int, int]:
+            return self.x, self.y
+
+    class Composite(bq.TaskModelMixin, Base):
+        __tablename__ = "composite"
+        x = mapped_column(Integer, default=0)
+        y = mapped_column(Integer, default=0)
+        point = composite(Point, "x", "y")
+
+    class Versioned(bq.TaskModelMixin, Base):
+        __tablename__ = "versioned"
+        version = mapped_column(Integer)
+        __mapper_args__ = {"version_id_col": version}
+
+    class Computed(bq.TaskModelMixin, Base):
+        __tablename__ = "computed"
+        label = column_property(bq.TaskModelMixin.module + ".")  # type: ignore[operator]
+
+    class Parent(bq.TaskModelMixin, Base):
+        __tablename__ = "parent"
+        kind = mapped_column(String)
+        __mapper_args__ = {"polymorphic_on": kind, "polymorphic_identity": "parent"}
+
+    class Child(Parent):
+        __mapper_args__ = {"polymorphic_identity": "child"}
+
+    assert TaskLoader(Plain).plain and TaskLoader(bq.Task).plain
+    for model in (Reconstructed, Composite, Versioned, Computed, Parent, Child):
+        assert not TaskLoader(model).plain, model.__name__
