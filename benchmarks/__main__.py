@@ -37,6 +37,7 @@ from . import ceiling, peers, processors
 from .processors import noop, sleep_for, write_row
 
 ROOT = Path(__file__).resolve().parent.parent
+CPU_TASKS = 20_000  # the tasks of a measure of CPU per task, quick or not
 
 
 @dataclasses.dataclass
@@ -196,12 +197,13 @@ class Bench:
 
     def worker_cpu(self, batch: int) -> float:
         """µs of CPU one burst worker process spends per no-op task draining W2's queue at
-        ``batch``, its start and stop (a burst over an empty queue) left out."""
+        ``batch``, its start and stop (a burst over an empty queue) left out. Always 20,000
+        tasks: fewer are not much more than the start-up's own variation."""
         self.reset()
         idle = child_cpu(lambda: wait_for(self.workers(1, burst=True, BATCH_SIZE=batch)))
-        self.fill(noop, self.sizes.drain)
+        self.fill(noop, CPU_TASKS)
         busy = child_cpu(lambda: wait_for(self.workers(1, burst=True, BATCH_SIZE=batch)))
-        return (busy - idle) / self.sizes.drain * 1e6
+        return (busy - idle) / CPU_TASKS * 1e6
 
     def burst_rate(self, workers: int, **settings: Any) -> float:
         """Tasks/s of ``workers`` burst workers draining what is queued."""
@@ -564,9 +566,9 @@ class Bench:
         """The same for the raw loop's process (a drain of an empty table left out)."""
         ceiling.fill(self.dsn, 0)
         idle = child_cpu(lambda: run_processes(ceiling.drain, 1, self.dsn, batch, False))
-        ceiling.fill(self.dsn, self.sizes.drain)
+        ceiling.fill(self.dsn, CPU_TASKS)
         busy = child_cpu(lambda: run_processes(ceiling.drain, 1, self.dsn, batch, False))
-        return (busy - idle) / self.sizes.drain * 1e6
+        return (busy - idle) / CPU_TASKS * 1e6
 
     def ceiling_wake_up(self) -> list[float]:
         ceiling.fill(self.dsn, 0)
