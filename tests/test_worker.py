@@ -669,3 +669,25 @@ def test_the_task_loader_leaves_to_the_orm_a_model_that_is_more_than_columns():
     assert TaskLoader(Plain).plain and TaskLoader(bq.Task).plain
     for model in (Reconstructed, Composite, Versioned, Computed, Parent, Child):
         assert not TaskLoader(model).plain, model.__name__
+
+
+def test_the_task_loader_puts_each_column_under_its_attributes_name(app, session):
+    """A model whose attribute is named apart from its column (``note`` for ``task_note``)
+    gets the column's value under the attribute's name."""
+    from sqlalchemy import String
+    from sqlalchemy.orm import DeclarativeBase, mapped_column
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Renamed(bq.TaskModelMixin, Base):
+        __tablename__ = "renamed_tasks"
+        note = mapped_column("task_note", String, nullable=True)
+
+    Base.metadata.create_all(app.engine)
+    session.execute(
+        Renamed.__table__.insert().values(channel="c", module="m", name="f", task_note="kept")
+    )
+    rows = session.execute(select(*Renamed.__table__.c)).all()
+    (task,) = TaskLoader(Renamed).load(session, rows, 0)
+    assert (task.note, task.channel, sa_inspect(task).persistent) == ("kept", "c", True)
