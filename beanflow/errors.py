@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import psycopg2
+
 
 class BeanflowError(Exception):
     """Base of every error beanflow raises on purpose; its message is meant for a person."""
@@ -91,5 +93,5 @@ def refused_for_now(error: BaseException) -> bool:
     cause = getattr(error, "orig", None) or error
     code = getattr(cause, "pgcode", None)
     if code is None:  # the driver's own: no connection, or it broke
-        return type(cause).__name__ in ("OperationalError", "InterfaceError")
+        return isinstance(cause, (psycopg2.OperationalError, psycopg2.InterfaceError))
     return code[:2] in _NOT_A_ROWS_FAULT
