@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import CheckConstraint, Engine, inspect
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from . import db
 from .config import Config, import_object
+from .engine.interface import TaskEndHook
 from .errors import ConfigError, ProcessorNotFound
 from .models.cancellation import Cancellation
 from .models.schedule import ScheduleState
@@ -33,7 +34,7 @@ class BeanQueue:
         self.config = config if config is not None else Config()
         self.registry = ProcessorRegistry()
         # see QueueApp.task_end_hooks
-        self.task_end_hooks: list[Callable[[Session, Sequence[Any], Sequence[Any]], bool]] = []
+        self.task_end_hooks: list[TaskEndHook] = []
 
     # ---- models and database ---------------------------------------------------------------
 

@@ -315,14 +315,24 @@ class Workflows:
 
     # ---- progression -----------------------------------------------------------------------
 
-    def on_tasks_ended(self, session: Session, done: Sequence[Any], failed: Sequence[Any]) -> bool:
+    def completion_column(self, task_ids: Any) -> Any:
+        """The engine's hook, in the statement that completes a batch of tasks: count the
+        fan-out elements among them down (``counted_down``); how many runs may
+        advance comes to ``on_tasks_ended``."""
+        return counted_down(task_ids)
+
+    def on_tasks_ended(
+        self, session: Session, done: Sequence[Any], failed: Sequence[Any], counted: int | None
+    ) -> bool:
         """The engine's hook, in the transaction that ends ``done`` (DONE) and ``failed``
-        (FAILED or CANCELLED for good) tasks: take their runs further. A task that is one of
-        several of its step (a fan-out's element) only counts down its slot's tally; a step
-        that ended (every tally at zero), or a failure, advances the run. A failure here is
+        (FAILED or CANCELLED for good) tasks, after the statement that completed ``done``
+        counted their slots' tallies down and locked the ``counted`` runs of which one ended
+        a slot or a step without tallies: take those runs, and the failed tasks' runs,
+        further. A step that ended (every tally at zero), or a failure, advances its run; a
+        batch of fan-out elements that ended none costs nothing more. A failure here is
         logged and left to WorkflowService (the tasks' own outcomes commit regardless).
         Returns whether it released tasks."""
-        steps = [t for t in done if getattr(t, "workflow_run_id", None)]
+        steps = [t for t in done if getattr(t, "workflow_run_id", None)] if counted else []
         failed_runs = {t.workflow_run_id for t in failed if getattr(t, "workflow_run_id", None)}
         if not steps and not failed_runs:
             return False
@@ -361,10 +371,10 @@ class Workflows:
     ) -> list[_Run]:
         """Lock the running runs among ``run_ids`` that may advance, in id order, and read those
         that do, with the rows of their steps. With ``whole``, all of them advance (without
-        ``wait``, those locked elsewhere are left out). Else the ``done_ids`` tasks first count
-        down their slots' tallies (fan-out elements), and a run is locked when it is in
-        ``failed_runs`` or when one of its tasks ended a slot or a step without tallies; it
-        advances when such a step ended (every slot at zero). The read sees what the
+        ``wait``, those locked elsewhere are left out). Else the ``done_ids`` tasks were
+        counted down by their completion, which locked the runs of which one ended a slot or
+        a step without tallies; the ``failed_runs`` are locked here, and a run advances when
+        it failed or one of its steps ended (every slot at zero). The read sees what the
         transactions that held the locks committed. A run's input comes along when small; a
         large one (a fan-out's list, say) is read by ``_advance_all`` when needed.
 
@@ -378,12 +388,12 @@ class Workflows:
             ids = list(execute(connection, self.sql.lock_unless_locked, {"runs": ids}).scalars())
         elif whole:
             execute(connection, self.sql.lock, {"runs": ids})
-        elif db.on_hot_path(connection):
-            prepare_once(connection, self.sql.count_down)
-            given = {"runs": ids, "done": done, "failed": failed}
-            db.send_with_next_statement(connection, self.sql.count_down.execute_text(given))
-        else:
-            execute(connection, self.sql.count_down, {"runs": ids, "done": done, "failed": failed})
+        elif failed and db.on_hot_path(connection):
+            prepare_once(connection, self.sql.lock)
+            locking = self.sql.lock.execute_text({"runs": failed})
+            db.send_with_next_statement(connection, locking)
+        elif failed:
+            execute(connection, self.sql.lock, {"runs": failed})
         rows = execute(
             connection,
             self.sql.read,
@@ -827,10 +837,6 @@ class _Statements:
         self.lock_unless_locked = Prepared(
             "beanflow_workflow_lock_skip", lock.with_for_update(skip_locked=True)
         )
-        self.count_down = Prepared(
-            "beanflow_workflow_count_down",
-            lock.where(failed | self._counted_to_zero(r, s, c, ended_tasks)).with_for_update(of=r),
-        )
         # the steps of a run that ended a step: one without tallies, or with all at zero
         # materialized: inlined, it would find a run's ended steps among all its steps
         ended = (
@@ -885,39 +891,6 @@ class _Statements:
             .order_by(r.c.id),
         )
         self.write = Prepared("beanflow_workflow_write", self._write_statement(r, s, c, t))
-
-    @staticmethod
-    def _counted_to_zero(r: Any, s: Any, c: Any, ended_tasks: Any) -> Any:
-        """Count the ``done`` tasks out of their slots' tallies (the tallies locked in key
-        order); true for a run of which a task ended a slot (its tally at zero) or a step that
-        has no tallies. The count-down locks the runs it holds for, and those in ``failed``."""
-        zero = literal_column("0")  # constants written out: its parameters are all ids
-        slot = func.mod(s.c.index, literal_column(str(TALLY_SLOTS), Integer)).label("slot")
-        ended = (
-            select(s.c.run_id, s.c.step, slot, func.count().label("n"))
-            .where(ended_tasks)
-            .group_by(s.c.run_id, s.c.step, slot)
-            .cte("ended")
-        )
-        key = (c.c.run_id, c.c.step, c.c.slot)
-
-        def same(rows: Any) -> Any:
-            return and_(*(rows.c[column.name] == ended.c[column.name] for column in key))
-
-        locked = select(*key).join_from(c, ended, same(c)).order_by(*key).with_for_update(of=c)
-        counted = (
-            update(c)
-            .where(same(c), tuple_(*key).in_(select(*locked.cte("locked").c)))
-            .values(open=c.c.open - ended.c.n)
-            .returning(*key, c.c.open)
-            .cte("counted")
-        )
-        return (
-            select(ended.c.slot)
-            .select_from(ended.outerjoin(counted, same(counted)))
-            .where(ended.c.run_id == r.c.id, func.coalesce(counted.c.open, zero) <= zero)
-            .exists()
-        )
 
     @staticmethod
     def _write_statement(r: Any, s: Any, c: Any, t: Any) -> Any:
@@ -999,6 +972,51 @@ class _Statements:
             select(func.count()).select_from(added).scalar_subquery().label("tasks"),
             select(func.count()).select_from(moved).scalar_subquery().label("runs"),
         ).add_cte(fresh, tallied)
+
+
+def counted_down(task_ids: Any) -> Any:
+    """For the statement that completes a batch of tasks (``task_ids``, an array): count
+    the step tasks among them out of their slots' tallies (the tallies locked in key
+    order), and lock, in id order, each run of which one ended a slot (its tally at zero)
+    or a step that has no tallies; the column: how many runs it locked. Plain tasks, and
+    fan-out elements that leave their slots open, cost an index probe of the steps."""
+    r, s, c = WorkflowRun.__table__, WorkflowStep.__table__, WorkflowTally.__table__
+    zero = literal_column("0")  # constants written out: its parameters are all ids
+    slot = func.mod(s.c.index, literal_column(str(TALLY_SLOTS), Integer)).label("slot")
+    ended = (
+        select(s.c.run_id, s.c.step, slot, func.count().label("n"))
+        .where(s.c.task_id == any_(task_ids))
+        .group_by(s.c.run_id, s.c.step, slot)
+        .cte("workflow_ended")
+    )
+    key = (c.c.run_id, c.c.step, c.c.slot)
+
+    def same(rows: Any) -> Any:
+        return and_(*(rows.c[column.name] == ended.c[column.name] for column in key))
+
+    locked = select(*key).join_from(c, ended, same(c)).order_by(*key).with_for_update(of=c)
+    counted = (
+        update(c)
+        .where(same(c), tuple_(*key).in_(select(*locked.cte("workflow_tallies_locked").c)))
+        .values(open=c.c.open - ended.c.n)
+        .returning(*key, c.c.open)
+        .cte("workflow_counted")
+    )
+    at_zero = (
+        select(ended.c.run_id)
+        .select_from(ended.outerjoin(counted, same(counted)))
+        .where(func.coalesce(counted.c.open, zero) <= zero)
+        .distinct()
+        .subquery("workflow_at_zero")
+    )
+    runs = (
+        select(r.c.id)
+        .join_from(r, at_zero, r.c.id == at_zero.c.run_id)
+        .order_by(r.c.id)
+        .with_for_update(of=r)
+        .cte("workflow_runs_locked")
+    )
+    return select(func.count()).select_from(runs).scalar_subquery()
 
 
 def _records(table: Any, *names: str) -> list[Any]:

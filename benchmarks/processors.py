@@ -92,4 +92,4 @@ WORKFLOWS = Workflows(
         ),
     },
 )
-app.task_end_hooks.append(WORKFLOWS.on_tasks_ended)
+app.task_end_hooks.append(WORKFLOWS)

@@ -402,9 +402,8 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
     """A worker prepares the progression's statements at its first step's end, often while
     the workflow tables are small and never analyzed: their generic plans must find rows
     through indexes (no scan, no join reading a whole table) once those tables are large."""
-    from sqlalchemy.orm import Session
-
-    from beanflow import db, spec
+    from beanflow import spec
+    from beanflow.engine.connections import WorkerConnections
 
     monkeypatch.setenv("TEST_DB_URL", db_url)
     deployment = spec.load("tests/workloads/flows.yaml")
@@ -415,17 +414,25 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
         "beanflow_workflow_runs",
         "beanflow_workflow_tallies",
     )
-    hot = db.make_hot_path_engine(db_url)
-    connection = hot.connect()
-    connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-    for table in tables:
-        connection.exec_driver_sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
-    connection.commit()
-    session = Session(bind=connection)
+    with deployment.app.engine.begin() as connection:
+        for table in tables:
+            connection.exec_driver_sql(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    # a worker's connection, with its completion counting the steps down
+    queries = Queries(
+        Task, Worker, Event, batch_size=16, completion_columns=[workflows.completion_column]
+    )
+    connections = WorkerConnections(deployment.app.engine, ["flows"], queries, Task)
+    connections.open()
+    session = connections.session
     run = workflows.start(session, "diamond", {})
     session.commit()
     (task,) = session.scalars(select(Task).where(Task.workflow_run_id == run.id))
-    workflows.on_tasks_ended(session, [task], [])  # prepares and plans its statements
+    completion = connections.complete_and_claim(16)
+    given = {"task_ids": [task.id], "task_results": [None], "worker": uuid.uuid4()}
+    completing = given | channel_parameters(["idle"])  # claims nothing
+    (_, counted), _ = completion.run(session, completing)
+    assert counted == 1  # a step without tallies: its run is locked to advance
+    workflows.on_tasks_ended(session, [task], [], counted)  # prepares and plans the rest
     session.rollback()
     with deployment.app.engine.begin() as grow:  # 200,000 runs of one step each, tallied
         grow.execute(
@@ -446,7 +453,7 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
         )
     ids, done = [str(run.id)], [str(task.id)]
     for prepared, parameters in (
-        (workflows.sql.count_down, {"runs": ids, "done": done, "failed": []}),
+        (completion.prepared, completing),
         (workflows.sql.read, {"runs": ids, "done": done, "failed": [], "whole": False}),
         (
             workflows.sql.write,
@@ -465,7 +472,5 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
                 assert found_by, (prepared.name, node["Node Type"], node["Relation Name"])
                 # ended tasks' steps found by their ids, not among all the steps of their runs
                 assert "task_id" not in node.get("Filter", ""), (prepared.name, node["Filter"])
-    session.close()
-    connection.close()
-    hot.dispose()
+    connections.dispose()
     deployment.app.engine.dispose()

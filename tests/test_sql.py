@@ -27,6 +27,7 @@ from beanflow.engine.queries import (
     schedule_ticked,
 )
 from beanflow.models import Cancellation, Event, ScheduleState, Task, Waiter, Worker
+from beanflow.workflows import counted_down
 
 FOLDER = Path(__file__).resolve().parent / "sql"
 _NAMED = PGDialect_psycopg2(paramstyle="named")
@@ -69,6 +70,12 @@ def _variants() -> dict[str, tuple[object, str]]:
     queries = _queries(True, 1)
     for name in ("due_channels", "heartbeat", "shut_down"):
         found[name] = (getattr(queries, name), _doc(Queries, name))
+    # with a deployment's workflows: the count-down of fan-out elements rides in the completion
+    queries = Queries(Task, Worker, Event, batch_size=10, completion_columns=[counted_down])
+    found["complete_and_claim.workflows"] = (
+        queries.complete_and_claim_up_to(10),
+        _doc(Queries, "_complete_and_claim") + "\n" + inspect.getdoc(counted_down),
+    )
     found["enqueue_many"] = (enqueue_many(Task.__table__), inspect.getdoc(enqueue_many))
     for notifying in (True, False):
         found[f"enqueue_one{'' if notifying else '.no-notify'}"] = (

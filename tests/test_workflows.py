@@ -6,11 +6,12 @@ from __future__ import annotations
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import Engine, event, func, select, text
 
 import beanflow as bq
 from beanflow import spec
 from beanflow.models import RunState, StepOutcome, TaskState, WorkflowRun, WorkflowStep
+from beanflow.models.workflow import TALLY_SLOTS
 from beanflow.workflows import WorkflowService
 from tests.helpers import refuse
 from tests.workloads.flows import FlowBase, FlowEffect
@@ -94,6 +95,31 @@ def test_a_fan_out_of_n_joins_once(flows, session, count):
     assert run_of(session, run_id).state == RunState.DONE
     keys = effects(session)
     assert len(keys) == count + 1 and f"{run_id}/join/0" in keys
+
+
+def test_a_batch_of_fan_out_elements_that_ends_no_slot_costs_no_statement_of_its_own(
+    flows, session
+):
+    """The count-down rides in the statement that completes the batch: only a batch that
+    brings one of the step's tallies to zero (at most one per tally) locks and reads the run.
+    Before, every batch of elements sent the count-down and the read."""
+    flows.app.config.BATCH_SIZE = 10
+    run_id = start(flows, session, "fan", user_id=1, emails=TALLY_SLOTS * 20)
+    sent: list[str] = []
+
+    def note(connection, cursor, statement, *args) -> None:
+        sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", note)
+    try:
+        drain(flows)
+    finally:
+        event.remove(Engine, "before_cursor_execute", note)
+    assert run_of(session, run_id).state == RunState.DONE
+    batches = sum("EXECUTE beanflow_complete" in statement for statement in sent)
+    reads = sum("EXECUTE beanflow_workflow_read" in statement for statement in sent)
+    assert batches >= TALLY_SLOTS * 2  # 1,280 elements, ten at a time
+    assert reads <= TALLY_SLOTS + 2  # a tally's last element, the fetch, the join
 
 
 def test_a_failing_step_fails_the_run_cancels_the_rest_and_runs_on_failure_once(flows, session):

@@ -205,10 +205,13 @@ class Batch:
             for task, outcome in self.ended:
                 metrics.task_ended(task, outcome)
 
-    def complete(self, session: Session, claim: Claim | None = None) -> tuple[int, list[Any]]:
+    def complete(
+        self, session: Session, claim: Claim | None = None
+    ) -> tuple[int, list[Any], list[Any]]:
         """Mark the finished tasks DONE with one statement; with ``claim`` (a statement of
         ``WorkerConnections.complete_and_claim``) the same statement claims the next tasks.
-        Returns how many this worker still held, and the tasks claimed. If the database
+        Returns how many this worker still held, the values of the statement's
+        ``completion_columns`` (for the task-end hooks), and the tasks claimed. If the database
         refuses, roll back, find the tasks whose DONE it refuses, fail those, and return the
         others to the queue to run again (raises BatchAborted); if it is the claim that fails
         (a due row it cannot take), fail the rows at fault instead (``fail_unclaimable``)."""
@@ -217,10 +220,11 @@ class Batch:
         results = [entry.result for entry in finished]
         try:
             if claim is None:
-                return self._execute(session, ids, results), []
+                row = self._execute(session, ids, results)
+                return row[0], list(row[1 : 1 + len(self.queries.completion_columns)]), []
             parameters = claim.parameters | self._parameters(ids, results)
-            (held,), tasks = claim.statement.run(session, parameters)
-            return held, tasks
+            (held, *computed), tasks = claim.statement.run(session, parameters)
+            return held, computed, tasks
         except Exception as error:  # noqa: BLE001 - loading a claimed row may raise anything
             if claim is None and not isinstance(error, exc.DBAPIError):
                 raise
@@ -341,9 +345,10 @@ class Batch:
         session.rollback()
         return refused
 
-    def _execute(self, session: Session, ids: list[Any], results: list[str | None]) -> int:
+    def _execute(self, session: Session, ids: list[Any], results: list[str | None]) -> Any:
+        """``complete``'s row: how many it marked DONE, then its ``completion_columns``."""
         parameters = self._parameters(ids, results)
-        return session.execute(self.complete_statement.execute, parameters).scalar()
+        return session.execute(self.complete_statement.execute, parameters).one()
 
     def _parameters(self, ids: list[Any], results: list[str | None]) -> dict[str, Any]:
         return {"task_ids": ids, "task_results": results, "worker": self.worker_id}

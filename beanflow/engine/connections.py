@@ -18,7 +18,7 @@ from sqlalchemy.orm.state import InstanceState
 from .. import db
 from .notify import Listener
 from .queries import Prepared, Queries
-from .queries.tasks import COMPLETED
+from .queries.tasks import COMPLETED, COMPUTED
 
 # for the rest of a transaction in which a hot statement gets its generic plan
 NO_SEQUENTIAL_SCANS = "SET LOCAL enable_seqscan = off"
@@ -147,7 +147,11 @@ class WorkerConnections:
         # claims (alone, or with a completion) of each size used, PREPAREd and as read back
         self._claims: dict[str, ClaimStatement] = {}
         self.loader = TaskLoader(model)
-        self._completed = column(COMPLETED, Integer)
+        # the first columns of a completion's rows: how many it completed, what it computed
+        self._completion = [
+            column(COMPLETED, Integer),
+            *(column(f"{COMPUTED}_{i}") for i in range(len(queries.completion_columns))),
+        ]
         self._hot_engine = db.make_hot_path_engine(engine.url)
         self.session: Session | None = None
         self.listener: Listener | None = None
@@ -183,7 +187,7 @@ class WorkerConnections:
         return self._prepared(
             f"beanflow_complete_claim_{size}",
             partial(self.queries.complete_and_claim_up_to, size),
-            self._completed,
+            *self._completion,
         )
 
     def _prepared(self, name: str, build: Callable[[], Any], *extra: Any) -> ClaimStatement:

@@ -88,6 +88,7 @@ class TaskWorker:
             raise ValueError("a worker needs at least one channel")
         self.burst = burst
         self.id = uuid.uuid4()
+        self.hooks = list(app.task_end_hooks)  # those there are now: the statements carry theirs
         self.queries = Queries(
             app.task_model,
             app.worker_model,
@@ -97,6 +98,7 @@ class TaskWorker:
             batch_size=app.config.BATCH_SIZE,
             cancellation_model=Cancellation,
             waiter_model=Waiter,
+            completion_columns=[hook.completion_column for hook in self.hooks],
         )
         self.engine = app.engine
         self._channel_parameters = channel_parameters(self.channels)
@@ -531,11 +533,12 @@ class TaskWorker:
         session.expunge_all()  # the session keeps no task objects from batch to batch
         claiming = claim_next and not self.stopping.is_set()
         claimed: list[Any] = []
+        computed: list[Any] = [None] * len(self.hooks)  # by the completion, for the hooks
         if finished:
             claim = None
             if claiming:  # made by the completion's statement: one round trip for both
                 claim = self._next_claim(self.connections.complete_and_claim)
-            done, claimed = self.batch.complete(session, claim)
+            done, computed, claimed = self.batch.complete(session, claim)
             if done != finished:
                 self.batch.unless_taken_by_themselves(session, committed)
                 session.rollback()
@@ -552,11 +555,12 @@ class TaskWorker:
                 claimed = self._took(claimed, claim.size)
         elif claiming:
             claimed = self._claim_in(session)
-        if self.app.task_end_hooks and (committed or self.batch.failed):
-            # after the claim: what the hooks lock (a workflow run's row) is held for less of
-            # the transaction, so that workers ending steps of one run wait less for each other
-            done = [entry.task for entry in committed]
-            released = [hook(session, done, self.batch.failed) for hook in self.app.task_end_hooks]
+        if self.hooks and (committed or self.batch.failed):
+            done, failed = [entry.task for entry in committed], self.batch.failed
+            released = [
+                hook.on_tasks_ended(session, done, failed, value)
+                for hook, value in zip(self.hooks, computed, strict=True)
+            ]
             if claiming and not claimed and any(released):  # a workflow's next steps, say
                 claimed = self._claim_in(session)
         if claim_next and not claimed and not self.burst:

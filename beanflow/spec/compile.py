@@ -332,7 +332,7 @@ class _Compiler:
             )
         elif compiled:
             deployment.workflows = Workflows(deployment.app, compiled)
-            deployment.app.task_end_hooks.append(deployment.workflows.on_tasks_ended)
+            deployment.app.task_end_hooks.append(deployment.workflows)
 
     def retention(self, deployment: Deployment) -> None:
         kept = {}

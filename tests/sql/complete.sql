@@ -1,7 +1,8 @@
 -- Mark the tasks :task_ids DONE with their :task_results (JSON texts, in the same
 -- order), only those :worker still holds; returns how many it marked. Fewer than given
 -- means some were taken away (re-queued after a missed heartbeat): the caller rolls back.
--- One statement for a whole batch, so its completions cost one round trip.
+-- One statement for a whole batch, so its completions cost one round trip. The
+-- ``completion_columns`` follow the count.
 WITH done AS
   (UPDATE beanflow_tasks
    SET state='DONE',

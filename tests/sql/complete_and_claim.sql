@@ -1,7 +1,8 @@
 -- ``complete`` then ``claim_up_to(size)``, in one statement (one round trip where the
 -- two take two): a row per claimed task, its columns and beanflow_completed (how many
--- of :task_ids it marked DONE); one row of NULLs but for that count when it claimed
--- none. The two touch different rows (this worker's PROCESSING tasks, PENDING ones).
+-- of :task_ids it marked DONE) and the ``completion_columns``; one row of NULLs but for
+-- those when it claimed none. The two touch different rows (this worker's PROCESSING
+-- tasks, PENDING ones).
 WITH done AS
   (UPDATE beanflow_tasks
    SET state='DONE',

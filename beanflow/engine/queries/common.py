@@ -3,6 +3,7 @@ and the crash accounting of a task taken from its worker."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -65,8 +66,12 @@ class Statements:
         batch_size: int = 1,
         cancellation_model: type | None = None,
         waiter_model: type | None = None,
+        completion_columns: Sequence[Callable[[Any], Any]] = (),
     ) -> None:
         self.task = task_model.__table__
+        # columns the statement that completes a batch computes for the app's task-end hooks,
+        # each made from that statement's :task_ids parameter (what they write rides in it)
+        self.completion_columns = tuple(completion_columns)
         # requests to cancel running tasks: honoured when a task is taken from its worker
         self.cancellation = None if cancellation_model is None else cancellation_model.__table__
         # clients waiting for tasks to end: woken by the statement that ends them

@@ -94,6 +94,8 @@ def enqueue_unique(table: Table) -> Executable:
 
 # the column of ``complete_and_claim``'s rows that says how many tasks it completed
 COMPLETED = "beanflow_completed"
+# and of the columns computed for the app's task-end hooks (COMPUTED_0, COMPUTED_1 …)
+COMPUTED = "beanflow_computed"
 
 
 class TaskStatements(Statements):
@@ -125,17 +127,19 @@ class TaskStatements(Statements):
     def _complete_and_claim(self, size: int) -> Executable:
         """``complete`` then ``claim_up_to(size)``, in one statement (one round trip where the
         two take two): a row per claimed task, its columns and beanflow_completed (how many
-        of :task_ids it marked DONE); one row of NULLs but for that count when it claimed
-        none. The two touch different rows (this worker's PROCESSING tasks, PENDING ones)."""
+        of :task_ids it marked DONE) and the ``completion_columns``; one row of NULLs but for
+        those when it claimed none. The two touch different rows (this worker's PROCESSING
+        tasks, PENDING ones)."""
         done = self._done()
+        computed = self._computed_for_hooks()
         completion = (
-            select(func.count().label(COMPLETED), *self._wake_completed_waiters())
+            select(func.count().label(COMPLETED), *computed, *self._wake_completed_waiters())
             .select_from(done)
             .subquery("completion")
         )
         claimed = self._claimed(size)
         statement = (
-            select(completion.c[COMPLETED], claimed)
+            select(completion.c[COMPLETED], *(completion.c[c.name] for c in computed), claimed)
             .select_from(completion.outerjoin(claimed, literal_column("true")))
             .order_by(claimed.c.scheduled_at)
         )
@@ -274,13 +278,24 @@ class TaskStatements(Statements):
         """Mark the tasks :task_ids DONE with their :task_results (JSON texts, in the same
         order), only those :worker still holds; returns how many it marked. Fewer than given
         means some were taken away (re-queued after a missed heartbeat): the caller rolls back.
-        One statement for a whole batch, so its completions cost one round trip."""
+        One statement for a whole batch, so its completions cost one round trip. The
+        ``completion_columns`` follow the count."""
         done = self._done()
-        statement = select(func.count(), *self._wake_completed_waiters()).select_from(done)
-        return self._with_complete_events(statement, done)
+        columns = [func.count(), *self._computed_for_hooks(), *self._wake_completed_waiters()]
+        return self._with_complete_events(select(*columns).select_from(done), done)
+
+    def _completed_ids(self) -> Any:
+        return bindparam("task_ids", type_=ARRAY(self.task.c.id.type))
+
+    def _computed_for_hooks(self) -> list[Any]:
+        """The ``completion_columns``, labelled in order."""
+        return [
+            make(self._completed_ids()).label(f"{COMPUTED}_{i}")
+            for i, make in enumerate(self.completion_columns)
+        ]
 
     def _wake_completed_waiters(self) -> list[Any]:
-        ids = bindparam("task_ids", type_=ARRAY(self.task.c.id.type))
+        ids = self._completed_ids()
         return self._wake_waiters(lambda task_id: task_id == any_(ids))
 
     def _with_complete_events(self, statement: Any, done: Any) -> Any:
