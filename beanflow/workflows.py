@@ -52,6 +52,7 @@ from sqlalchemy import (
     literal,
     literal_column,
     select,
+    true,
     tuple_,
     update,
 )
@@ -88,6 +89,11 @@ _PENDING = object()  # a step released now, whose result is not known yet
 _NO_ITEM = object()  # a step that is not a fan-out
 _UNREAD = object()  # a run's input, not read yet
 SMALL_INPUT = 2048  # bytes of a run's input read with its lock
+# A batch of at most this many tasks counts its steps down in the statement that completes
+# it (no round trip of its own); a larger one, in a statement after it: there its tallies
+# (every one, past 64 neighbours) are locked for less of the transaction, so that workers
+# ending a fan-out's elements in large batches wait less for each other.
+COUNTED_WITH_COMPLETION = 16
 
 
 class WorkflowError(BeanflowError):
@@ -317,22 +323,23 @@ class Workflows:
 
     def completion_column(self, task_ids: Any) -> Any:
         """The engine's hook, in the statement that completes a batch of tasks: count the
-        fan-out elements among them down (``counted_down``); how many runs may
-        advance comes to ``on_tasks_ended``."""
-        return counted_down(task_ids)
+        step tasks among them down (``counted_down``) when they are at most
+        ``COUNTED_WITH_COMPLETION``; how many runs may advance comes to ``on_tasks_ended``."""
+        return counted_down(task_ids, COUNTED_WITH_COMPLETION)
 
     def on_tasks_ended(
         self, session: Session, done: Sequence[Any], failed: Sequence[Any], counted: int | None
     ) -> bool:
         """The engine's hook, in the transaction that ends ``done`` (DONE) and ``failed``
-        (FAILED or CANCELLED for good) tasks, after the statement that completed ``done``
-        counted their slots' tallies down and locked the ``counted`` runs of which one ended
-        a slot or a step without tallies: take those runs, and the failed tasks' runs,
-        further. A step that ended (every tally at zero), or a failure, advances its run; a
-        batch of fan-out elements that ended none costs nothing more. A failure here is
-        logged and left to WorkflowService (the tasks' own outcomes commit regardless).
-        Returns whether it released tasks."""
-        steps = [t for t in done if getattr(t, "workflow_run_id", None)] if counted else []
+        (FAILED or CANCELLED for good) tasks: take their runs further. Their step tasks
+        count down their slots' tallies (fan-out elements), and the runs of which one ended a
+        slot or a step without tallies are locked: by the statement that completed them
+        (``counted`` runs locked), or here (``counted`` None: a larger batch). A step that
+        ended (every tally at zero), or a failure, advances its run; a batch counted by its
+        completion that locked no run costs nothing more. A failure here is logged and left
+        to WorkflowService (the tasks' own outcomes commit regardless). Returns whether it
+        released tasks."""
+        steps = [t for t in done if getattr(t, "workflow_run_id", None)] if counted != 0 else []
         failed_runs = {t.workflow_run_id for t in failed if getattr(t, "workflow_run_id", None)}
         if not steps and not failed_runs:
             return False
@@ -340,7 +347,8 @@ class Workflows:
         run_ids = failed_runs | {t.workflow_run_id for t in steps}
         savepoint = session.begin_nested()
         try:
-            released = self._progress(session, run_ids, done_ids, failed_runs)
+            uncounted = done_ids if counted is None else []
+            released = self._progress(session, run_ids, done_ids, failed_runs, uncounted)
             savepoint.commit()
             return released
         except Exception:  # noqa: BLE001 - the service retries the run, and charges it
@@ -354,8 +362,10 @@ class Workflows:
         run_ids: set[uuid.UUID],
         done_ids: list[uuid.UUID],
         failed_runs: set[uuid.UUID],
+        uncounted: list[uuid.UUID],
     ) -> bool:
-        runs, writes = self._read(session, run_ids, done_ids, failed_runs), _Writes()
+        runs = self._read(session, run_ids, done_ids, failed_runs, uncounted=uncounted)
+        writes = _Writes()
         self._advance_all(session, runs, writes)
         self._write(session, runs, writes)
         return bool(writes.tasks)
@@ -368,18 +378,20 @@ class Workflows:
         failed_runs: set[uuid.UUID] | frozenset[uuid.UUID] = frozenset(),
         wait: bool = True,
         whole: bool = False,
+        uncounted: Sequence[uuid.UUID] = (),
     ) -> list[_Run]:
         """Lock the running runs among ``run_ids`` that may advance, in id order, and read those
         that do, with the rows of their steps. With ``whole``, all of them advance (without
         ``wait``, those locked elsewhere are left out). Else the ``done_ids`` tasks were
-        counted down by their completion, which locked the runs of which one ended a slot or
-        a step without tallies; the ``failed_runs`` are locked here, and a run advances when
-        it failed or one of its steps ended (every slot at zero). The read sees what the
-        transactions that held the locks committed. A run's input comes along when small; a
-        large one (a fan-out's list, say) is read by ``_advance_all`` when needed.
+        counted down (``counted_down``: by their completion, or here, those ``uncounted``),
+        which locked the runs of which one ended a slot or a step without tallies; the
+        ``failed_runs`` are locked here, and a run advances when it failed or one of its
+        steps ended (every slot at zero). The read sees what the transactions that held the
+        locks committed. A run's input comes along when small; a large one (a fan-out's
+        list, say) is read by ``_advance_all`` when needed.
 
-        On a worker's connection the lock travels with the read: two statements, each with
-        its own snapshot, in one round trip."""
+        On a worker's connection the count-down and the lock travel with the read: each
+        statement with its own snapshot, in one round trip."""
         if not run_ids:
             return []
         connection, ids = session.connection(), sorted(run_ids)
@@ -388,12 +400,17 @@ class Workflows:
             ids = list(execute(connection, self.sql.lock_unless_locked, {"runs": ids}).scalars())
         elif whole:
             execute(connection, self.sql.lock, {"runs": ids})
-        elif failed and db.on_hot_path(connection):
-            prepare_once(connection, self.sql.lock)
-            locking = self.sql.lock.execute_text({"runs": failed})
-            db.send_with_next_statement(connection, locking)
-        elif failed:
-            execute(connection, self.sql.lock, {"runs": failed})
+        for prepared, given in (
+            (self.sql.count_down, {"done": list(uncounted)}),
+            (self.sql.lock, {"runs": failed}),
+        ):
+            if not any(given.values()):
+                continue
+            if db.on_hot_path(connection):
+                prepare_once(connection, prepared)
+                db.send_with_next_statement(connection, prepared.execute_text(given))
+            else:
+                execute(connection, prepared, given)
         rows = execute(
             connection,
             self.sql.read,
@@ -837,6 +854,11 @@ class _Statements:
         self.lock_unless_locked = Prepared(
             "beanflow_workflow_lock_skip", lock.with_for_update(skip_locked=True)
         )
+        # a larger batch's count-down, in the hook rather than in its completion
+        self.count_down = Prepared(
+            "beanflow_workflow_count_down",
+            select(counted_down(bindparam("done", type_=ids))),
+        )
         # the steps of a run that ended a step: one without tallies, or with all at zero
         # materialized: inlined, it would find a run's ended steps among all its steps
         ended = (
@@ -974,18 +996,22 @@ class _Statements:
         ).add_cte(fresh, tallied)
 
 
-def counted_down(task_ids: Any) -> Any:
-    """For the statement that completes a batch of tasks (``task_ids``, an array): count
-    the step tasks among them out of their slots' tallies (the tallies locked in key
-    order), and lock, in id order, each run of which one ended a slot (its tally at zero)
-    or a step that has no tallies; the column: how many runs it locked. Plain tasks, and
-    fan-out elements that leave their slots open, cost an index probe of the steps."""
+def counted_down(task_ids: Any, up_to: int | None = None) -> Any:
+    """Count the step tasks among ``task_ids`` (an array) out of their slots' tallies (the
+    tallies locked in key order), and lock, in id order, each run of which one ended a slot
+    (its tally at zero) or a step that has no tallies; the column: how many runs it locked.
+    With ``up_to``, only when there are at most that many tasks (else NULL: not counted).
+    Plain tasks, and fan-out elements that leave their slots open, cost an index probe of
+    the steps."""
     r, s, c = WorkflowRun.__table__, WorkflowStep.__table__, WorkflowTally.__table__
     zero = literal_column("0")  # constants written out: its parameters are all ids
     slot = func.mod(s.c.index, literal_column(str(TALLY_SLOTS), Integer)).label("slot")
+    counting = true()
+    if up_to is not None:
+        counting = func.cardinality(task_ids) <= literal_column(str(up_to), Integer)
     ended = (
         select(s.c.run_id, s.c.step, slot, func.count().label("n"))
-        .where(s.c.task_id == any_(task_ids))
+        .where(s.c.task_id == any_(task_ids), counting)
         .group_by(s.c.run_id, s.c.step, slot)
         .cte("workflow_ended")
     )
@@ -1016,7 +1042,7 @@ def counted_down(task_ids: Any) -> Any:
         .with_for_update(of=r)
         .cte("workflow_runs_locked")
     )
-    return select(func.count()).select_from(runs).scalar_subquery()
+    return case((counting, select(func.count()).select_from(runs).scalar_subquery()))
 
 
 def _records(table: Any, *names: str) -> list[Any]:

@@ -434,6 +434,8 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
     assert counted == 1  # a step without tallies: its run is locked to advance
     workflows.on_tasks_ended(session, [task], [], counted)  # prepares and plans the rest
     session.rollback()
+    workflows.on_tasks_ended(session, [task], [], None)  # and a larger batch's count-down
+    session.rollback()
     with deployment.app.engine.begin() as grow:  # 200,000 runs of one step each, tallied
         grow.execute(
             text(
@@ -454,6 +456,7 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
     ids, done = [str(run.id)], [str(task.id)]
     for prepared, parameters in (
         (completion.prepared, completing),
+        (workflows.sql.count_down, {"done": done}),
         (workflows.sql.read, {"runs": ids, "done": done, "failed": [], "whole": False}),
         (
             workflows.sql.write,

@@ -3,6 +3,11 @@
 -- of :task_ids it marked DONE) and the ``completion_columns``; one row of NULLs but for
 -- those when it claimed none. The two touch different rows (this worker's PROCESSING
 -- tasks, PENDING ones).
+--
+-- The ``completion_columns`` are computed over the batch, once it is complete and
+-- claimed (each is a subquery of the outer select, which PostgreSQL evaluates on its
+-- first row): the rows they lock (a fan-out's tallies) are held for less of the
+-- transaction, so that workers ending neighbouring elements wait less for each other.
 WITH done AS
   (UPDATE beanflow_tasks
    SET state='DONE',

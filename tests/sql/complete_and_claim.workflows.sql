@@ -3,11 +3,17 @@
 -- of :task_ids it marked DONE) and the ``completion_columns``; one row of NULLs but for
 -- those when it claimed none. The two touch different rows (this worker's PROCESSING
 -- tasks, PENDING ones).
--- For the statement that completes a batch of tasks (``task_ids``, an array): count
--- the step tasks among them out of their slots' tallies (the tallies locked in key
--- order), and lock, in id order, each run of which one ended a slot (its tally at zero)
--- or a step that has no tallies; the column: how many runs it locked. Plain tasks, and
--- fan-out elements that leave their slots open, cost an index probe of the steps.
+--
+-- The ``completion_columns`` are computed over the batch, once it is complete and
+-- claimed (each is a subquery of the outer select, which PostgreSQL evaluates on its
+-- first row): the rows they lock (a fan-out's tallies) are held for less of the
+-- transaction, so that workers ending neighbouring elements wait less for each other.
+-- Count the step tasks among ``task_ids`` (an array) out of their slots' tallies (the
+-- tallies locked in key order), and lock, in id order, each run of which one ended a slot
+-- (its tally at zero) or a step that has no tallies; the column: how many runs it locked.
+-- With ``up_to``, only when there are at most that many tasks (else NULL: not counted).
+-- Plain tasks, and fan-out elements that leave their slots open, cost an index probe of
+-- the steps.
 WITH done AS
   (UPDATE beanflow_tasks
    SET state='DONE',
@@ -124,31 +130,53 @@ WITH done AS
       WHERE coalesce(workflow_counted.open, 0) <= 0) AS workflow_at_zero ON beanflow_workflow_runs.id = workflow_at_zero.run_id
    ORDER BY beanflow_workflow_runs.id
    FOR UPDATE OF beanflow_workflow_runs)
-SELECT completion.beanflow_completed,
-       completion.beanflow_computed_0,
-       claimed.id,
-       claimed.channel,
-       claimed.module,
-       claimed.name,
-       claimed.kwargs,
-       claimed.state,
-       claimed.result,
-       claimed.error_message,
-       claimed.attempts,
-       claimed.crash_count,
-       claimed.scheduled_at,
-       claimed.created_at,
-       claimed.unique_key,
-       claimed.started_at,
-       claimed.finished_at,
-       claimed.worker_id,
-       claimed.parent_id,
-       claimed.workflow_run_id
+SELECT batch.beanflow_completed,
+       CASE
+           WHEN TRUE THEN
+                  (SELECT count(*) AS count_1
+                   FROM workflow_runs_locked)
+       END AS beanflow_computed_0,
+       batch.id,
+       batch.channel,
+       batch.module,
+       batch.name,
+       batch.kwargs,
+       batch.state,
+       batch.result,
+       batch.error_message,
+       batch.attempts,
+       batch.crash_count,
+       batch.scheduled_at,
+       batch.created_at,
+       batch.unique_key,
+       batch.started_at,
+       batch.finished_at,
+       batch.worker_id,
+       batch.parent_id,
+       batch.workflow_run_id
 FROM
-  (SELECT count(*) AS beanflow_completed,
-
-     (SELECT count(*) AS count_1
-      FROM workflow_runs_locked) AS beanflow_computed_0
-   FROM done) AS COMPLETION
-LEFT OUTER JOIN claimed ON TRUE
-ORDER BY claimed.scheduled_at;
+  (SELECT completion.beanflow_completed AS beanflow_completed,
+          claimed.id AS id,
+          claimed.channel AS channel,
+          claimed.module AS MODULE,
+          claimed.name AS name,
+          claimed.kwargs AS kwargs,
+          claimed.state AS state,
+          claimed.result AS RESULT,
+          claimed.error_message AS error_message,
+          claimed.attempts AS attempts,
+          claimed.crash_count AS crash_count,
+          claimed.scheduled_at AS scheduled_at,
+          claimed.created_at AS created_at,
+          claimed.unique_key AS unique_key,
+          claimed.started_at AS started_at,
+          claimed.finished_at AS finished_at,
+          claimed.worker_id AS worker_id,
+          claimed.parent_id AS parent_id,
+          claimed.workflow_run_id AS workflow_run_id
+   FROM
+     (SELECT count(*) AS beanflow_completed
+      FROM done) AS COMPLETION
+   LEFT OUTER JOIN claimed ON TRUE
+   ORDER BY claimed.scheduled_at) AS batch
+ORDER BY batch.scheduled_at;

@@ -129,20 +129,31 @@ class TaskStatements(Statements):
         two take two): a row per claimed task, its columns and beanflow_completed (how many
         of :task_ids it marked DONE) and the ``completion_columns``; one row of NULLs but for
         those when it claimed none. The two touch different rows (this worker's PROCESSING
-        tasks, PENDING ones)."""
+        tasks, PENDING ones).
+
+        The ``completion_columns`` are computed over the batch, once it is complete and
+        claimed (each is a subquery of the outer select, which PostgreSQL evaluates on its
+        first row): the rows they lock (a fan-out's tallies) are held for less of the
+        transaction, so that workers ending neighbouring elements wait less for each other."""
         done = self._done()
-        computed = self._computed_for_hooks()
         completion = (
-            select(func.count().label(COMPLETED), *computed, *self._wake_completed_waiters())
+            select(func.count().label(COMPLETED), *self._wake_completed_waiters())
             .select_from(done)
             .subquery("completion")
         )
         claimed = self._claimed(size)
         statement = (
-            select(completion.c[COMPLETED], *(completion.c[c.name] for c in computed), claimed)
+            select(completion.c[COMPLETED], claimed)
             .select_from(completion.outerjoin(claimed, literal_column("true")))
             .order_by(claimed.c.scheduled_at)
         )
+        if self.completion_columns:
+            batch = statement.subquery("batch")
+            statement = select(
+                batch.c[COMPLETED],
+                *self._computed_for_hooks(),
+                *(batch.c[c.name] for c in claimed.c),
+            ).order_by(batch.c.scheduled_at)
         return self._with_claim_events(self._with_complete_events(statement, done), claimed)
 
     def _claimed(self, size: int) -> Any:
