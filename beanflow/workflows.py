@@ -54,6 +54,7 @@ from sqlalchemy import (
     select,
     true,
     tuple_,
+    union,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
@@ -347,8 +348,7 @@ class Workflows:
         run_ids = failed_runs | {t.workflow_run_id for t in steps}
         savepoint = session.begin_nested()
         try:
-            uncounted = done_ids if counted is None else []
-            released = self._progress(session, run_ids, done_ids, failed_runs, uncounted)
+            released = self._progress(session, run_ids, done_ids, failed_runs, counted is None)
             savepoint.commit()
             return released
         except Exception:  # noqa: BLE001 - the service retries the run, and charges it
@@ -362,9 +362,9 @@ class Workflows:
         run_ids: set[uuid.UUID],
         done_ids: list[uuid.UUID],
         failed_runs: set[uuid.UUID],
-        uncounted: list[uuid.UUID],
+        count_here: bool,
     ) -> bool:
-        runs = self._read(session, run_ids, done_ids, failed_runs, uncounted=uncounted)
+        runs = self._read(session, run_ids, done_ids, failed_runs, count_here=count_here)
         writes = _Writes()
         self._advance_all(session, runs, writes)
         self._write(session, runs, writes)
@@ -378,17 +378,18 @@ class Workflows:
         failed_runs: set[uuid.UUID] | frozenset[uuid.UUID] = frozenset(),
         wait: bool = True,
         whole: bool = False,
-        uncounted: Sequence[uuid.UUID] = (),
+        count_here: bool = False,
     ) -> list[_Run]:
         """Lock the running runs among ``run_ids`` that may advance, in id order, and read those
         that do, with the rows of their steps. With ``whole``, all of them advance (without
         ``wait``, those locked elsewhere are left out). Else the ``done_ids`` tasks were
-        counted down (``counted_down``: by their completion, or here, those ``uncounted``),
-        which locked the runs of which one ended a slot or a step without tallies; the
-        ``failed_runs`` are locked here, and a run advances when it failed or one of its
-        steps ended (every slot at zero). The read sees what the transactions that held the
-        locks committed. A run's input comes along when small; a large one (a fan-out's
-        list, say) is read by ``_advance_all`` when needed.
+        counted down, which locked the runs of which one ended a slot or a step without
+        tallies: by their completion, or here with ``count_here`` (``counted_down``, the
+        ``failed_runs`` locked with them, in one id order); otherwise the ``failed_runs`` are
+        locked here. A run advances when it failed or one of its steps ended (every slot at
+        zero). The read sees what the transactions that held the locks committed. A run's
+        input comes along when small; a large one (a fan-out's list, say) is read by
+        ``_advance_all`` when needed.
 
         On a worker's connection the count-down and the lock travel with the read: each
         statement with its own snapshot, in one round trip."""
@@ -400,12 +401,10 @@ class Workflows:
             ids = list(execute(connection, self.sql.lock_unless_locked, {"runs": ids}).scalars())
         elif whole:
             execute(connection, self.sql.lock, {"runs": ids})
-        for prepared, given in (
-            (self.sql.count_down, {"done": list(uncounted)}),
-            (self.sql.lock, {"runs": failed}),
-        ):
-            if not any(given.values()):
-                continue
+        if count_here or failed:
+            prepared, given = self.sql.lock, {"runs": failed}
+            if count_here:
+                prepared, given = self.sql.count_down, {"done": done, "failed": failed}
             if db.on_hot_path(connection):
                 prepare_once(connection, prepared)
                 db.send_with_next_statement(connection, prepared.execute_text(given))
@@ -847,17 +846,19 @@ class _Statements:
         c = WorkflowTally.__table__
         ids = ARRAY(r.c.id.type)
         wanted = r.c.id == any_(bindparam("runs", type_=ids))
-        failed = r.c.id == any_(bindparam("failed", type_=ids))
+        failed_ids = bindparam("failed", type_=ids)
+        failed = r.c.id == any_(failed_ids)
         ended_tasks = s.c.task_id == any_(bindparam("done", type_=ids))
         lock = select(r.c.id).where(wanted).order_by(r.c.id)
         self.lock = Prepared("beanflow_workflow_lock", lock.with_for_update())
         self.lock_unless_locked = Prepared(
             "beanflow_workflow_lock_skip", lock.with_for_update(skip_locked=True)
         )
-        # a larger batch's count-down, in the hook rather than in its completion
+        # a larger batch's count-down, in the hook rather than in its completion, locking
+        # the runs of the batch's failed tasks with those it counted to zero
         self.count_down = Prepared(
             "beanflow_workflow_count_down",
-            select(counted_down(bindparam("done", type_=ids))),
+            select(counted_down(bindparam("done", type_=ids), failed=failed_ids)),
         )
         # the steps of a run that ended a step: one without tallies, or with all at zero
         # materialized: inlined, it would find a run's ended steps among all its steps
@@ -996,13 +997,13 @@ class _Statements:
         ).add_cte(fresh, tallied)
 
 
-def counted_down(task_ids: Any, up_to: int | None = None) -> Any:
+def counted_down(task_ids: Any, up_to: int | None = None, failed: Any = None) -> Any:
     """Count the step tasks among ``task_ids`` (an array) out of their slots' tallies (the
     tallies locked in key order), and lock, in id order, each run of which one ended a slot
-    (its tally at zero) or a step that has no tallies; the column: how many runs it locked.
-    With ``up_to``, only when there are at most that many tasks (else NULL: not counted).
-    Plain tasks, and fan-out elements that leave their slots open, cost an index probe of
-    the steps."""
+    (its tally at zero) or a step that has no tallies, and the runs ``failed`` (an array of
+    run ids) with them; the column: how many runs it locked. With ``up_to``, only when there
+    are at most that many tasks (else NULL: not counted). Plain tasks, and fan-out elements
+    that leave their slots open, cost an index probe of the steps."""
     r, s, c = WorkflowRun.__table__, WorkflowStep.__table__, WorkflowTally.__table__
     zero = literal_column("0")  # constants written out: its parameters are all ids
     slot = func.mod(s.c.index, literal_column(str(TALLY_SLOTS), Integer)).label("slot")
@@ -1032,9 +1033,11 @@ def counted_down(task_ids: Any, up_to: int | None = None) -> Any:
         select(ended.c.run_id)
         .select_from(ended.outerjoin(counted, same(counted)))
         .where(func.coalesce(counted.c.open, zero) <= zero)
-        .distinct()
-        .subquery("workflow_at_zero")
     )
+    if failed is None:
+        at_zero = at_zero.distinct().subquery("workflow_at_zero")
+    else:
+        at_zero = union(at_zero, select(func.unnest(failed))).subquery("workflow_at_zero")
     runs = (
         select(r.c.id)
         .join_from(r, at_zero, r.c.id == at_zero.c.run_id)
@@ -1042,7 +1045,8 @@ def counted_down(task_ids: Any, up_to: int | None = None) -> Any:
         .with_for_update(of=r)
         .cte("workflow_runs_locked")
     )
-    return case((counting, select(func.count()).select_from(runs).scalar_subquery()))
+    locked = select(func.count()).select_from(runs).scalar_subquery()
+    return locked if up_to is None else case((counting, locked))
 
 
 def _records(table: Any, *names: str) -> list[Any]:

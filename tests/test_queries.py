@@ -456,7 +456,7 @@ def test_workflow_progression_plans_made_on_small_tables_hold_as_they_grow(db_ur
     ids, done = [str(run.id)], [str(task.id)]
     for prepared, parameters in (
         (completion.prepared, completing),
-        (workflows.sql.count_down, {"done": done}),
+        (workflows.sql.count_down, {"done": done, "failed": []}),
         (workflows.sql.read, {"runs": ids, "done": done, "failed": [], "whole": False}),
         (
             workflows.sql.write,

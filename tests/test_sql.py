@@ -9,6 +9,7 @@ and the new SQL is then part of the commit that changed it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ from beanflow.engine.queries import (
     schedule_ticked,
 )
 from beanflow.models import Cancellation, Event, ScheduleState, Task, Waiter, Worker
-from beanflow.workflows import counted_down
+from beanflow.workflows import COUNTED_WITH_COMPLETION, counted_down
 
 FOLDER = Path(__file__).resolve().parent / "sql"
 _NAMED = PGDialect_psycopg2(paramstyle="named")
@@ -71,7 +72,8 @@ def _variants() -> dict[str, tuple[object, str]]:
     for name in ("due_channels", "heartbeat", "shut_down"):
         found[name] = (getattr(queries, name), _doc(Queries, name))
     # with a deployment's workflows: the count-down of fan-out elements rides in the completion
-    queries = Queries(Task, Worker, Event, batch_size=10, completion_columns=[counted_down])
+    counting = functools.partial(counted_down, up_to=COUNTED_WITH_COMPLETION)
+    queries = Queries(Task, Worker, Event, batch_size=10, completion_columns=[counting])
     found["complete_and_claim.workflows"] = (
         queries.complete_and_claim_up_to(10),
         _doc(Queries, "_complete_and_claim") + "\n" + inspect.getdoc(counted_down),

@@ -10,10 +10,10 @@
 -- transaction, so that workers ending neighbouring elements wait less for each other.
 -- Count the step tasks among ``task_ids`` (an array) out of their slots' tallies (the
 -- tallies locked in key order), and lock, in id order, each run of which one ended a slot
--- (its tally at zero) or a step that has no tallies; the column: how many runs it locked.
--- With ``up_to``, only when there are at most that many tasks (else NULL: not counted).
--- Plain tasks, and fan-out elements that leave their slots open, cost an index probe of
--- the steps.
+-- (its tally at zero) or a step that has no tallies, and the runs ``failed`` (an array of
+-- run ids) with them; the column: how many runs it locked. With ``up_to``, only when there
+-- are at most that many tasks (else NULL: not counted). Plain tasks, and fan-out elements
+-- that leave their slots open, cost an index probe of the steps.
 WITH done AS
   (UPDATE beanflow_tasks
    SET state='DONE',
@@ -86,6 +86,7 @@ WITH done AS
           count(*) AS n
    FROM beanflow_workflow_steps
    WHERE beanflow_workflow_steps.task_id = ANY (:task_ids::UUID[])
+     AND cardinality(:task_ids::UUID[]) <= 16
    GROUP BY beanflow_workflow_steps.run_id,
             beanflow_workflow_steps.step,
             mod(beanflow_workflow_steps.index, 64)),
@@ -132,7 +133,7 @@ WITH done AS
    FOR UPDATE OF beanflow_workflow_runs)
 SELECT batch.beanflow_completed,
        CASE
-           WHEN TRUE THEN
+           WHEN (cardinality(:task_ids::UUID[]) <= 16) THEN
                   (SELECT count(*) AS count_1
                    FROM workflow_runs_locked)
        END AS beanflow_computed_0,
