@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from beanflow.engine.queries import Prepared, Queries, channel_parameters
 from beanflow.models import Cancellation, Event, Task, Worker
 
 from .conftest import create_database, database_url, drop_database
+from .helpers import wait_for
 
 PENDING_ROWS = 100_000
 
@@ -340,6 +342,71 @@ def test_a_claim_from_the_frontier_skips_the_dead_entries_before_it(stale_queue)
             assert scan["Actual Rows"] == 10, name
             pages[name] = scan["Shared Hit Blocks"] + scan["Shared Read Blocks"]
     assert pages["from the frontier"] * 20 < pages["from the start"], pages
+
+
+def test_the_completion_claims_the_next_batch_before_it_completes_this_one(db_url):
+    """``complete_and_claim`` claims first: its claim reads the queue as of the statement's
+    start, not after the completion's writes (a task another worker claimed meanwhile would
+    be locked by its recheck, and that worker's completion kept waiting for this commit).
+    Shown by holding the row the completion must update: the statement waits there, its
+    claim already made (the pending task is locked)."""
+    from beanflow.engine.connections import WorkerConnections
+
+    engine = create_engine(db_url)
+    worker, held, pending = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO beanflow_workers (id, name, channels) VALUES (:id, 'w', '{c}')"),
+            {"id": worker},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO beanflow_tasks (id, channel, module, name, state, worker_id) "
+                "VALUES (:held, 'c', 'm', 'f', 'PROCESSING', :worker), "
+                "(:pending, 'c', 'm', 'f', 'PENDING', NULL)"
+            ),
+            {"held": held, "pending": pending, "worker": worker},
+        )
+    queries = Queries(Task, Worker, Event, channel_count=1, batch_size=16)
+    connections = WorkerConnections(engine, ["c"], queries, Task)
+    connections.open()
+    session = connections.session
+    pid = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    answer: list[Any] = []
+    with engine.connect() as blocker, engine.connect() as onlooker:
+        blocker.execute(
+            text("SELECT 1 FROM beanflow_tasks WHERE id = :id FOR UPDATE"), {"id": held}
+        )
+        statement = threading.Thread(
+            target=lambda: answer.append(
+                connections.complete_and_claim(16).run(
+                    session,
+                    {"task_ids": [held], "task_results": [None], "worker": worker}
+                    | channel_parameters(["c"]),
+                )
+            )
+        )
+        statement.start()
+        wait_for(
+            lambda: onlooker.execute(
+                text("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = :pid"),
+                {"pid": pid},
+            ).scalar(),
+            "the completion to wait for the held row",
+        )
+        unlocked = onlooker.execute(
+            text("SELECT id FROM beanflow_tasks WHERE id = :id FOR UPDATE SKIP LOCKED"),
+            {"id": pending},
+        ).all()
+        onlooker.rollback()
+        blocker.rollback()
+        statement.join()
+    session.commit()
+    (completed,), claimed = answer[0]
+    assert unlocked == []  # claimed before the completion reached the held row
+    assert completed == 1 and [task.id for task in claimed] == [pending]
+    connections.dispose()
+    engine.dispose()
 
 
 def test_plans_made_while_the_table_is_small_hold_when_it_grows(db_url):

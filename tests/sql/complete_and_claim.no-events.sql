@@ -4,22 +4,20 @@
 -- those when it claimed none. The two touch different rows (this worker's PROCESSING
 -- tasks, PENDING ones).
 --
+-- The claim is made first, the completion once it is made (``_done(after=claimed)``).
+-- Every sub-statement sees the snapshot of the statement's start; a task another worker
+-- claimed and committed since is still PENDING in it, and the claim, finding its row
+-- updated, locks the newer version to recheck it, a lock it keeps to its commit even
+-- though the recheck fails. That worker's completion of the task then waits for this
+-- commit. Claiming before completing takes the claim's reading as close to the snapshot
+-- as it can be: in a four-worker drain at batch 10, statements waiting on another
+-- worker's transaction fell from about as many samples as running ones to a tenth.
+--
 -- The ``completion_columns`` are computed over the batch, once it is complete and
 -- claimed (each is a subquery of the outer select, which PostgreSQL evaluates on its
 -- first row): the rows they lock (a fan-out's tallies) are held for less of the
 -- transaction, so that workers ending neighbouring elements wait less for each other.
-WITH done AS
-  (UPDATE beanflow_tasks
-   SET state='DONE',
-       RESULT=CAST(finished.result AS JSONB),
-              error_message=:param_1,
-              finished_at=clock_timestamp()
-   FROM
-     (SELECT unnest(:task_ids::UUID[]) AS id,
-             unnest(:task_results::TEXT[]) AS RESULT) AS finished
-   WHERE beanflow_tasks.id = finished.id
-     AND beanflow_tasks.worker_id = :worker::UUID RETURNING beanflow_tasks.id),
-     candidates AS MATERIALIZED
+WITH candidates AS MATERIALIZED
   (SELECT beanflow_tasks.id AS id,
           beanflow_tasks.scheduled_at AS scheduled_at,
           beanflow_tasks.crash_count AS crash_count
@@ -64,7 +62,21 @@ WITH done AS
                                               beanflow_tasks.finished_at,
                                               beanflow_tasks.worker_id,
                                               beanflow_tasks.parent_id,
-                                              beanflow_tasks.workflow_run_id)
+                                              beanflow_tasks.workflow_run_id),
+                            done AS
+  (UPDATE beanflow_tasks
+   SET state='DONE',
+       RESULT=CAST(finished.result AS JSONB),
+              error_message=:param_1,
+              finished_at=clock_timestamp()
+   FROM
+     (SELECT unnest(:task_ids::UUID[]) AS id,
+             unnest(:task_results::TEXT[]) AS RESULT) AS finished
+   WHERE beanflow_tasks.id = finished.id
+     AND beanflow_tasks.worker_id = :worker::UUID
+     AND
+       (SELECT count(*) AS count_2
+        FROM claimed) IS NOT NULL RETURNING beanflow_tasks.id)
 SELECT completion.beanflow_completed,
        claimed.id,
        claimed.channel,

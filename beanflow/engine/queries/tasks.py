@@ -131,17 +131,26 @@ class TaskStatements(Statements):
         those when it claimed none. The two touch different rows (this worker's PROCESSING
         tasks, PENDING ones).
 
+        The claim is made first, the completion once it is made (``_done(after=claimed)``).
+        Every sub-statement sees the snapshot of the statement's start; a task another worker
+        claimed and committed since is still PENDING in it, and the claim, finding its row
+        updated, locks the newer version to recheck it, a lock it keeps to its commit even
+        though the recheck fails. That worker's completion of the task then waits for this
+        commit. Claiming before completing takes the claim's reading as close to the snapshot
+        as it can be: in a four-worker drain at batch 10, statements waiting on another
+        worker's transaction fell from about as many samples as running ones to a tenth.
+
         The ``completion_columns`` are computed over the batch, once it is complete and
         claimed (each is a subquery of the outer select, which PostgreSQL evaluates on its
         first row): the rows they lock (a fan-out's tallies) are held for less of the
         transaction, so that workers ending neighbouring elements wait less for each other."""
-        done = self._done()
+        claimed = self._claimed(size)
+        done = self._done(after=claimed)
         completion = (
             select(func.count().label(COMPLETED), *self._wake_completed_waiters())
             .select_from(done)
             .subquery("completion")
         )
-        claimed = self._claimed(size)
         statement = (
             select(completion.c[COMPLETED], claimed)
             .select_from(completion.outerjoin(claimed, literal_column("true")))
@@ -314,9 +323,14 @@ class TaskStatements(Statements):
             statement, done, {"task_id": done.c.id, "type": literal_column("'COMPLETE'")}
         )
 
-    def _done(self) -> Any:
-        """The CTE of ``complete``'s UPDATE, returning the ids it marked."""
+    def _done(self, after: Any = None) -> Any:
+        """The CTE of ``complete``'s UPDATE, returning the ids it marked; with ``after`` (a
+        CTE of the same statement), made once that CTE has run: a one-time filter on its
+        count, which PostgreSQL evaluates before the UPDATE reads a row."""
         t = self.task
+        sequenced = []
+        if after is not None:
+            sequenced = [select(func.count()).select_from(after).scalar_subquery().is_not(None)]
         finished = select(
             func.unnest(bindparam("task_ids", type_=ARRAY(t.c.id.type))).label("id"),
             func.unnest(bindparam("task_results", type_=ARRAY(Text))).label("result"),
@@ -330,7 +344,7 @@ class TaskStatements(Statements):
         # has not; a task this worker completed or failed is never in its batches again.
         return (
             update(t)
-            .where(t.c.id == finished.c.id, t.c.worker_id == bindparam("worker"))
+            .where(t.c.id == finished.c.id, t.c.worker_id == bindparam("worker"), *sequenced)
             .values(
                 state=DONE,
                 result=cast(finished.c.result, t.c.result.type),
