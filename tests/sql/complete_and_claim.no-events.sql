@@ -11,7 +11,7 @@
 -- though the recheck fails. That worker's completion of the task then waits for this
 -- commit. Claiming before completing takes the claim's reading as close to the snapshot
 -- as it can be: in a four-worker drain at batch 10, statements waiting on another
--- worker's transaction fell from about as many samples as running ones to a tenth.
+-- worker's transaction fell from about as many samples as running ones to an eighth.
 --
 -- The ``completion_columns`` are computed over the batch, once it is complete and
 -- claimed (each is a subquery of the outer select, which PostgreSQL evaluates on its

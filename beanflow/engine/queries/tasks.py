@@ -138,7 +138,7 @@ class TaskStatements(Statements):
         though the recheck fails. That worker's completion of the task then waits for this
         commit. Claiming before completing takes the claim's reading as close to the snapshot
         as it can be: in a four-worker drain at batch 10, statements waiting on another
-        worker's transaction fell from about as many samples as running ones to a tenth.
+        worker's transaction fell from about as many samples as running ones to an eighth.
 
         The ``completion_columns`` are computed over the batch, once it is complete and
         claimed (each is a subquery of the outer select, which PostgreSQL evaluates on its
@@ -328,7 +328,7 @@ class TaskStatements(Statements):
         CTE of the same statement), made once that CTE has run: a one-time filter on its
         count, which PostgreSQL evaluates before the UPDATE reads a row."""
         t = self.task
-        sequenced = []
+        sequenced: list[Any] = []
         if after is not None:
             sequenced = [select(func.count()).select_from(after).scalar_subquery().is_not(None)]
         finished = select(
