@@ -1,4 +1,4 @@
--- ``complete`` then ``claim_up_to(size)``, in one statement (one round trip where the
+-- ``claim_up_to(size)`` and ``complete``, in one statement (one round trip where the
 -- two take two): a row per claimed task, its columns and beanflow_completed (how many
 -- of :task_ids it marked DONE) and the ``completion_columns``; one row of NULLs but for
 -- those when it claimed none. The two touch different rows (this worker's PROCESSING
